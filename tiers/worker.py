@@ -159,7 +159,7 @@ class Worker:
                 handle.finish(handle.keys, error=err)
                 return
             if not handle.done():
-                handle.finish(failed or ())
+                handle.finish(failed if isinstance(failed, (list, tuple)) else ())
 
         with self._cond:
             if self._closed:

@@ -1,0 +1,221 @@
+"""`kvtier bench tiers`: tier copy and disk restore bandwidth against their limits, and key hashing.
+
+Geometry of llama-3-8b in fp16 (128 KiB per token), blocks of 16, 64 and 256 tokens, 512 MiB per
+measurement. Each figure is the median of interleaved repeats (path, limit, path, limit, ...):
+- host->gpu and gpu->host batched transfers (whole-block order, and layer-group order with 4 groups)
+  vs one `copy_` of the same byte count; slots are shuffled so no two blocks are adjacent (no run
+  coalescing flatters the figure: one copy per block);
+- disk restore into host slots with a truly cold page cache (every mapping closed, pages dropped,
+  residency checked) vs a cold sequential read of a file of the same size on the same file system;
+- zstd with and without byte-plane shuffle: ratio and decode speed;
+- hashing of 128k tokens at 16, 64 and 256 tokens per block.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+BLOCK_SIZES = (16, 64, 256)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--repeats", type=int, default=5, help="interleaved repeats per figure (default 5)")
+    parser.add_argument("--mib", type=int, default=512, help="MiB moved per measurement (default 512)")
+    parser.add_argument("--dir", default=None, help="directory for the disk store and the cold-read file "
+                        "(default: a temp dir under the current directory's file system)")
+    parser.add_argument("--no-disk", action="store_true", help="skip the disk figures")
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from kvtier.scheduler import benchutil as bu
+    from kvtier.tiers.spec import KVSpec
+
+    if args.quick:
+        args.repeats, args.mib = min(args.repeats, 3), min(args.mib, 128)
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    results: dict[str, Any] = {"machine": bu.machine(), "repeats": args.repeats, "mib": args.mib, "rows": []}
+    base = KVSpec.from_preset("llama-3-8b", dtype="float16", weights_revision="bench")
+    for block_tokens in BLOCK_SIZES:
+        spec = base.with_(block_tokens=block_tokens)
+        rows = _memory_rows(spec, args.mib, args.repeats)
+        results["rows"] += rows
+        suffix = "" if block_tokens == 64 else f"_{block_tokens}"
+        by = {r["path"]: r for r in rows}
+        results[f"host_to_gpu_ratio{suffix}"] = by["host->gpu"]["ratio"]
+        results[f"gpu_to_host_ratio{suffix}"] = by["gpu->host"]["ratio"]
+        if block_tokens == 64:
+            results["host_to_gpu_ratio_layerwise"] = by["host->gpu layer-groups(4)"]["ratio"]
+        if not args.no_disk:
+            row = _disk_row(spec, args.mib, args.repeats, args.dir)
+            results["rows"].append(row)
+            results[f"disk_read_ratio{suffix}"] = row["ratio"]
+    results["compression"] = _compression_rows(base.with_(block_tokens=64), min(args.mib, 64))
+    results["hash"] = _hash_rows(args.repeats)
+    results["hash_128k_ms"] = next(r["ms"] for r in results["hash"] if r["block_tokens"] == 64)
+
+    bu.print_table(results["rows"], ["block_tokens", "path", "ratio", "ratio_min", "ratio_max", "path_ms",
+                                     "limit_ms", "limit"], "kvtier bench tiers: path vs limit (ratio = limit time / path time)")
+    print()
+    bu.print_table(results["compression"], ["codec", "ratio", "decode_gbps", "encode_gbps", "data"], "compression")
+    print()
+    bu.print_table(results["hash"], ["block_tokens", "ms"], "hashing 128k tokens (median)")
+    print(f"\nmachine: {results['machine']}")
+    bu.write_json(args.json, results)
+    return 0
+
+
+def _memory_rows(spec, mib: int, repeats: int) -> list[dict[str, Any]]:
+    import torch
+
+    from kvtier.scheduler import benchutil as bu
+    from kvtier.tiers.pool import GpuTier, HostTier
+    from kvtier.tiers.transfer import Transferer
+
+    n = max(1, mib * 2**20 // spec.bytes_per_block)
+    host, gpu = HostTier(spec, n * spec.bytes_per_block), GpuTier(spec, n * spec.bytes_per_block)
+    host.pool.data.random_(0, 256)
+    src_big = torch.empty(n * spec.bytes_per_block, dtype=torch.uint8, pin_memory=torch.cuda.is_available())
+    dst_big = torch.empty(n * spec.bytes_per_block, dtype=torch.uint8, device=gpu.device)
+    src_big.random_(0, 256)
+    rng = random.Random(0)
+    host_slots, gpu_slots = list(range(n)), list(range(n))
+    rng.shuffle(host_slots)
+    rng.shuffle(gpu_slots)
+    keys = [i.to_bytes(16, "little") for i in range(n)]
+    transfer = Transferer({"host": host, "gpu": gpu})
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+
+    def limit_h2d() -> None:
+        dst_big.copy_(src_big, non_blocking=True)
+        sync()
+
+    def limit_d2h() -> None:
+        src_big.copy_(dst_big, non_blocking=True)
+        sync()
+
+    fns = {
+        "limit h2d": limit_h2d,
+        "host->gpu": lambda: transfer.move("host", "gpu", keys, host_slots, gpu_slots).wait(),
+        "limit d2h": limit_d2h,
+        "gpu->host": lambda: transfer.move("gpu", "host", keys, gpu_slots, host_slots).wait(),
+        "host->gpu layer-groups(4)": lambda: transfer.move("host", "gpu", keys, host_slots, gpu_slots,
+                                                           num_groups=4).wait(),
+    }
+    try:
+        times = bu.interleave(fns, repeats)
+        # check once that the bytes arrived where they should
+        transfer.move("host", "gpu", keys, host_slots, gpu_slots).wait()
+        assert torch.equal(host.pool.data[host_slots[0]], gpu.pool.data[gpu_slots[0]].cpu()), "copy mismatch"
+    finally:
+        transfer.close()
+    rows = []
+    for path, limit in (("host->gpu", "limit h2d"), ("gpu->host", "limit d2h"),
+                        ("host->gpu layer-groups(4)", "limit h2d")):
+        r = bu.ratio(times[limit], times[path])
+        rows.append({"block_tokens": spec.block_tokens, "path": path, "limit": "one copy_ of the same bytes",
+                     "blocks": n, **r.as_dict()})
+    return rows
+
+
+def _disk_row(spec, mib: int, repeats: int, where: str | None) -> dict[str, Any]:
+    import torch
+
+    from kvtier.scheduler import benchutil as bu
+    from kvtier.tiers import coldcache
+    from kvtier.tiers.disk import DiskTier
+    from kvtier.tiers.pool import HostTier
+
+    n = max(1, mib * 2**20 // spec.bytes_per_block)
+    root = Path(tempfile.mkdtemp(prefix="kvtier-bench-", dir=where or "."))
+    try:
+        host = HostTier(spec, n * spec.bytes_per_block)
+        keys = [i.to_bytes(16, "little") for i in range(n)]
+        payload = torch.randint(0, 256, (spec.bytes_per_block,), dtype=torch.uint8)
+        disk = DiskTier(root / "store", spec, (n + 1) * spec.bytes_per_block)
+        for i, key in enumerate(keys):
+            payload[:8] = torch.tensor(list(i.to_bytes(8, "little")), dtype=torch.uint8)
+            disk.put(key, payload)
+        disk.close()
+        raw = root / "raw.bin"
+        with open(raw, "wb") as f:
+            for _ in range(n):
+                f.write(payload.numpy().tobytes())
+        data_file = DiskTier.data_file_of(root / "store")
+        outs = [host.pool.block(s) for s in range(n)]
+        state: dict[str, Any] = {}
+
+        def setup(name: str) -> None:
+            target = raw if name == "cold sequential read" else data_file
+            coldcache.evict_file(target)
+            state["resident"] = max(state.get("resident", 0), coldcache.resident_bytes(target))
+            if name == "disk->host":
+                state["disk"] = DiskTier(root / "store", spec, (n + 1) * spec.bytes_per_block)
+
+        def restore() -> None:
+            found = state["disk"].get_many(keys, outs)
+            state["disk"].close()
+            assert all(found), "disk restore missed blocks"
+
+        times = bu.interleave({"disk->host": restore, "cold sequential read": lambda: coldcache.cold_sequential_read_s(raw)},
+                              repeats, setup=setup)
+        r = bu.ratio(times["cold sequential read"], times["disk->host"])
+        return {"block_tokens": spec.block_tokens, "path": "disk->host (cold)", "blocks": n,
+                "limit": "cold sequential read of a same-size file", "resident_bytes_max": state["resident"],
+                "filesystem": str(root), **r.as_dict()}
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def _compression_rows(spec, mib: int) -> list[dict[str, Any]]:
+    import torch
+
+    from kvtier.tiers.codecs import Codec, get_codec
+
+    n_elems = mib * 2**20 // 2
+    gen = torch.Generator().manual_seed(0)
+    samples = {"kv-like fp16 (normal, std 1)": torch.randn(n_elems, generator=gen).to(torch.float16),
+               "kv-like bf16 (normal, std 1)": torch.randn(n_elems, generator=gen).to(torch.bfloat16),
+               "random bytes (floor)": torch.randint(0, 256, (n_elems * 2,), dtype=torch.uint8, generator=gen)}
+    rows = []
+    for data_name, data in samples.items():
+        raw = data.view(torch.uint8).numpy()
+        for codec in (Codec.ZSTD, Codec.ZSTD_SHUFFLE):
+            impl = get_codec(codec)
+            t0 = time.perf_counter()
+            enc = impl.encode(raw, 2)
+            t1 = time.perf_counter()
+            out = torch.empty(raw.nbytes, dtype=torch.uint8)
+            impl.decode_into(enc, out.numpy())
+            t2 = time.perf_counter()
+            assert out.numpy().tobytes() == raw.tobytes(), "codec round trip mismatch"
+            rows.append({"codec": codec.name.lower(), "data": data_name, "ratio": round(raw.nbytes / len(enc), 3),
+                         "encode_gbps": round(raw.nbytes / (t1 - t0) / 1e9, 3),
+                         "decode_gbps": round(raw.nbytes / (t2 - t1) / 1e9, 3)})
+    return rows
+
+
+def _hash_rows(repeats: int) -> list[dict[str, Any]]:
+    import numpy as np
+
+    from kvtier.scheduler import benchutil as bu
+    from kvtier.tiers.keys import KeyChain
+
+    tokens = np.random.default_rng(0).integers(0, 128000, 131072, dtype=np.int32)
+    rows = []
+    for block_tokens in BLOCK_SIZES:
+        chain = KeyChain(b"\x01" * 16, block_tokens)
+        times = []
+        for _ in range(max(repeats, 5) * 4):
+            t0 = time.perf_counter()
+            chain.keys(tokens)
+            times.append(time.perf_counter() - t0)
+        rows.append({"block_tokens": block_tokens, "ms": round(bu.median(times) * 1e3, 3)})
+    return rows

@@ -1,0 +1,109 @@
+"""OffloadConfig: everything an OffloadManager needs, in one dataclass or a TOML file.
+
+Capacities accept human sizes ("64GiB", "512MiB") or bytes; 0 turns a tier off. Unknown keys in a
+TOML file or dict are an error naming the key (never silently dropped).
+"""
+
+from __future__ import annotations
+
+import enum
+import tomllib
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+from typing import Any, Mapping
+
+from kvtier.tiers.codecs import Codec
+from kvtier.tiers.errors import ConfigError
+from kvtier.tiers.tier import parse_size
+
+
+class WriteMode(str, enum.Enum):
+    """How saved blocks reach the disk."""
+
+    #: every block saved to a memory tier is also written to disk at once; victims are simply dropped
+    WRITE_THROUGH = "write-through"
+    #: blocks reach the disk only when evicted from host memory (demotion)
+    WRITE_BACK = "write-back"
+
+
+@dataclass(frozen=True, slots=True)
+class OffloadConfig:
+    """Capacities, paths and policies of one OffloadManager.
+
+    Attributes:
+        gpu_bytes: kvtier's own GPU pool (0: none, as under vLLM whose paged KV is the GPU tier).
+        host_bytes: pinned host pool.
+        disk_bytes: disk store capacity for this model (0: no disk tier).
+        disk_path: directory of the LMDB store (needed when disk_bytes > 0).
+        codec: disk codec: "none", "zstd" or "zstd-shuffle".
+        policy: eviction policy name for every tier (see `kvtier.scheduler.policies`).
+        write_mode: "write-through" or "write-back".
+        prefetch: whether queued requests' blocks are promoted in the background.
+        prefetch_window: how many queued requests ahead the prefetcher looks.
+        prefetch_budget_bytes: bytes of promotions in flight at most.
+        num_layer_groups: layer groups of a load (the engine waits for each in turn).
+        hardware: cost-model profile name or JSON path (None: this machine's calibrated profile if
+            present, else a built-in default).
+        salt: cache salt that keeps tenants apart (part of every key).
+        load_timeout_s: longest wait on a load before the engine gives up and recomputes.
+    """
+
+    gpu_bytes: int = 0
+    host_bytes: int = 1 << 30
+    disk_bytes: int = 0
+    disk_path: str | None = None
+    codec: str = "none"
+    policy: str = "lru"
+    write_mode: WriteMode = WriteMode.WRITE_THROUGH
+    prefetch: bool = True
+    prefetch_window: int = 8
+    prefetch_budget_bytes: int = 1 << 30
+    num_layer_groups: int = 4
+    hardware: str | None = None
+    salt: str = ""
+    load_timeout_s: float = 30.0
+
+    def __post_init__(self) -> None:
+        for name in ("gpu_bytes", "host_bytes", "disk_bytes", "prefetch_budget_bytes"):
+            object.__setattr__(self, name, parse_size(getattr(self, name), name))
+        try:
+            object.__setattr__(self, "write_mode", WriteMode(self.write_mode))
+        except ValueError:
+            raise ConfigError(f"write_mode: {self.write_mode!r}; expected 'write-through' or 'write-back'") from None
+        try:
+            Codec.parse(self.codec)
+        except (KeyError, ValueError):
+            raise ConfigError(f"codec: {self.codec!r}; expected one of none, zstd, zstd-shuffle") from None
+        if self.disk_bytes and not self.disk_path:
+            raise ConfigError("disk_path: required when disk_bytes > 0")
+        if self.gpu_bytes == 0 and self.host_bytes == 0:
+            raise ConfigError("host_bytes: at least one memory tier (gpu_bytes or host_bytes) must be > 0")
+        if self.num_layer_groups < 1:
+            raise ConfigError(f"num_layer_groups: expected >= 1, got {self.num_layer_groups}")
+        if self.prefetch_window < 0:
+            raise ConfigError(f"prefetch_window: expected >= 0, got {self.prefetch_window}")
+        if self.load_timeout_s <= 0:
+            raise ConfigError(f"load_timeout_s: expected > 0, got {self.load_timeout_s}")
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], source: str = "config") -> "OffloadConfig":
+        """Builds a config from a mapping; an unknown key is an error naming it."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"{source}: unknown key(s) {', '.join(unknown)}; expected some of {', '.join(sorted(known))}")
+        return cls(**dict(data))
+
+    @classmethod
+    def from_toml(cls, path: str | Path) -> "OffloadConfig":
+        """Reads a TOML file (top-level keys, or a [kvtier] table)."""
+        path = Path(path)
+        try:
+            data = tomllib.loads(path.read_text())
+        except (OSError, tomllib.TOMLDecodeError) as err:
+            raise ConfigError(f"{path}: cannot read the config: {err}") from err
+        return cls.from_dict(data.get("kvtier", data), str(path))
+
+    def with_(self, **changes: Any) -> "OffloadConfig":
+        """A copy with some fields changed."""
+        return replace(self, **changes)

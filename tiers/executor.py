@@ -1,0 +1,110 @@
+"""Executor: the byte half. Runs the decision half's commands on the tiers and reports completions.
+
+Primitives: `Executor(tiers)`, `submit(command, buffer=None) -> TransferHandle`, `completions()`
+(drains the outcomes finished since the last call), `close()`.
+
+Invariants:
+- commands run in the order they were submitted within a priority (a demotion out of a slot runs
+  before a later save into it); loads for running requests go before prefetches, saves last;
+- every command yields exactly one `Completion`, failures included (a corrupt disk value is a failed
+  key, never delivered), so the decision half's books always converge.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Callable, Mapping
+
+from .commands import Command, Completion, Evict, Load, Move, Save
+from .errors import ConfigError
+from .tier import Tier, TierName
+from .transfer import KVBuffer, Transferer
+from .worker import PRIORITY_LOAD, PRIORITY_PREFETCH, PRIORITY_SAVE, TransferHandle
+
+log = logging.getLogger(__name__)
+
+
+class Executor:
+    """Executes commands against this process's tiers."""
+
+    def __init__(self, tiers: Mapping[TierName, Tier],
+                 on_complete: Callable[[Completion], None] | None = None) -> None:
+        """Args:
+            tiers: this process's tiers by name.
+            on_complete: called (on a worker thread) with each completion; without it completions
+                queue up for `completions()`.
+        """
+        self.tiers = {TierName(k): v for k, v in tiers.items()}
+        self.transfer = Transferer(self.tiers)
+        self.on_complete = on_complete
+        self._done: list[Completion] = []
+        self._lock = threading.Lock()
+
+    def submit(self, command: Command, buffer: KVBuffer | None = None, priority: int | None = None) -> TransferHandle:
+        """Starts one command; its completion is queued for `completions()` when it ends.
+
+        Args:
+            command: what to do.
+            buffer: the engine's KV memory (for `Load` and `Save`).
+            priority: overrides the default (loads and saves of a running request: load priority;
+                moves: prefetch priority; write-through to disk: save priority).
+        """
+        if isinstance(command, Move):
+            default = PRIORITY_SAVE if command.dst is TierName.DISK else PRIORITY_PREFETCH
+            handle = self.transfer.move(command.src, command.dst, command.keys, command.src_slots, command.dst_slots,
+                                        priority=default if priority is None else priority,
+                                        description=f"{command.reason} {command.src}->{command.dst} x{len(command.keys)}")
+        elif isinstance(command, Load):
+            self._need(buffer, command)
+            handle = self.transfer.load(command.keys, command.src_tiers, command.src_slots, buffer,
+                                        command.dst_blocks, num_groups=command.num_groups,
+                                        priority=PRIORITY_LOAD if priority is None else priority,
+                                        description=f"load {command.request_id} x{len(command.keys)}")
+        elif isinstance(command, Save):
+            self._need(buffer, command)
+            handle = self.transfer.save(buffer, command.src_blocks, command.keys, command.dst, command.dst_slots,
+                                        priority=PRIORITY_LOAD if priority is None else priority)
+        elif isinstance(command, Evict):
+            handle = TransferHandle(command.keys)
+            failed = []
+            if command.tier is TierName.DISK and TierName.DISK in self.tiers:
+                for key in command.keys:
+                    try:
+                        self.tiers[TierName.DISK].delete(key)
+                    except Exception as err:  # a failed delete leaves a stale value: harmless, checked on read
+                        log.warning("disk delete failed: %s", err)
+                        failed.append(key)
+            handle.finish(failed)
+        else:
+            raise ConfigError(f"unknown command {type(command).__name__}")
+        handle.add_done_callback(lambda h, c=command: self._record(c, h))
+        return handle
+
+    @staticmethod
+    def _need(buffer: KVBuffer | None, command: Command) -> None:
+        if buffer is None:
+            raise ConfigError(f"{type(command).__name__} of request {command.request_id}: needs the engine's KV buffer")
+
+    def _record(self, command: Command, handle: TransferHandle) -> None:
+        failed = set(handle.failed)
+        ok = tuple(k for k in command.keys if k not in failed)
+        error = None if handle.error is None else f"{type(handle.error).__name__}: {handle.error}"
+        completion = Completion(command.command_id, command.request_id, ok, tuple(handle.failed), error)
+        if self.on_complete is not None:
+            self.on_complete(completion)
+            return
+        with self._lock:
+            self._done.append(completion)
+
+    def completions(self) -> list[Completion]:
+        """The completions that arrived since the last call."""
+        with self._lock:
+            done, self._done = self._done, []
+        return done
+
+    def close(self) -> None:
+        """Finishes queued work, joins the workers and closes the tiers (idempotent)."""
+        self.transfer.close()
+        for tier in self.tiers.values():
+            tier.close()

@@ -1,0 +1,148 @@
+"""Slot pools: the `gpu` and `host` tiers, each one preallocated tensor cut into block slots.
+
+Primitives:
+- `SlotPool`: `num_slots` blocks in one uint8 tensor `[num_slots, bytes_per_block]`, allocated once
+  (pinned host memory when CUDA is present); `block(slot)`, `blocks(first, count)` (a typed view of
+  consecutive slots shaped `[count, num_layers, kv_factor, num_kv_heads, block_tokens, head_dim]`).
+- `PoolTier`: a `Tier` over a `SlotPool` and a `SlotTable` (key -> slot).
+- `GpuTier`: the pool on the CUDA device; on CPU memory when there is no CUDA (same code).
+- `HostTier`: the pool in host memory, pinned when CUDA is present.
+
+Invariants: memory is allocated once at construction, never per block; a slot's bytes are this
+process's own memory guarded by the index, so reads are not checksummed (DESIGN.md).
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import torch
+
+from .errors import CapacityError, ConfigError, SpecMismatchError
+from .keys import BlockKey
+from .slots import SlotTable
+from .spec import KVSpec
+from .tier import Tier, TierName, format_size
+
+
+def cuda_available() -> bool:
+    """Whether a CUDA device is usable."""
+    return torch.cuda.is_available()
+
+
+def default_device(name: TierName) -> torch.device:
+    """Where a tier's pool lives: the GPU tier on CUDA when present, otherwise CPU memory."""
+    if name is TierName.GPU and cuda_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+class SlotPool:
+    """One preallocated uint8 tensor cut into block slots."""
+
+    def __init__(self, spec: KVSpec, num_slots: int, device: torch.device | str = "cpu", pin: bool = False) -> None:
+        if num_slots <= 0:
+            raise ConfigError(f"num_slots: expected a positive int, got {num_slots!r}")
+        self.spec = spec
+        self.num_slots = num_slots
+        self.device = torch.device(device)
+        self.pinned = bool(pin and self.device.type == "cpu" and cuda_available())
+        try:
+            self.data = torch.empty((num_slots, spec.bytes_per_block), dtype=torch.uint8, device=self.device,
+                                    pin_memory=self.pinned)
+        except RuntimeError as err:
+            raise ConfigError(f"cannot allocate {format_size(num_slots * spec.bytes_per_block)} for "
+                              f"{num_slots} slots on {self.device}: {err}") from err
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the whole pool."""
+        return self.data.numel()
+
+    def block(self, slot: int) -> torch.Tensor:
+        """The uint8 bytes of one slot (a view)."""
+        return self.data[slot]
+
+    def blocks(self, first: int, count: int) -> torch.Tensor:
+        """Typed view of `count` consecutive slots: `[count, *spec.block_shape]` in the spec's dtype."""
+        return self.data[first:first + count].view(self.spec.torch_dtype).view(count, *self.spec.block_shape)
+
+
+class PoolTier(Tier):
+    """A tier of whole blocks in a `SlotPool`, addressed by key through a `SlotTable`."""
+
+    def __init__(self, spec: KVSpec, capacity_bytes: int | str, *, device: torch.device | str | None = None,
+                 pin: bool | None = None) -> None:
+        super().__init__(spec, capacity_bytes)
+        device = torch.device(device) if device is not None else default_device(self.name)
+        self.pool = SlotPool(spec, self.num_slots, device, pin=cuda_available() if pin is None else pin)
+        self.table = SlotTable(self.num_slots)
+        self._lock = threading.Lock()
+
+    @property
+    def device(self) -> torch.device:
+        return self.pool.device
+
+    @property
+    def num_used(self) -> int:
+        return len(self.table)
+
+    def contains(self, key: BlockKey) -> bool:
+        return key in self.table
+
+    def slot_of(self, key: BlockKey) -> int | None:
+        """The key's slot, or None."""
+        return self.table.slot_of(key)
+
+    def put(self, key: BlockKey, block: torch.Tensor) -> None:
+        flat = self.check_block(block)
+        with self._lock:
+            slot = self.table.allocate(key)
+        if slot is None:
+            raise CapacityError(f"{self.name} tier is full ({self.num_slots} blocks)")
+        self.pool.block(slot).copy_(flat, non_blocking=self.pool.pinned or flat.is_pinned())
+
+    def get(self, key: BlockKey, out: torch.Tensor | None = None) -> torch.Tensor | None:
+        slot = self.table.slot_of(key)
+        if slot is None:
+            return None
+        src = self.pool.block(slot)
+        if out is None:
+            return src.clone()
+        self.check_block(out, "out").copy_(src)
+        return out
+
+    def delete(self, key: BlockKey) -> bool:
+        with self._lock:
+            return self.table.free(key) is not None
+
+    def keys(self) -> list[BlockKey]:
+        return self.table.keys()  # type: ignore[return-value]
+
+    def describe(self) -> dict[str, Any]:
+        """Capacity and placement, for reports."""
+        return {"tier": str(self.name), "device": str(self.device), "pinned": self.pool.pinned,
+                "num_slots": self.num_slots, "capacity_bytes": self.capacity_bytes}
+
+    def close(self) -> None:
+        super().close()
+
+
+class GpuTier(PoolTier):
+    """The `gpu` tier: a slot pool on the CUDA device, or in CPU memory without CUDA."""
+
+    name = TierName.GPU
+
+
+class HostTier(PoolTier):
+    """The `host` tier: a slot pool in host memory, pinned when CUDA is present."""
+
+    name = TierName.HOST
+
+
+def check_same_spec(a: KVSpec, b: KVSpec, what: str) -> None:
+    """Raises SpecMismatchError when two tiers of one transfer hold different specs."""
+    if a.fingerprint != b.fingerprint:
+        raise SpecMismatchError(f"{what}: tiers hold different KV specs ({a.model_id} {a.fingerprint[:8]} vs "
+                                f"{b.model_id} {b.fingerprint[:8]})")
