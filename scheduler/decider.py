@@ -103,7 +103,7 @@ class Decider:
         self.tiers = [t for t in (TierName.GPU, TierName.HOST) if t in self.tables]
         if self.disk_slots:
             self.tiers.append(TierName.DISK)
-        self.policies = {tier: make_policy(config.policy) for tier in self.tiers}
+        self.policies = {tier: make_policy(config.policy, self._capacity(tier)) for tier in self.tiers}
         self.queue: OrderedDict[str, RequestState] = OrderedDict()
         self.running: dict[str, RequestState] = {}
         self.pending: dict[int, _Pending] = {}
@@ -131,7 +131,8 @@ class Decider:
 
     def _drop(self, key: BlockKey, tier: TierName) -> None:
         self.index.drop(key, tier)
-        self.policies[tier].remove(key)
+        if key in self.policies[tier]:
+            self.policies[tier].remove(key)
         if tier in self.tables:
             self.tables[tier].free(key)
 
@@ -215,37 +216,46 @@ class Decider:
         out: list[Command] = []
         if not self.config.prefetch:
             return out
-        target = self.fastest_tier
         with self.lock:
-            for n, state in enumerate(self.queue.values()):
-                if n >= self.config.prefetch_window:
-                    break
-                entries = self.index.lookup(state.keys)
-                new = [e.key for e in entries if e.key not in state.protected]
-                self.index.protect(state.request_id, new)
-                state.protected.update(new)
-                for entry in entries:
-                    if self.inflight_prefetch_bytes + self.spec.bytes_per_block > self.config.prefetch_budget_bytes:
-                        return out
-                    src = entry.best_tier
-                    if src is target or entry.pins:
-                        continue
-                    # one hop up per round: disk -> host, host -> gpu
-                    dst = self.tiers[self.tiers.index(src) - 1]
-                    if self._make_room(dst, 1, out, state.request_id) <= 0:
-                        continue
-                    slot = self._allocate(dst, entry.key)
-                    if slot is None:
-                        continue
-                    # recorded in `dst` when the bytes have landed; pinned meanwhile in its source
-                    self.index.pin([entry.key])
-                    src_slot = entry.slots[src]
-                    move = Move(src, dst, (entry.key,), (src_slot,) if src_slot >= 0 else (), (slot,),
-                                state.request_id, "prefetch")
-                    self.inflight_prefetch_bytes += self.spec.bytes_per_block
-                    self._track(move, lambda c, k=entry.key, d=dst, s=slot: self._after_promote(c, k, d, s))
-                    out.append(move)
+            try:
+                self._prefetch_round(out)
+            except Exception:  # commands already decided (and tracked) must still run
+                log.exception("prefetch round failed")
         return out
+
+    def _prefetch_round(self, out: list[Command]) -> None:
+        """Appends the promotions of one round to `out` (the caller holds the lock)."""
+        target = self.fastest_tier
+        for n, state in enumerate(self.queue.values()):
+            if n >= self.config.prefetch_window:
+                break
+            entries = self.index.lookup(state.keys)
+            new = [e.key for e in entries if e.key not in state.protected]
+            self.index.protect(state.request_id, new)
+            state.protected.update(new)
+            for entry in entries:
+                if self.inflight_prefetch_bytes + self.spec.bytes_per_block > self.config.prefetch_budget_bytes:
+                    return
+                src = entry.best_tier
+                if src is target or entry.pins:
+                    continue
+                # one hop up per round: disk -> host, host -> gpu; pinned first, so that making
+                # room above can never evict this very block
+                dst = self.tiers[self.tiers.index(src) - 1]
+                self.index.pin([entry.key])
+                slot = self._allocate(dst, entry.key) if self._make_room(dst, 1, out, state.request_id) else None
+                if slot is None or src not in entry.slots:
+                    if slot is not None:
+                        self.tables[dst].free(entry.key)
+                    self.index.unpin([entry.key])
+                    continue
+                # recorded in `dst` when the bytes have landed; pinned meanwhile in its source
+                src_slot = entry.slots[src]
+                move = Move(src, dst, (entry.key,), (src_slot,) if src_slot >= 0 else (), (slot,),
+                            state.request_id, "prefetch")
+                self.inflight_prefetch_bytes += self.spec.bytes_per_block
+                self._track(move, lambda c, k=entry.key, d=dst, s=slot: self._after_promote(c, k, d, s))
+                out.append(move)
 
     def _after_promote(self, completion: Completion, key: BlockKey, dst: TierName, slot: int) -> list[Command]:
         self.inflight_prefetch_bytes -= self.spec.bytes_per_block
@@ -316,7 +326,10 @@ class Decider:
                 return None
             entries = self.index.lookup(keys[:stop])[first:]
             if len(entries) < stop - first:
+                log.debug("load of %s: blocks [%d, %d) no longer all cached; recomputing", request_id, first, stop)
                 return None
+            loaded = [e.key for e in entries]
+            self.index.pin(loaded)  # first: staging room below must never evict a block of this load
             tiers, slots = [], []
             out: list[Command] = []
             staged: list[tuple[BlockKey, int]] = []
@@ -324,25 +337,29 @@ class Decider:
                 tier = entry.best_tier
                 if tier is TierName.DISK:
                     host = TierName.HOST
-                    if host not in self.tables or self._make_room(host, 1, out, request_id) <= 0:
+                    slot = (self._allocate(host, entry.key)
+                            if host in self.tables and self._make_room(host, 1, out, request_id) else None)
+                    if slot is None:
+                        for key, _ in staged:
+                            self.tables[host].free(key)
+                        self.index.unpin(loaded)
                         self._pre.extend(out)
-                        return None  # nowhere to stage it: the caller recomputes
-                    slot = self._allocate(host, entry.key)
+                        log.debug("load of %s: no host slot to stage a disk block; recomputing", request_id)
+                        return None
                     staged.append((entry.key, slot))  # recorded in host once the read has landed
                     slots.append(slot)
                 else:
                     slots.append(entry.slots[tier])
                 tiers.append(tier)
+            for tier in tiers:
                 self.stats.hit_blocks_by_tier[str(tier)] = self.stats.hit_blocks_by_tier.get(str(tier), 0) + 1
                 if tier is self.fastest_tier:
                     self.stats.prefetch_ready_blocks += 1
-            # evictions decided above must not be of these blocks: pinning them now
-            loaded = [e.key for e in entries]
-            self.index.pin(loaded)
             self.index.touch(entries)
             for key in loaded:
                 for tier in list(self.index.get(key).slots):
-                    self.policies[tier].access(key) if key in self.policies[tier] else None
+                    if key in self.policies[tier]:
+                        self.policies[tier].access(key)
             self.stats.restored_blocks += len(loaded)
             self.stats.hit_blocks += len(loaded)
             load = Load(tuple(loaded), tuple(tiers), tuple(slots), tuple(dst_blocks), self.config.num_layer_groups,

@@ -247,11 +247,12 @@ class OffloadManager:
         deadline = time.monotonic() + timeout
         while True:
             with self.decider.lock:
-                pending = len(self.decider.pending)
+                pending = list(self.decider.pending.values())
             if not pending:
                 return
             if time.monotonic() > deadline:
-                raise TransferTimeout(f"flush: {pending} commands still pending after {timeout} s")
+                what = ", ".join(f"{type(p.command).__name__}#{p.command.command_id}" for p in pending[:5])
+                raise TransferTimeout(f"flush: {len(pending)} commands still pending after {timeout} s ({what})")
             done = threading.Event()
             done.wait(0.005)
 

@@ -17,7 +17,8 @@ Invariants:
 - every copy that touches pool memory runs on one FIFO worker in submission order (whatever its
   priority), so a command may reuse a slot freed by an earlier command still queued: the earlier copy
   reads it first. Writes to disk snapshot their source slots on that worker, in order, before the disk
-  writer takes them; disk reads run on their own worker by priority (loads before prefetches);
+  writer takes them; disk reads run on their own worker by priority (loads before prefetches), each
+  after a fence on the copy worker, so they never fill a slot an earlier copy has yet to read;
 - a block that fails (a disk miss or a corrupt value) is listed in `handle.failed`, never delivered:
   in a load, layer groups still complete, and the engine recomputes from the first failed block.
 """
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import threading
 from typing import Mapping, Protocol, Sequence
 
 import torch
@@ -57,6 +59,30 @@ class KVBuffer(Protocol):
 
     def read_blocks(self, src_blocks: Sequence[int], dst: torch.Tensor, layers: tuple[int, int]) -> None:
         """Copies layers [lo, hi) of the engine's blocks `src_blocks` into `dst`."""
+
+
+class BlockKVBuffer:
+    """An engine KV memory made of whole blocks in the DESIGN.md layout: `[num_blocks, *spec.block_shape]`.
+
+    The simplest real `KVBuffer`: replay's `--real` mode and the benchmarks use it as the engine's
+    paged KV; an adapter for an engine with another layout implements the protocol itself.
+    """
+
+    def __init__(self, spec: KVSpec, num_blocks: int, device: torch.device | str = "cpu") -> None:
+        if num_blocks <= 0:
+            raise ConfigError(f"num_blocks: expected a positive int, got {num_blocks!r}")
+        self.spec = spec
+        self.data = torch.zeros((num_blocks, *spec.block_shape), dtype=spec.torch_dtype, device=device)
+
+    def write_blocks(self, dst_blocks: Sequence[int], src: torch.Tensor, layers: tuple[int, int]) -> None:
+        lo, hi = layers
+        for first, b0, _, n in slot_runs(dst_blocks):
+            copy_tensor(self.data[b0:b0 + n, lo:hi], src[first:first + n])
+
+    def read_blocks(self, src_blocks: Sequence[int], dst: torch.Tensor, layers: tuple[int, int]) -> None:
+        lo, hi = layers
+        for first, b0, _, n in slot_runs(src_blocks):
+            copy_tensor(dst[first:first + n], self.data[b0:b0 + n, lo:hi])
 
 
 def slot_runs(src_slots: Sequence[int], dst_slots: Sequence[int] | None = None) -> list[tuple[int, int, int, int]]:
@@ -93,6 +119,9 @@ class Transferer:
         self._copies = Worker("kvtier-copy")
         self._disk = Worker("kvtier-disk-read") if TierName.DISK in self.tiers else None
         self._stream = torch.cuda.Stream() if cuda_available() else None
+        self.fence_timeout_s = 60.0
+        self._writing: dict[BlockKey, TransferHandle] = {}  # disk writes not yet committed
+        self._writing_lock = threading.Lock()
 
     # -- helpers ---------------------------------------------------------------------------------
 
@@ -156,6 +185,13 @@ class Transferer:
 
     def _read_disk(self, keys: Sequence[BlockKey], dst: TierName, dst_slots: Sequence[int]) -> list[BlockKey]:
         _check_len(keys, dst_slots, "dst_slots")
+        # fence: copies queued before this read (a demotion snapshotting the slot we are about to fill)
+        # must have read their source slots first
+        self._copies.submit(_no_op).wait(self.fence_timeout_s)
+        with self._writing_lock:  # a block whose disk write is still in flight: read it once committed
+            writes = {id(h): h for k in keys if (h := self._writing.get(k)) is not None}
+        for h in writes.values():
+            h.wait(self.fence_timeout_s) if not h.done() else None
         disk, pool = self.tiers[TierName.DISK], self._pool(dst).pool
         if pool.device.type == "cpu":
             found = disk.get_many(keys, [pool.block(s) for s in dst_slots])
@@ -184,8 +220,18 @@ class Transferer:
                 return
             inner.add_done_callback(lambda h: handle.finish(h.failed, h.error))
 
+        with self._writing_lock:
+            for key in keys:
+                self._writing[key] = handle
+        handle.add_done_callback(self._written)
         self._copies.submit(snapshot, TransferHandle(keys), PRIORITY_LOAD)
         return handle
+
+    def _written(self, handle: TransferHandle) -> None:
+        with self._writing_lock:
+            for key in handle.keys:
+                if self._writing.get(key) is handle:
+                    del self._writing[key]
 
     # -- engine ----------------------------------------------------------------------------------
 
@@ -302,6 +348,10 @@ def _runs_by_tier(tiers: Sequence[TierName], slots: Sequence[int]) -> list[tuple
             runs.append((tiers[start], start, slots[start], i - start))
             start = i
     return runs
+
+
+def _no_op() -> None:
+    return None
 
 
 def _check_len(keys: Sequence[object], values: Sequence[object], name: str) -> None:

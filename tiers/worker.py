@@ -43,6 +43,7 @@ class TransferHandle:
         self._done = threading.Event()
         self._lock = threading.Lock()
         self._callbacks: list[Callable[["TransferHandle"], None]] = []
+        self._finished = False
         self.failed: tuple[bytes, ...] = ()
         self.error: BaseException | None = None
         self.value: Any = None
@@ -92,7 +93,7 @@ class TransferHandle:
     def add_done_callback(self, fn: Callable[["TransferHandle"], None]) -> None:
         """Calls `fn(handle)` when the job ends (at once if it has)."""
         with self._lock:
-            if not self._done.is_set():
+            if not self._finished:
                 self._callbacks.append(fn)
                 return
         fn(self)
@@ -105,22 +106,27 @@ class TransferHandle:
             self._group_events[g].set()
 
     def finish(self, failed: Sequence[bytes] = (), error: BaseException | None = None, value: Any = None) -> None:
-        """Completes the job: `failed` keys missed or failed their checks; `error` failed it whole."""
+        """Completes the job: `failed` keys missed or failed their checks; `error` failed it whole.
+
+        Done callbacks run before waiters wake, so whoever waits sees their effects (the decision half's
+        books already updated).
+        """
         with self._lock:
-            if self._done.is_set():
+            if self._finished:
                 return
+            self._finished = True
             self.failed = tuple(failed)
             self.error = error
             self.value = value
-            for event in self._group_events:
-                event.set()
-            self._done.set()
             callbacks, self._callbacks = self._callbacks, []
         for fn in callbacks:
             try:
                 fn(self)
             except Exception:  # a callback's bug must not break the worker that completed the job
                 log.exception("done callback of transfer %s failed", self.description)
+        for event in self._group_events:
+            event.set()
+        self._done.set()
 
     @classmethod
     def completed(cls, keys: Sequence[bytes] = (), failed: Sequence[bytes] = (), value: Any = None) -> "TransferHandle":

