@@ -7,19 +7,23 @@ Primitives:
 - `BeladyPolicy(capacity, requests)`: replays `requests` in order (its own `replay_request`),
   evicting the key whose next use is farthest in the future, ties to the least recently used, and
   never a key of the request being served (DESIGN.md "Hit-ratio semantics").
+- `BeladyBypassPolicy`: the same, but a key needed no sooner than the best victim is not admitted
+  (nor the rest of its request): the bound of a cache that may refuse keys, kvcache-simulator's
+  "optimal".
 - `MinPolicy(capacity, requests)`: classic MIN at event granularity: the farthest next occurrence;
   only the key being inserted is safe, so a request's keys that are not needed again may make room
   for its later keys (hence a slightly higher ratio than request-level Belady).
 
-Keys never used again all tie at "never" and wait in an LRU-ordered dict (most victims come from
-there, in O(1)); the others sit in a lazy max-heap on (next use, -last access) with stale entries
-skipped, O(log n) per operation, rebuilt when it grows past four times the cache.
+Keys never used again all tie at "never" and wait in a FIFO of (key, stamp) in access order (most
+victims come from there, in O(1)); the others sit in a max-heap on (next use, -last access). Both
+are lazy: an entry whose stamp is not its key's current stamp is stale and skipped; each is rebuilt
+when it grows past four times the cache. O(log n) per operation.
 """
 
 from __future__ import annotations
 
 import heapq
-from collections import OrderedDict
+from collections import deque
 from typing import Iterator, Sequence
 
 from kvtier.tiers.errors import ConfigError
@@ -76,11 +80,13 @@ class BeladyPolicy(Policy):
         if len(self._future) != len(requests):
             raise ConfigError(f"future: {len(self._future)} requests; expected {len(requests)}")
         self._cursor = 0
-        self._now: dict[Key, float] = {}
+        self._current: tuple[Sequence[Key], Sequence[float]] = ((), ())
+        self._now: dict[Key, float] | None = {}
         self._clock = 0
         self._state: dict[Key, tuple[float, int]] = {}  # key -> (next use, last access stamp)
-        self._heap: list[tuple[float, int, Key]] = []  # (-next use, stamp, key), keys used again
-        self._dead: OrderedDict[Key, None] = OrderedDict()  # keys never used again, oldest first
+        # Both orders are lazy: an entry whose stamp is not the key's current stamp is stale.
+        self._heap: list[tuple[float, int, Key]] = []  # (-next use, stamp, key): keys used again
+        self._dead: deque[tuple[Key, int]] = deque()  # (key, stamp): keys never used again, oldest first
 
     def __len__(self) -> int:
         return len(self._state)
@@ -91,26 +97,25 @@ class BeladyPolicy(Policy):
     def keys(self) -> Iterator[Key]:
         return iter(self._state)
 
-    def _place(self, key: Key, nxt: float, stamp: int) -> None:
-        dead = self._dead
-        if nxt == NEVER:
-            if key in dead:
-                dead.move_to_end(key)
-            else:
-                dead[key] = None
-            return
-        if key in dead:
-            del dead[key]
-        heapq.heappush(self._heap, (-nxt, stamp, key))
+    def _compact(self) -> None:
+        state = self._state
         if len(self._heap) > 4 * self.capacity + 1024:
-            self._heap = [(-n, st, k) for k, (n, st) in self._state.items() if n != NEVER]
+            self._heap = [(-n, st, k) for k, (n, st) in state.items() if n != NEVER]
             heapq.heapify(self._heap)
+        if len(self._dead) > 4 * self.capacity + 1024:
+            self._dead = deque((k, st) for k, st in self._dead if state.get(k, (0, -1))[1] == st)
 
     def _touch(self, key: Key) -> None:
+        if self._now is None:
+            self._now = dict(zip(*self._current))
         self._clock += 1
         nxt = self._now.get(key, NEVER)
         self._state[key] = (nxt, self._clock)
-        self._place(key, nxt, self._clock)
+        if nxt == NEVER:
+            self._dead.append((key, self._clock))
+        else:
+            heapq.heappush(self._heap, (-nxt, self._clock, key))
+        self._compact()
 
     def access(self, key: Key) -> None:
         if key not in self._state:
@@ -124,16 +129,152 @@ class BeladyPolicy(Policy):
 
     def victim(self, protected: Protected = None, incoming: Key | None = None) -> Key | None:
         is_protected = protector(protected)
-        for key in self._dead:  # all tie at "never": the least recently used first
-            if not is_protected(key):
+        state = self._state
+        for key, stamp in self._dead:  # all tie at "never": the least recently used first
+            entry = state.get(key)
+            if entry is not None and entry[1] == stamp and not is_protected(key):
                 return key
-        heap, state = self._heap, self._state
+        heap = self._heap
         skipped = []
         found = None
         while heap:
-            neg_next, stamp, key = heap[0]
-            if state.get(key) != (-neg_next, stamp):
+            _, stamp, key = heap[0]
+            entry = state.get(key)
+            if entry is None or entry[1] != stamp:
                 heapq.heappop(heap)  # stale
+                continue
+            if is_protected(key):
+                skipped.append(heapq.heappop(heap))
+                continue
+            found = key
+            break
+        for item in skipped:
+            heapq.heappush(heap, item)
+        return found
+
+    def remove(self, key: Key) -> None:
+        del self._state[key]  # its heap or dead entry is stale from now on
+
+    def _begin(self, keys: Sequence[Key]) -> Sequence[float]:
+        r = self._cursor
+        if r >= len(self._future) or len(self._future[r]) != len(keys):
+            raise ConfigError(f"{self.name}: request {r} does not match the sequence given at construction")
+        self._cursor = r + 1
+        self._current = (keys, self._future[r])
+        self._now = None  # built on demand by the generic methods
+        return self._future[r]
+
+    def replay_request(self, keys: Sequence[Key]) -> int:
+        """The hit-only step for the next request of the sequence given at construction.
+
+        Raises:
+            ConfigError: more requests replayed than were given, or keys that differ from them.
+        """
+        future = self._begin(keys)
+        state = self._state
+        if not self.protect_request:
+            hits = self.lookup(keys)
+            for key in keys:
+                if key not in state and len(state) >= self.capacity:
+                    victim = self.victim()
+                    if victim is None:
+                        break
+                    self.remove(victim)
+                self._touch(key)
+            return hits
+        # The request's own keys may not be evicted while it is served: re-stamping them first makes
+        # their entries in both orders stale; they re-enter the orders when the request ends.
+        dead, heap, capacity = self._dead, self._heap, self.capacity
+        clock = self._clock
+        hits, leading = 0, True
+        for key, nxt in zip(keys, future):
+            if key in state:
+                hits += leading
+                clock += 1
+                state[key] = (nxt, clock)
+            else:
+                leading = False
+        if hits < len(keys):
+            pop, popleft = heapq.heappop, dead.popleft
+            for key, nxt in zip(keys, future):
+                if key in state:
+                    continue
+                if len(state) >= capacity:
+                    victim = None
+                    while dead:
+                        old, stamp = popleft()
+                        entry = state.get(old)
+                        if entry is not None and entry[1] == stamp:
+                            victim = old
+                            break
+                    while victim is None and heap:
+                        _, stamp, old = pop(heap)
+                        entry = state.get(old)
+                        if entry is not None and entry[1] == stamp:
+                            victim = old
+                    if victim is None:
+                        break  # the request alone fills the cache
+                    del state[victim]
+                clock += 1
+                state[key] = (nxt, clock)
+        self._clock = clock
+        push, append = heapq.heappush, dead.append
+        for key in keys:  # back into the eviction orders, in prompt order
+            entry = state.get(key)
+            if entry is None:
+                continue  # found no room
+            if entry[0] == NEVER:
+                append((key, entry[1]))
+            else:
+                push(heap, (-entry[0], entry[1], key))
+        self._compact()
+        return hits
+
+
+class MinPolicy(BeladyPolicy):
+    """Classic MIN at event granularity (see the module docstring)."""
+
+    name = "min"
+    granularity = "event"
+    protect_request = False
+
+
+class BeladyBypassPolicy(BeladyPolicy):
+    """Prefix-tree Belady that may decline to admit (kvcache-simulator's "optimal", to the digit).
+
+    Differences from `BeladyPolicy`, each one a way a real prefix cache may behave:
+    - only leaves are evicted (a prefix outlives its suffixes), the one needed farthest in the
+      future first, ties to the key first seen most recently;
+    - a key is admitted only when its parent is cached and some evictable leaf is needed later
+      than it (otherwise neither it nor the rest of its request is inserted: bypass).
+    A cache allowed to refuse keys can do better than forced insertion, so this bounds admission
+    filters; DESIGN.md's `belady` inserts every key.
+    """
+
+    name = "belady-bypass"
+
+    def __init__(self, capacity: int, requests: Sequence[Sequence[Key]],
+                 future: Sequence[tuple[float, ...]] | None = None) -> None:
+        super().__init__(capacity, requests, future)
+        self._kids: dict[Key, int] = {}
+        self._parent_of: dict[Key, Key | None] = {}
+        self._first_seen: dict[Key, int] = {}
+        for keys in requests:  # first appearance in the trace (kvcache-simulator's trie node order)
+            for key in keys:
+                self._first_seen.setdefault(key, len(self._first_seen))
+        self._leaves: list[tuple[float, int, Key]] = []  # (-next use, -first seen, key)
+
+    def _push_leaf(self, key: Key) -> None:
+        heapq.heappush(self._leaves, (-self._state[key][0], -self._first_seen[key], key))
+
+    def victim(self, protected: Protected = None, incoming: Key | None = None) -> Key | None:
+        is_protected = protector(protected)
+        heap, state, kids = self._leaves, self._state, self._kids
+        skipped, found = [], None
+        while heap:
+            neg_next, _, key = heap[0]
+            if key not in state or kids[key] or state[key][0] != -neg_next:
+                heapq.heappop(heap)
                 continue
             if is_protected(key):
                 skipped.append(heapq.heappop(heap))
@@ -146,73 +287,45 @@ class BeladyPolicy(Policy):
 
     def remove(self, key: Key) -> None:
         del self._state[key]
-        self._dead.pop(key, None)
+        del self._kids[key]
+        parent = self._parent_of.pop(key)
+        if parent is not None and parent in self._state:
+            self._kids[parent] -= 1
+            if not self._kids[parent]:
+                self._push_leaf(parent)
 
     def replay_request(self, keys: Sequence[Key]) -> int:
-        """The hit-only step for the next request of the sequence given at construction.
-
-        Raises:
-            ConfigError: more requests replayed than were given, or keys that differ from them.
-        """
         r = self._cursor
         if r >= len(self._future) or len(self._future[r]) != len(keys):
             raise ConfigError(f"{self.name}: request {r} does not match the sequence given at construction")
         self._cursor = r + 1
         self._now = now = dict(zip(keys, self._future[r]))
-        hits = self.lookup(keys)
         state = self._state
-        if not self.protect_request:
-            for key in keys:
-                if key not in state and len(state) >= self.capacity:
-                    victim = self.victim()
-                    if victim is None:
-                        break
-                    self.remove(victim)
-                self._touch(key)
-            return hits
-        # The request's own keys may not be evicted while it is served: they join the eviction
-        # order only when it ends (skipping them on every eviction would be quadratic).
-        pending = []
-        dead, capacity = self._dead, self.capacity
-        clock = self._clock
+        hits = self.lookup(keys)
+        for key in keys[:hits]:
+            state[key] = (now[key], 0)
+            if not self._kids[key]:
+                self._push_leaf(key)
+        parent = None
         for key in keys:
-            if key not in state and len(state) >= capacity:
-                victim = None
-                for old in dead:  # inlined `victim(now)`: this is the replay's hot loop
-                    if old not in now:
-                        victim = old
-                        break
-                if victim is None:
-                    victim = self.victim(now)
-                    if victim is None:
-                        break
-                del state[victim]
-                dead.pop(victim, None)
-            clock += 1
-            state[key] = (now[key], clock)
-            pending.append(key)
-        self._clock = clock
-        heap, push = self._heap, heapq.heappush
-        for key in pending:  # inlined `_place`
-            nxt, stamp = state[key]
-            if nxt == NEVER:
-                if key in dead:
-                    dead.move_to_end(key)
-                else:
-                    dead[key] = None
-            else:
-                if key in dead:
-                    del dead[key]
-                push(heap, (-nxt, stamp, key))
-        if len(heap) > 4 * capacity + 1024:
-            self._heap = [(-n, st, k) for k, (n, st) in state.items() if n != NEVER]
-            heapq.heapify(self._heap)
+            if key in state:
+                parent = key
+                continue
+            if parent is not None and parent not in state:
+                break  # its prefix is not cached: it could never be hit
+            if len(state) >= self.capacity:
+                victim = self.victim(now)
+                if victim is None or state[victim][0] <= now[key]:
+                    break  # bypass: nothing evictable is needed later than this key
+                self.remove(victim)
+            state[key] = (now[key], 0)
+            self._kids[key] = 0
+            self._parent_of[key] = parent
+            if parent is not None:
+                self._kids[parent] += 1
+            self._push_leaf(key)
+            parent = key
+        if len(self._leaves) > 4 * self.capacity + 1024:
+            self._leaves = [(-state[k][0], -self._first_seen[k], k) for k in state if not self._kids[k]]
+            heapq.heapify(self._leaves)
         return hits
-
-
-class MinPolicy(BeladyPolicy):
-    """Classic MIN at event granularity (see the module docstring)."""
-
-    name = "min"
-    granularity = "event"
-    protect_request = False

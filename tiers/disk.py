@@ -6,9 +6,11 @@ Primitives:
   every model under the key `spec.fingerprint_bytes + block key`, so `keys()` is a prefix scan and a
   lookup of another model never finds them.
 - reads: `get(key, out)` / `get_many(keys, outs)` copy the payload straight into `out` (a contiguous CPU
-  uint8 buffer of one block, e.g. a host-pool slot) with one `os.preadv` per block (header and payload in
-  one call; optionally `posix_fadvise(WILLNEED)` ahead), then check header and checksum; zstd
-  payloads are read into a scratch buffer and decompressed straight into `out`.
+  uint8 buffer of one block, e.g. a host-pool slot): the value's place in data.mdb comes from the B-tree
+  (`SharedEnv.locate`, which never reads the value: py-lmdb's `get` would fault in every page of it),
+  the kernel is asked for that range and `readahead_blocks` more (`posix_fadvise(WILLNEED)`), then one
+  `os.preadv` reads header and payload, the payload landing in `out`, and header and checksum are
+  checked. zstd payloads are read into a per-thread scratch buffer and decompressed straight into `out`.
 - writes: `put` (one synchronous committed transaction) and `put_async(keys, blocks, on_commit)`: queued
   for the tier's background writer (`DiskWriter`), which puts up to `batch_max_blocks` blocks in one write
   transaction; the handle completes only after that transaction committed.
@@ -41,9 +43,10 @@ import torch
 
 from . import diskenv
 from .codecs import Codec, get_codec
-from .diskformat import HEADER_BYTES, checksum, check_header, decode_header, lmdb_key, pack_header_into
+from .diskformat import HEADER_BYTES, checksum, lmdb_key, pack_header_into
+from .diskread import check_value, read_value_at, scratch
 from .diskwriter import DiskWriter
-from .errors import CapacityError, ClosedError, ConfigError, CorruptBlockError, StoreError, StoreFullError
+from .errors import CapacityError, ClosedError, ConfigError, StoreError, StoreFullError
 from .keys import BlockKey
 from .spec import KVSpec
 from .tier import Tier, TierName, format_size, parse_size
@@ -53,7 +56,6 @@ log = logging.getLogger(__name__)
 
 _U64 = struct.Struct("<Q")
 _PAGE = 4096
-READ_MODES = ("pread", "mmap")
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,7 +98,7 @@ class DiskTier(Tier):
     def __init__(self, path: str | os.PathLike[str], spec: KVSpec, capacity_bytes: int | str, *,
                  codec: Codec | str = Codec.NONE, zstd_level: int = 3, map_size: int | str | None = None,
                  max_map_size: int | str | None = None, batch_max_blocks: int = 64, readonly: bool = False,
-                 read_mode: str = "pread", prefetch: int | bool = 0) -> None:
+                 readahead_blocks: int = 1) -> None:
         """Opens (or creates) the store at `path` for `spec`'s blocks.
 
         Args:
@@ -110,13 +112,11 @@ class DiskTier(Tier):
                 disables growth.
             batch_max_blocks: most blocks per write transaction of the background writer.
             readonly: open without write access (puts raise StoreError; corrupt values are not removed).
-            read_mode: "pread" (os.preadv from data.mdb into `out`) or "mmap" (copy from LMDB's map).
-            prefetch: in "pread" mode, how many values ahead to `posix_fadvise(WILLNEED)` while reading a
-                batch (True: the whole batch at once). Off by default: on this machine's virtio disk it made
-                cold restores slower (0.62 of the sequential read with 2 ahead, against 0.83 without).
+            readahead_blocks: values of a batch requested from the kernel (posix_fadvise WILLNEED) ahead of
+                the one being read; 0 requests only the value being read.
 
         Raises:
-            ConfigError: capacity below one block, bad codec, level, batch size, sizes or read mode.
+            ConfigError: capacity below one block, bad codec, level, batch size or sizes.
             StoreError: the path cannot be opened or written (named in the message).
             StoreFormatError: the store has another format version.
         """
@@ -124,8 +124,8 @@ class DiskTier(Tier):
         self.codec = get_codec(codec, zstd_level)
         if not isinstance(batch_max_blocks, int) or batch_max_blocks < 1:
             raise ConfigError(f"batch_max_blocks: expected a positive int, got {batch_max_blocks!r}")
-        if read_mode not in READ_MODES:
-            raise ConfigError(f"read_mode: expected one of {', '.join(READ_MODES)}, got {read_mode!r}")
+        if not isinstance(readahead_blocks, int) or isinstance(readahead_blocks, bool) or readahead_blocks < 0:
+            raise ConfigError(f"readahead_blocks: expected an int >= 0, got {readahead_blocks!r}")
         size = parse_size(map_size, "map_size") if map_size is not None else \
             default_map_size(self.num_slots, spec.bytes_per_block)
         max_size = parse_size(max_map_size, "max_map_size") if max_map_size is not None else 8 * size
@@ -133,17 +133,15 @@ class DiskTier(Tier):
             raise ConfigError(f"max_map_size: {format_size(max_size)} is below map_size {format_size(size)}")
         self._args = dict(path=path, spec=spec, capacity_bytes=capacity_bytes, codec=codec, zstd_level=zstd_level,
                           map_size=map_size, max_map_size=max_map_size, batch_max_blocks=batch_max_blocks,
-                          readonly=readonly, read_mode=read_mode, prefetch=prefetch)
+                          readonly=readonly, readahead_blocks=readahead_blocks)
         self.path = os.fspath(path)
         self.readonly = readonly
-        self.read_mode = read_mode
-        self.prefetch = prefetch
+        self.readahead_blocks = readahead_blocks
         self._fp = spec.fingerprint_bytes
         self._count_key = b"count/" + self._fp
         self._stored_key = b"stored/" + self._fp
         self._stats_lock = threading.Lock()
         self._n = dict(hits=0, misses=0, corrupt=0, foreign=0, acknowledged_blocks=0, bytes_read=0, bytes_written=0)
-        self._local = threading.local()
         self._closed = False
         self._final_stats = DiskStats(0, 0, 0, 0, 0, 0, 0, 0, 0)
         self._env = diskenv.acquire(self.path, size, max_size, readonly)
@@ -165,12 +163,21 @@ class DiskTier(Tier):
             raise ClosedError(f"disk tier on {self.path!r} is closed")
 
     def _counters(self, txn: lmdb.Transaction) -> tuple[int, int]:
-        count, stored = txn.get(self._count_key, db=self._env.meta_db), txn.get(self._stored_key, db=self._env.meta_db)
-        return (_U64.unpack(count)[0] if count is not None else 0), (_U64.unpack(stored)[0] if stored is not None else 0)
+        values = (txn.get(name, db=self._env.meta_db) for name in (self._count_key, self._stored_key))
+        count, stored = (_U64.unpack(v)[0] if v is not None else 0 for v in values)
+        return count, stored
 
     def _set_counters(self, txn: lmdb.Transaction, count: int, stored: int) -> None:
         txn.put(self._count_key, _U64.pack(max(count, 0)), db=self._env.meta_db)
         txn.put(self._stored_key, _U64.pack(max(stored, 0)), db=self._env.meta_db)
+
+    def _stored_len(self, txn: lmdb.Transaction, lk: bytes) -> int | None:
+        """Length of `lk`'s value (None when absent), without reading the value when it can be located."""
+        place = self._env.locate(txn.cursor(db=self._env.blocks_db), lk)
+        if place is diskenv.UNLOCATED:
+            view = txn.get(lk, db=self._env.blocks_db)
+            return None if view is None else len(view)
+        return None if place is None else place[1]
 
     @property
     def data_file(self) -> str:
@@ -195,22 +202,15 @@ class DiskTier(Tier):
     def describe(self) -> dict[str, Any]:
         """Capacity, codec and place, for reports."""
         return {"tier": str(self.name), "path": self.path, "codec": self.codec.codec.name.lower(),
-                "num_slots": self.num_slots, "capacity_bytes": self.capacity_bytes, "map_size": self._env.map_size,
-                "read_mode": self.read_mode}
+                "num_slots": self.num_slots, "capacity_bytes": self.capacity_bytes, "map_size": self._env.map_size}
 
     # -- writes ----------------------------------------------------------------------------------------
-
-    def _scratch(self, size: int) -> memoryview:
-        buf = getattr(self._local, "scratch", None)
-        if buf is None or len(buf) < size:
-            buf = self._local.scratch = bytearray(size)
-        return memoryview(buf)[:size]
 
     def _encode(self, key: bytes, flat: np.ndarray) -> memoryview | bytes:
         """The value of one block: header then stored payload (in a reused per-thread buffer when raw)."""
         raw_len = flat.size
         if not self.codec.compresses:
-            value = self._scratch(HEADER_BYTES + raw_len)
+            value = scratch(HEADER_BYTES + raw_len)
             value[HEADER_BYTES:] = flat.data
             pack_header_into(value, self._fp, key, Codec.NONE, raw_len, raw_len, checksum(flat))
             return value
@@ -238,14 +238,14 @@ class DiskTier(Tier):
                     done, full, written = [], [], 0
                     for key, flat in items:
                         lk = self._lk(key)
-                        old = txn.get(lk, db=env.blocks_db)
-                        if old is None and count >= self.num_slots:
+                        old_len = self._stored_len(txn, lk)
+                        if old_len is None and count >= self.num_slots:
                             full.append(key)
                             continue
                         value = self._encode(key, flat)
                         txn.put(lk, value, db=env.blocks_db)
-                        count += old is None
-                        stored += len(value) - HEADER_BYTES - (len(old) - HEADER_BYTES if old is not None else 0)
+                        count += old_len is None
+                        stored += len(value) - HEADER_BYTES - (old_len - HEADER_BYTES if old_len is not None else 0)
                         written += len(value)
                         done.append(key)
                     self._set_counters(txn, count, stored)
@@ -321,10 +321,9 @@ class DiskTier(Tier):
         self._check_open()
         try:
             with self._env.txn(write=True) as txn:
-                old = txn.get(self._lk(key), db=self._env.blocks_db)
-                if old is None:
+                old_len = self._stored_len(txn, self._lk(key))
+                if old_len is None:
                     return False
-                old_len = len(old)
                 txn.delete(self._lk(key), db=self._env.blocks_db)
                 count, stored = self._counters(txn)
                 self._set_counters(txn, count - 1, stored - (old_len - HEADER_BYTES))
@@ -337,7 +336,7 @@ class DiskTier(Tier):
     def contains(self, key: BlockKey) -> bool:
         self._check_open()
         with self._env.txn() as txn:
-            return txn.get(self._lk(key), db=self._env.blocks_db) is not None
+            return txn.cursor(db=self._env.blocks_db).set_key(self._lk(key))
 
     def keys(self) -> list[BlockKey]:
         """This spec's keys, by a prefix scan of the LMDB keys (no value is read)."""
@@ -375,24 +374,35 @@ class DiskTier(Tier):
         found, bad = [False] * len(keys), []
         env = self._env
         with env.txn() as txn:
-            located = []
+            cursor = txn.cursor(db=env.blocks_db)
+            places: list[tuple[int, int] | str | None] = []
             for i, key in enumerate(keys):
-                view = txn.get(self._lk(key), db=env.blocks_db)
-                if view is not None:
-                    located.append((i, view, env.file_offset(view) if self.read_mode == "pread" else None))
-            window = len(located) if self.prefetch is True else int(self.prefetch)
-            for j, (i, view, offset) in enumerate(located):
-                if window and len(located) > 1:
-                    # start the kernel reading `window` values ahead while this one is copied
-                    for ahead in range(0 if j == 0 else j + window - 1, min(j + window, len(located))):
-                        _, aview, aoffset = located[ahead]
-                        if aoffset is not None:
-                            os.posix_fadvise(env.fd, aoffset, len(aview), os.POSIX_FADV_WILLNEED)
-                reason = self._read_value(keys[i], view, offset, dsts[i])
+                # Locate values just ahead of reading them and ask the kernel for each whole value at once
+                # (WILLNEED): LMDB's lookup touches a value's first page, which leaves the kernel's readahead
+                # guessing "random read" (measured: half the speed); WILLNEED reads the exact range
+                # regardless, and the values ahead keep the disk busy while this one is copied and checked.
+                while len(places) < min(len(keys), i + 1 + self.readahead_blocks):
+                    place = env.locate(cursor, self._lk(keys[len(places)]))
+                    if isinstance(place, tuple):
+                        os.posix_fadvise(env.fd, place[0], place[1], os.POSIX_FADV_WILLNEED)
+                    places.append(place)
+                place = places[i]
+                if place is None:
+                    continue
+                if place is diskenv.UNLOCATED:
+                    reason = "unread"
+                else:
+                    reason = read_value_at(env.fd, *place, self._fp, key, dsts[i], self.spec.itemsize)
+                    self._count(bytes_read=place[1])
+                if reason is not None:
+                    # through LMDB itself, which decides: a located offset is only a hint
+                    view = txn.get(self._lk(key), db=env.blocks_db)
+                    reason = "absent" if view is None else check_value(view, self._fp, key, dsts[i], self.spec.itemsize)
+                    self._count(bytes_read=len(view) if view is not None else 0)
                 if reason is None:
                     found[i] = True
-                else:
-                    bad.append((keys[i], reason))
+                elif reason != "absent":
+                    bad.append((key, reason))
         hits = sum(found)
         self._count(hits=hits, misses=len(keys) - hits, corrupt=sum(r == "corrupt" for _, r in bad),
                     foreign=sum(r == "foreign" for _, r in bad))
@@ -400,70 +410,17 @@ class DiskTier(Tier):
             self._remove_bad([k for k, _ in bad])
         return found
 
-    def _read_value(self, key: bytes, view: memoryview, offset: int | None, out: np.ndarray) -> str | None:
-        """Reads and checks one value into `out`; returns None when delivered, else "corrupt" or "foreign"."""
-        value_len = len(view)
-        raw_len = out.size
-        self._count(bytes_read=value_len)
-        if value_len < HEADER_BYTES:
-            return "corrupt"
-        if offset is not None and value_len == HEADER_BYTES + raw_len:
-            # the raw codec's fast path: header and payload in one preadv, the payload lands in `out`
-            head = self._head()
-            if os.preadv(self._env.fd, [head, out.data], offset) == value_len:
-                try:
-                    header = decode_header(head)
-                except CorruptBlockError:
-                    return "corrupt"
-                if header.codec == Codec.NONE:
-                    reason = check_header(header, self._fp, key, value_len, raw_len)
-                    if reason is not None:
-                        return reason
-                    return None if checksum(out) == header.checksum else "corrupt"
-                # a compressed payload exactly one block long: decode it from a copy below
-        if offset is not None:
-            src = self._scratch(value_len)
-            if os.preadv(self._env.fd, [src], offset) != value_len:
-                src = view  # the file is shorter than the map says: read what LMDB maps
-        else:
-            src = view
-        return self._check(key, src, value_len, raw_len, out)
-
-    def _head(self) -> memoryview:
-        head = getattr(self._local, "head", None)
-        if head is None:
-            head = self._local.head = memoryview(bytearray(HEADER_BYTES))
-        return head
-
-    def _check(self, key: bytes, src: memoryview, value_len: int, raw_len: int, out: np.ndarray) -> str | None:
-        """Checks a whole value in memory (header, checksum) and decodes its payload into `out`."""
-        try:
-            header = decode_header(src[:HEADER_BYTES])
-        except CorruptBlockError:
-            return "corrupt"
-        reason = check_header(header, self._fp, key, value_len, raw_len)
-        if reason is not None:
-            return reason
-        payload = src[HEADER_BYTES:value_len]
-        if checksum(payload) != header.checksum:
-            return "corrupt"
-        try:
-            get_codec(header.codec).decode_into(payload, out, self.spec.itemsize)
-        except (CorruptBlockError, ConfigError):
-            return "corrupt"
-        return None
-
     def _remove_bad(self, keys: list[bytes]) -> None:
         """Deletes values that failed their checks, if they still fail (another writer may have replaced them)."""
         if self.readonly:
             return
-        scratch = np.empty(self.spec.bytes_per_block, dtype=np.uint8)
+        out = np.empty(self.spec.bytes_per_block, dtype=np.uint8)
         try:
             with self._env.txn(write=True) as txn:
                 count, stored = self._counters(txn)
                 for key in keys:
                     view = txn.get(self._lk(key), db=self._env.blocks_db)
-                    if view is None or self._check(key, view, len(view), scratch.size, scratch) is None:
+                    if view is None or check_value(view, self._fp, key, out, self.spec.itemsize) is None:
                         continue
                     txn.delete(self._lk(key), db=self._env.blocks_db)
                     count, stored = count - 1, stored - max(len(view) - HEADER_BYTES, 0)

@@ -66,8 +66,8 @@ def _cold(path: str) -> None:
 
 
 def cold_restore_vs_sequential(directory: str | os.PathLike[str], spec: KVSpec, total_bytes: int = 512 << 20,
-                               repeats: int = 5, *, codec: Codec | str = Codec.NONE, read_mode: str = "pread",
-                               prefetch: int | bool = 0, keep: bool = False) -> dict[str, Any]:
+                               repeats: int = 5, *, codec: Codec | str = Codec.NONE, readahead_blocks: int = 1,
+                               keep: bool = False) -> dict[str, Any]:
     """Cold disk restore of `total_bytes` of blocks vs a cold sequential read of as many bytes.
 
     Args:
@@ -75,7 +75,7 @@ def cold_restore_vs_sequential(directory: str | os.PathLike[str], spec: KVSpec, 
         spec: block geometry (e.g. llama-3-8b fp16 at 64 tokens: 8 MiB blocks).
         total_bytes: bytes restored per measurement (rounded down to whole blocks, at least one).
         repeats: interleaved pairs (restore, sequential read).
-        codec, read_mode, prefetch: the DiskTier's settings.
+        codec, readahead_blocks: the DiskTier's settings.
         keep: leave the files in place (they are deleted by default).
 
     Returns:
@@ -92,7 +92,7 @@ def cold_restore_vs_sequential(directory: str | os.PathLike[str], spec: KVSpec, 
         data = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (num_blocks, spec.bytes_per_block),
                                                                    dtype=np.uint8)) \
             if Codec.parse(codec) is Codec.NONE else kv_like_blocks(spec, num_blocks)
-        settings = dict(codec=codec, read_mode=read_mode, prefetch=prefetch)
+        settings = dict(codec=codec, readahead_blocks=readahead_blocks)
         with DiskTier(store, spec, nbytes, **settings) as tier:
             tier.put_many(keys, list(data))
             data_file = tier.data_file
@@ -124,8 +124,8 @@ def cold_restore_vs_sequential(directory: str | os.PathLike[str], spec: KVSpec, 
             "restore_gbps": nbytes / statistics.median(restore_s) / 1e9,
             "sequential_gbps": nbytes / statistics.median(sequential_s) / 1e9,
             "restore_s": restore_s, "sequential_s": sequential_s, "bytes": nbytes, "num_blocks": num_blocks,
-            "block_bytes": spec.bytes_per_block, "codec": Codec.parse(codec).name.lower(), "read_mode": read_mode,
-            "filesystem": filesystem_of(directory)}
+            "block_bytes": spec.bytes_per_block, "codec": Codec.parse(codec).name.lower(),
+            "readahead_blocks": readahead_blocks, "filesystem": filesystem_of(directory)}
 
 
 def codec_figures(spec: KVSpec, blocks: torch.Tensor | Sequence[torch.Tensor], repeats: int = 3,

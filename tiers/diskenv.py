@@ -11,21 +11,32 @@ Primitives:
 - `SharedEnv.txn(write)`: a transaction as a context manager (buffers=True: values are memoryviews into
   the map), counted so that a map resize waits until no transaction of this process is open.
 - `SharedEnv.grow(min_size)`: enlarges the map (LMDB requires no open transaction in the process).
-- `SharedEnv.file_offset(view)`: the offset in data.mdb of a value returned as a memoryview, found
-  from the mapping's address in /proc/self/maps (LMDB's `map_addr` is 0 without MDB_FIXEDMAP), or None
-  when it cannot be proven to lie inside the mapping (the caller then copies from the memoryview).
-- `SharedEnv.fd`: a read-only descriptor of data.mdb for `os.preadv`.
+- `SharedEnv.locate(cursor, lmdb_key)` -> (file offset, length) of a value in data.mdb, `None` when the
+  key is absent, or `UNLOCATED` when the value cannot be located without reading it (then the caller
+  reads it through LMDB). Why: py-lmdb touches every page of a value it returns ("preload", one fault per
+  4 KiB, GIL released), so `txn.get` of an 8 MiB value reads all of it through the map; `cursor.set_key`
+  does not. The offset comes from the leaf node that the cursor's key points into (LMDB 0.9 node layout:
+  u16 lo, u16 hi, u16 flags, u16 ksize, key, then the overflow page number for F_BIGDATA values).
+- `SharedEnv.file_offset(view)`: the offset in data.mdb of memory inside LMDB's map (found from the
+  mapping's address in /proc/self/maps: LMDB's `map_addr` is 0 without MDB_FIXEDMAP), or None.
+- `SharedEnv.fd`: a read-only descriptor of data.mdb for `os.preadv` (its own file readahead state).
 
 Invariants: the env is opened with LMDB's durable defaults (sync, metasync, lock, no writemap), so every
 committed write transaction survives a SIGKILL or a power cut; a store whose meta records another
-format version is never opened (`StoreFormatError`).
+format version is never opened (`StoreFormatError`). The map is opened without readahead (MADV_RANDOM):
+B-tree lookups then read single pages, and block payloads are read with `preadv` from `fd`, whose
+readahead is unaffected. A located offset is only a hint: the value's header (key, fingerprint, lengths)
+and checksum decide, and a value that fails through a located offset is re-read through LMDB before it
+counts as bad.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import logging
 import os
+import struct
 import threading
 from typing import Iterator
 
@@ -42,6 +53,12 @@ BLOCKS_DB = b"kvtier-blocks"
 META_DB = b"kvtier-meta"
 VERSION_KEY = b"format_version"
 _WAIT_S = 60.0
+#: `locate` could not find a value's place without reading it
+UNLOCATED = "unlocated"
+_NODE = struct.Struct("<HHHH")  # LMDB 0.9 MDB_node header (little-endian): lo, hi, flags, ksize
+_PGNO = struct.Struct("<Q")
+_F_BIGDATA = 0x01
+_PAGE_HEADER_BYTES = 16  # MDB_page header on 64-bit builds: the payload of an overflow page starts after it
 
 _registry: dict[str, "SharedEnv"] = {}
 _registry_lock = threading.Lock()
@@ -68,7 +85,7 @@ class SharedEnv:
                 raise FileNotFoundError(f"no LMDB store (data.mdb) in {path}")
             self.env = lmdb.open(path, map_size=map_size, max_dbs=4, max_readers=512, readonly=readonly,
                                  subdir=True, create=not readonly, sync=True, metasync=True, lock=True,
-                                 writemap=False, readahead=True)
+                                 writemap=False, readahead=False)
         except (OSError, lmdb.Error) as err:
             raise StoreError(f"disk store path {path!r}: cannot open an LMDB store there "
                              f"({'read-only' if readonly else 'read-write'}): {err}") from err
@@ -85,6 +102,7 @@ class SharedEnv:
             self.env.close()
             raise
         self._inode = os.fstat(self.fd).st_ino
+        self.page_size = int(self.env.stat()["psize"])
         if not readonly:
             stale = self.env.reader_check()  # reader slots of killed processes would pin old pages forever
             if stale:
@@ -199,12 +217,41 @@ class SharedEnv:
             self._map_ranges = ranges
         return ranges
 
-    def file_offset(self, view: memoryview) -> int | None:
-        """The offset in data.mdb of the first byte of `view` (a value of an open transaction), or None."""
+    def locate(self, cursor: lmdb.Cursor, lk: bytes) -> tuple[int, int] | str | None:
+        """Where `lk`'s value lies in data.mdb, without touching the value (see the module docstring).
+
+        Args:
+            cursor: a cursor on `blocks_db` of an open transaction (the result is valid while it is open).
+            lk: the LMDB key.
+
+        Returns:
+            (file offset, length); None when the key is absent; `UNLOCATED` when the value is stored inline
+            or the node does not look as expected (the caller then reads it through LMDB).
+        """
+        if not cursor.set_key(lk):
+            return None
+        key_view = cursor.key()
+        node_at = self.file_offset(key_view, before=_NODE.size, after=_PGNO.size)
+        if node_at is None:
+            return UNLOCATED
+        addr = np.frombuffer(key_view, dtype=np.uint8).ctypes.data
+        node = ctypes.string_at(addr - _NODE.size, _NODE.size + len(lk) + _PGNO.size)
+        lo, hi, flags, ksize = _NODE.unpack_from(node)
+        if ksize != len(lk) or not flags & _F_BIGDATA or node[_NODE.size:_NODE.size + ksize] != lk:
+            return UNLOCATED
+        size = lo | hi << 16
+        offset = _PGNO.unpack_from(node, _NODE.size + ksize)[0] * self.page_size + _PAGE_HEADER_BYTES
+        if offset + size > os.fstat(self.fd).st_size:
+            return UNLOCATED
+        return offset, size
+
+    def file_offset(self, view: memoryview, before: int = 0, after: int = 0) -> int | None:
+        """The offset in data.mdb of the first byte of `view` (memory of an open transaction), or None when
+        `view` (widened by `before` and `after` bytes) does not lie inside LMDB's map."""
         addr = np.frombuffer(view, dtype=np.uint8).ctypes.data
-        end = addr + len(view)
+        end = addr + len(view) + after
         for lo, hi, pgoff in self._ranges():
-            if lo <= addr and end <= hi:
+            if lo <= addr - before and end <= hi:
                 return addr - lo + pgoff
         return None
 

@@ -15,9 +15,13 @@ Primitives:
   bitwise equal to recomputing the whole prompt (see below).
 
 Invariants:
-- a run of consecutive blocks moves with one `copy_` per layer per K/V: runs of `block_tokens x
-  head_dim` contiguous elements on both sides (the DESIGN.md layout has heads before tokens, as
-  `DynamicLayer` does), never a transpose of the inner dimensions;
+- a run of consecutive blocks moves as runs of `block_tokens x head_dim` contiguous elements on both
+  sides (the DESIGN.md layout has heads before tokens, as `DynamicLayer` does), never a transpose of
+  the inner dimensions: one `copy_` per run for a buffer from `allocate` (all its layers are one
+  tensor), one per layer per K/V per run for a buffer wrapping a cache (`from_cache`). One call is
+  both faster and steadier on a busy machine: each `copy_` is a parallel region whose threads must
+  all be scheduled (measured for 2,048 tokens of SmolLM2: ~1.4x a plain memcpy against ~3x for 60
+  calls);
 - `to_cache` makes no copy: the cache's layers hold the buffer's tensors (transformers' own
   `DynamicLayer.update` then concatenates new tokens onto them, which copies, as it does for any
   `DynamicCache`);
@@ -118,6 +122,7 @@ class HFKVBuffer:
         self.keys = list(keys)
         self.values = list(values)
         self.num_tokens = num_tokens
+        self._storage: torch.Tensor | None = None  # set by `allocate`: all layers in one tensor
 
     # -- constructors ---------------------------------------------------------------------------
 
@@ -132,8 +137,10 @@ class HFKVBuffer:
             raise ConfigError(f"HFKVBuffer.allocate: num_tokens must be a positive int, got {num_tokens!r}")
         storage = torch.empty((spec.num_layers, 2, 1, spec.num_kv_heads, num_tokens, spec.head_dim),
                               dtype=spec.torch_dtype, device=device)
-        return cls(spec, [storage[i, 0] for i in range(spec.num_layers)],
-                   [storage[i, 1] for i in range(spec.num_layers)])
+        buffer = cls(spec, [storage[i, 0] for i in range(spec.num_layers)],
+                     [storage[i, 1] for i in range(spec.num_layers)])
+        buffer._storage = storage
+        return buffer
 
     @classmethod
     def from_cache(cls, cache: Any, spec: KVSpec) -> "HFKVBuffer":
@@ -180,6 +187,9 @@ class HFKVBuffer:
             ConfigError: a block index or the layer range is out of range.
         """
         for j0, b0, _, n in self._runs(dst_blocks, src, layers, "src"):
+            if self._storage is not None:  # one copy for all layers and K/V of the run
+                self._storage_view(b0, n, layers).copy_(src[j0:j0 + n].permute(1, 2, 3, 0, 4, 5), non_blocking=True)
+                continue
             for layer in range(*layers):
                 for kv, tensors in enumerate((self.keys, self.values)):
                     self._block_view(tensors[layer], b0, n).copy_(
@@ -189,10 +199,19 @@ class HFKVBuffer:
         """Copies layers [lo, hi) of this sequence's blocks `src_blocks` into `dst` (the reverse of
         `write_blocks`; `dst` is `[n, hi - lo, 2, num_kv_heads, T, head_dim]`)."""
         for j0, b0, _, n in self._runs(src_blocks, dst, layers, "dst"):
+            if self._storage is not None:
+                dst[j0:j0 + n].permute(1, 2, 3, 0, 4, 5).copy_(self._storage_view(b0, n, layers), non_blocking=True)
+                continue
             for layer in range(*layers):
                 for kv, tensors in enumerate((self.keys, self.values)):
                     dst[j0:j0 + n, layer - layers[0], kv].transpose(0, 1).copy_(
                         self._block_view(tensors[layer], b0, n), non_blocking=True)
+
+    def _storage_view(self, b0: int, n: int, layers: tuple[int, int]) -> torch.Tensor:
+        """Blocks [b0, b0+n) of layers [lo, hi) of the single allocation, as `[hi - lo, 2, heads, n, T,
+        head_dim]` (a view)."""
+        T = self.spec.block_tokens
+        return self._storage[layers[0]:layers[1], :, 0, :, b0 * T:(b0 + n) * T].unflatten(3, (n, T))
 
     def _block_view(self, t: torch.Tensor, b0: int, n: int) -> torch.Tensor:
         """Tokens of blocks [b0, b0+n) of one layer's K or V as `[heads, n, T, head_dim]` (a view)."""

@@ -60,10 +60,15 @@ def test_spec_for_model_reads_geometry_and_dtype(tiny_llama, tiny_llama_spec):
     assert spec_for_model(tiny_llama, "random-1", 16).fingerprint != spec.fingerprint
 
 
-def test_write_then_read_blocks_round_trips_in_block_layout(tiny_llama_spec):
+@pytest.mark.parametrize("one_allocation", [True, False], ids=["allocated", "per-layer-tensors"])
+def test_write_then_read_blocks_round_trips_in_block_layout(tiny_llama_spec, one_allocation):
     spec = tiny_llama_spec
     T, H, D = spec.block_tokens, spec.num_kv_heads, spec.head_dim
-    buffer = HFKVBuffer.allocate(spec, 5 * T)
+    if one_allocation:
+        buffer = HFKVBuffer.allocate(spec, 5 * T)
+    else:  # as a cache's layers hold them: separate tensors (the per-layer copy path)
+        buffer = HFKVBuffer(spec, [torch.empty(1, H, 5 * T, D) for _ in range(4)],
+                            [torch.empty(1, H, 5 * T, D) for _ in range(4)])
     buffer.keys[0].zero_()
     src = torch.arange(3 * spec.bytes_per_block // 4, dtype=torch.float32).view(3, *spec.block_shape)
     # blocks 3, 0, 1: two runs (3) and (0, 1)

@@ -74,8 +74,9 @@ def test_none_codec_wrong_length_is_corrupt():
         get_codec(Codec.NONE).decode_into(b"1234", np.empty(8, dtype=np.uint8), 1)
 
 
-@pytest.mark.parametrize("text, codec", [("none", Codec.NONE), ("zstd", Codec.ZSTD), ("zstd-shuffle", Codec.ZSTD_SHUFFLE),
-                                         ("ZSTD_SHUFFLE", Codec.ZSTD_SHUFFLE), (2, Codec.ZSTD_SHUFFLE)])
+@pytest.mark.parametrize("text, codec", [("none", Codec.NONE), ("zstd", Codec.ZSTD),
+                                         ("zstd-shuffle", Codec.ZSTD_SHUFFLE), ("ZSTD_SHUFFLE", Codec.ZSTD_SHUFFLE),
+                                         (2, Codec.ZSTD_SHUFFLE)])
 def test_parse(text, codec):
     assert Codec.parse(text) is codec
 

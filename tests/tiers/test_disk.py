@@ -69,9 +69,9 @@ def edit_value(path: str, spec: KVSpec, k: bytes, fn) -> None:
 
 @pytest.mark.parametrize("codec", list(Codec))
 @pytest.mark.parametrize("spec", [SPEC, BF16], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("read_mode", ["pread", "mmap"])
-def test_round_trip_every_codec_byte_exact(store, codec, spec, read_mode):
-    with DiskTier(store, spec, 32 * spec.bytes_per_block, codec=codec, read_mode=read_mode) as t:
+@pytest.mark.parametrize("readahead_blocks", [0, 1, 100])
+def test_round_trip_every_codec_byte_exact(store, codec, spec, readahead_blocks):
+    with DiskTier(store, spec, 32 * spec.bytes_per_block, codec=codec, readahead_blocks=readahead_blocks) as t:
         blocks = [block(i, spec) for i in range(8)]
         t.put(key(0), blocks[0])
         t.put_async([key(i) for i in range(1, 8)], blocks[1:]).wait(30)
@@ -179,11 +179,10 @@ def flip(offset):
 
 
 @pytest.mark.parametrize("codec", list(Codec))
-@pytest.mark.parametrize("read_mode", ["pread", "mmap"])
-def test_flipped_payload_byte_is_a_counted_removed_miss(store, codec, read_mode):
+def test_flipped_payload_byte_is_a_counted_removed_miss(store, codec):
     t = _damaged(store, flip(HEADER_BYTES + 100), codec)
     t.close()
-    t = DiskTier(store, SPEC, 16 * SPEC.bytes_per_block, read_mode=read_mode)
+    t = DiskTier(store, SPEC, 16 * SPEC.bytes_per_block)
     assert t.get(key(1), empty()) is None
     stats = t.stats()
     assert (stats.corrupt, stats.foreign, stats.misses, stats.num_blocks) == (1, 0, 1, 1)
@@ -274,9 +273,9 @@ def test_unwritable_path_names_the_path(tmp_path):
 @pytest.mark.parametrize("kwargs, match", [
     ({"codec": "lz4"}, "codec: 'lz4'"),
     ({"batch_max_blocks": 0}, "batch_max_blocks"),
-    ({"read_mode": "odirect"}, "read_mode"),
     ({"zstd_level": 99}, "zstd_level"),
     ({"map_size": "1MiB", "max_map_size": "512KiB"}, "max_map_size"),
+    ({"readahead_blocks": -1}, "readahead_blocks"),
 ])
 def test_bad_arguments(store, kwargs, match):
     with pytest.raises(ConfigError, match=match):
@@ -393,15 +392,19 @@ def test_flush_waits_for_queued_saves(tier):
 
 
 def test_values_are_located_in_the_data_file(tier):
-    """The pread path's offsets: a value's memoryview maps to the file offset that holds its bytes."""
+    """The read path's offsets: `locate` finds where a value lies in data.mdb without reading it."""
     tier.put(key(1), block(1))
     shared = diskenv.acquire(tier.path, 1 << 20, 1 << 20, readonly=True)  # shares the tier's open env
     try:
         with shared.txn() as txn:
-            view = txn.get(lmdb_key(SPEC.fingerprint_bytes, key(1)), db=shared.blocks_db)
-            offset = shared.file_offset(view)
-            assert offset is not None
-            assert os.pread(shared.fd, len(view), offset) == bytes(view)
+            cursor = txn.cursor(db=shared.blocks_db)
+            offset, length = shared.locate(cursor, lmdb_key(SPEC.fingerprint_bytes, key(1)))
+            assert length == HEADER_BYTES + SPEC.bytes_per_block
+            value = bytes(txn.get(lmdb_key(SPEC.fingerprint_bytes, key(1)), db=shared.blocks_db))
+            assert os.pread(shared.fd, length, offset) == value
+            assert shared.file_offset(txn.get(lmdb_key(SPEC.fingerprint_bytes, key(1)),
+                                              db=shared.blocks_db)) == offset
+            assert shared.locate(cursor, lmdb_key(SPEC.fingerprint_bytes, key(2))) is None
             assert shared.file_offset(memoryview(bytes(100))) is None  # memory outside the map
     finally:
         shared.release()

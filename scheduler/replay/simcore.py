@@ -1,0 +1,413 @@
+"""Discrete-event simulation of one serving engine driving the real decision half (no bytes).
+
+The simulator is a thin clock around kvtier's own scheduler: the `Decider` (index, slot tables, the
+policies of `kvtier.scheduler.policies`, eviction cascade, prefetch and save decisions), the `Planner` and
+the `CostModel` are the very objects an `OffloadManager` uses; trace block ids are their keys
+(`kvtier.tiers.keys.trace_key`). What is simulated is only what has no bytes here: the byte half
+(`SimExecutor`: each command takes the time the cost model gives its link) and the engine's GPU.
+
+Engine model (one instance; state it when quoting numbers):
+- requests arrive at their (scaled) trace times and wait in FIFO order; while they wait the decider sees
+  them (`enqueue`) and its prefetch decisions run (`next_prefetch`, after every batch of simultaneous
+  events, as the real prefetcher wakes on each arrival and completion);
+- at most `max_batch` requests run at once (prefilling or decoding); the GPU does one thing at a time:
+  a prefill of one request (prefills are serialised, and take priority over decoding when a request waits
+  and a batch slot is free, as in vLLM without chunked prefill) or a decode step of every decoding
+  request together;
+- a prefill follows the planner's plan (`Decider.plan`): the restored blocks [s, r) are one `Load` issued
+  at prefill start; the prefill ends at start + max(compute [0, s), load done - start) + compute [r, n),
+  so link contention (prefetches, saves, demotions queued on the same link) shows as a longer prefill;
+  the first token is produced at its end (TTFT = queueing + prefill);
+- after the prefill the engine saves the request's blocks (`Decider.start_save`, every block of the
+  prompt, the partial last one included, as the hit-ratio semantics count it); decoding then takes
+  `output_tokens - 1` steps of `CostModel.decode_step_s(batch, mean context)` each;
+- links (`SimExecutor`): gpu (device copies), h2d and d2h (the host link, one per direction), disk-read
+  and disk-write (separate queues, as the real executor's disk reader and writer); each is a FIFO server,
+  a command occupies it for the cost model's time of its path (`restore_s` of the gpu, host or disk
+  path; a disk write is charged as a disk read of the same bytes). A Load uses its links in parallel
+  (the planner's load model); an Evict takes no time.
+
+Invariants: TTFT >= the plan's predicted prefill (contention only adds); every command yields exactly one
+`Completion` fed back to `Decider.complete` at its simulated end; the bytes counted per link are the
+bytes of the commands the decider issued; nothing here imports torch.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+from kvtier.tiers.commands import Command, Completion, Evict, Load, Move, Save
+from kvtier.tiers.keys import BlockKey
+from kvtier.tiers.tier import TierName
+
+from ..costmodel import CostModel
+from ..planner import Planner
+
+#: progress(done, total, label)
+Progress = Callable[[int, int, str], None]
+
+LINKS = ("gpu", "h2d", "d2h", "disk-read", "disk-write")
+
+_ARRIVAL, _COMPLETE, _PREFILL_DONE, _DECODE_DONE = 0, 1, 2, 3
+
+
+@dataclass(frozen=True, slots=True)
+class SimRequest:
+    """One request as the simulator sees it.
+
+    Attributes:
+        arrival_s: arrival time (already scaled).
+        keys: the prompt's block keys in order (the partial last block included).
+        weights: tokens of each block.
+        num_tokens: prompt tokens n.
+        output_tokens: tokens generated (the first at the end of the prefill).
+    """
+
+    arrival_s: float
+    keys: tuple[BlockKey, ...]
+    weights: tuple[int, ...]
+    num_tokens: int
+    output_tokens: int
+
+
+@dataclass(slots=True)
+class RequestRecord:
+    """What happened to one request (times in seconds)."""
+
+    arrival_s: float
+    start_s: float = math.nan
+    first_token_s: float = math.nan
+    finish_s: float = math.nan
+    planned_s: float = 0.0
+    no_cache_s: float = 0.0
+    hit_blocks: int = 0
+    hit_tokens: int = 0
+    restored_blocks: int = 0
+    decision: str = "none-cached"
+
+    @property
+    def ttft_s(self) -> float:
+        return self.first_token_s - self.arrival_s
+
+    @property
+    def queue_s(self) -> float:
+        return self.start_s - self.arrival_s
+
+
+@dataclass(slots=True)
+class SimCounters:
+    """Totals of one run."""
+
+    blocks: int = 0
+    tokens: int = 0
+    hit_blocks_by_tier: dict[str, int] = field(default_factory=lambda: {t: 0 for t in ("gpu", "host", "disk")})
+    hit_tokens_by_tier: dict[str, int] = field(default_factory=lambda: {t: 0 for t in ("gpu", "host", "disk")})
+    decisions: dict[str, int] = field(default_factory=lambda: {
+        "none-cached": 0, "restore": 0, "recompute": 0, "split": 0, "fallback-recompute": 0})
+    bytes_by_link: dict[str, int] = field(default_factory=lambda: {link: 0 for link in LINKS})
+    busy_s_by_link: dict[str, float] = field(default_factory=lambda: {link: 0.0 for link in LINKS})
+    commands: dict[str, int] = field(default_factory=lambda: {"Move": 0, "Load": 0, "Save": 0, "Evict": 0})
+    bytes_by_reason: dict[str, int] = field(default_factory=dict)
+    gpu_busy_s: float = 0.0
+    decode_steps: int = 0
+
+
+class SimExecutor:
+    """The byte half in simulated time: gives each command a duration from the cost model, per link.
+
+    Args:
+        cost_model: the model and machine (its paths give each link's time).
+        bytes_per_block: bytes a block moves (the model's full block).
+        counters: where bytes and busy time are added.
+    """
+
+    def __init__(self, cost_model: CostModel, bytes_per_block: int, counters: SimCounters) -> None:
+        self.bytes_per_block = bytes_per_block
+        self.counters = counters
+        self.free_at = {link: 0.0 for link in LINKS}
+        paths = {name: cost_model.path(name) for name in ("gpu", "host", "disk")}
+        #: (latency, seconds per block) of each link
+        self.cost = {"gpu": paths["gpu"], "h2d": paths["host"], "d2h": paths["host"],
+                     "disk-read": paths["disk"], "disk-write": paths["disk"]}
+
+    def _occupy(self, link: str, num_blocks: int, now: float, reason: str) -> float:
+        if num_blocks <= 0:
+            return now
+        duration = self.cost[link].time_s(num_blocks)
+        start = max(now, self.free_at[link])
+        end = self.free_at[link] = start + duration
+        counters = self.counters
+        moved = num_blocks * self.bytes_per_block
+        counters.bytes_by_link[link] += moved
+        counters.busy_s_by_link[link] += duration
+        counters.bytes_by_reason[reason] = counters.bytes_by_reason.get(reason, 0) + moved
+        return end
+
+    def submit(self, command: Command, now: float) -> float:
+        """Schedules one command; returns the simulated time it completes."""
+        self.counters.commands[type(command).__name__] += 1
+        if isinstance(command, Move):
+            n = len(command.keys)
+            if command.dst is TierName.DISK:
+                return self._occupy("disk-write", n, now, command.reason)
+            if command.src is TierName.DISK:
+                return self._occupy("disk-read", n, now, command.reason)
+            if command.dst is TierName.GPU:
+                return self._occupy("h2d", n, now, command.reason)
+            if command.src is TierName.GPU:
+                return self._occupy("d2h", n, now, command.reason)
+            return self._occupy("gpu", n, now, command.reason)  # host -> host does not happen
+        if isinstance(command, Load):
+            tiers = command.src_tiers
+            n_gpu = tiers.count(TierName.GPU)
+            n_disk = tiers.count(TierName.DISK)
+            n_host = len(tiers) - n_gpu - n_disk
+            # the planner's load model: links in parallel; disk blocks occupy the disk and the host link
+            return max(self._occupy("gpu", n_gpu, now, "load"),
+                       self._occupy("h2d", n_host + n_disk, now, "load"),
+                       self._occupy("disk-read", n_disk, now, "load"))
+        if isinstance(command, Save):
+            link = "gpu" if command.dst is TierName.GPU else "d2h"
+            return self._occupy(link, len(command.keys), now, "save")
+        assert isinstance(command, Evict), f"unknown command {command!r}"
+        return now
+
+
+@dataclass(slots=True)
+class _Running:
+    index: int
+    remaining: int
+    context: int
+
+
+class EngineSim:
+    """One engine instance driving a `Decider` (or no cache at all) through a trace.
+
+    Args:
+        requests: the requests, in arrival order.
+        cost_model: the model and machine (block_tokens = the keys' block size).
+        decider: the decision half (None: the no-cache baseline, every prompt computed).
+        max_batch: requests running at once (prefilling or decoding).
+        progress: called now and then with (requests done, total, label).
+    """
+
+    def __init__(self, requests: Sequence[SimRequest], cost_model: CostModel, decider: object | None,
+                 max_batch: int = 16, progress: Progress | None = None) -> None:
+        self.requests = requests
+        self.cost_model = cost_model
+        self.decider = decider
+        self.planner = decider.planner if decider is not None else Planner(cost_model)
+        self.max_batch = max_batch
+        self.progress = progress
+        self.block_tokens = cost_model.spec.block_tokens
+        self.counters = SimCounters()
+        self.executor = SimExecutor(cost_model, cost_model.spec.bytes_per_block, self.counters)
+        self.records = [RequestRecord(r.arrival_s) for r in requests]
+        self._events: list[tuple[float, int, int, object]] = []
+        self._seq = 0
+        self._waiting: list[int] = []  # FIFO of request indices (a list with a moving head)
+        self._head = 0
+        self._decoding: list[_Running] = []
+        self._gpu_busy = False
+        self._next_arrival = 0
+        self._prefetch_dirty = False
+        self._decode_cache: dict[tuple[int, int], float] = {}
+        self.num_finished = 0
+
+    # -- events -------------------------------------------------------------------------------------
+
+    def _push(self, t: float, kind: int, payload: object) -> None:
+        self._seq += 1
+        heapq.heappush(self._events, (t, self._seq, kind, payload))
+
+    def _submit(self, commands: Sequence[Command], now: float) -> float:
+        """Schedules commands in order; returns the latest completion time."""
+        end = now
+        pending = self.decider.pending if self.decider is not None else {}
+        for command in commands:
+            done = self.executor.submit(command, now)
+            end = max(end, done)
+            if command.command_id in pending:
+                self._push(done, _COMPLETE, command)
+        return end
+
+    def run(self) -> list[RequestRecord]:
+        """Runs the whole trace; returns one record per request."""
+        requests, events = self.requests, self._events
+        total = len(requests)
+        decider = self.decider
+        report_every = max(1, total // 100)
+        last_report = 0
+        while self._next_arrival < total or events:
+            if self._next_arrival < total and (not events or requests[self._next_arrival].arrival_s <= events[0][0]):
+                i = self._next_arrival
+                self._next_arrival += 1
+                t = requests[i].arrival_s
+                self._arrive(i, t)
+            else:
+                t, _, kind, payload = heapq.heappop(events)
+                if kind == _COMPLETE:
+                    command = payload
+                    follow = decider.complete(Completion(command.command_id, command.request_id, command.keys))
+                    if follow:
+                        self._submit(follow, t)
+                    # only a landed promotion or load can give the prefetcher new work (it frees budget or
+                    # stages blocks in host); saves and write-throughs land in tiers it does not promote from
+                    if type(command) is Load or (type(command) is Move and command.reason == "prefetch"):
+                        self._prefetch_dirty = True
+                elif kind == _PREFILL_DONE:
+                    self._prefill_done(payload, t)
+                else:
+                    self._decode_done(payload, t)
+                if self.progress is not None and self.num_finished - last_report >= report_every:
+                    last_report = self.num_finished
+                    self.progress(last_report, total, "requests")
+            if self._prefetch_dirty and decider is not None and not self._more_at(t):
+                self._prefetch_dirty = False
+                commands = decider.next_prefetch()
+                if commands:
+                    self._submit(commands, t)
+            if not self._gpu_busy and not self._more_at(t):
+                self._schedule_gpu(t)
+        if self.progress is not None:
+            self.progress(total, total, "requests")
+        return self.records
+
+    def _more_at(self, t: float) -> bool:
+        """Whether another event or arrival is due at this very time (batch them first)."""
+        if self._events and self._events[0][0] <= t:
+            return True
+        return self._next_arrival < len(self.requests) and self.requests[self._next_arrival].arrival_s <= t
+
+    def _arrive(self, i: int, t: float) -> None:
+        request = self.requests[i]
+        self._waiting.append(i)
+        if self.decider is not None:
+            self.decider.enqueue(str(i), request.keys, request.num_tokens)
+            self._prefetch_dirty = True
+
+    # -- the GPU --------------------------------------------------------------------------------------
+
+    def _schedule_gpu(self, t: float) -> None:
+        if self._head < len(self._waiting) and len(self._decoding) < self.max_batch:
+            i = self._waiting[self._head]
+            self._head += 1
+            if self._head > 4096 and self._head * 2 > len(self._waiting):
+                del self._waiting[:self._head]
+                self._head = 0
+            self._gpu_busy = True
+            self._push(self._start_prefill(i, t), _PREFILL_DONE, i)
+            self._prefetch_dirty = True  # the look-ahead window moved on by one request
+        elif self._decoding:
+            self._gpu_busy = True
+            batch = self._decoding
+            steps = min(r.remaining for r in batch)
+            context = sum(r.context for r in batch) // len(batch)
+            step_s = self._decode_step_s(len(batch), context)
+            if len(batch) < self.max_batch and self._next_arrival < len(self.requests):
+                # stop at the first step boundary after the next arrival, which will want a prefill
+                wait = self.requests[self._next_arrival].arrival_s - t
+                steps = max(1, min(steps, math.ceil(wait / step_s)))
+            self._push(t + steps * step_s, _DECODE_DONE, steps)
+            self.counters.gpu_busy_s += steps * step_s
+            self.counters.decode_steps += steps
+
+    def _decode_step_s(self, batch: int, context: int) -> float:
+        bucket = (batch, context >> 6)  # context in 64-token buckets: a cache, not a model change
+        step = self._decode_cache.get(bucket)
+        if step is None:
+            step = self._decode_cache[bucket] = self.cost_model.decode_step_s(batch, (bucket[1] << 6) + 32)
+        return step
+
+    def _start_prefill(self, i: int, t: float) -> float:
+        request, record = self.requests[i], self.records[i]
+        record.start_s = t
+        counters = self.counters
+        keys, n, bt = request.keys, request.num_tokens, self.block_tokens
+        counters.blocks += len(keys)
+        counters.tokens += sum(request.weights)
+        decider = self.decider
+        if decider is None:
+            plan = self.planner.plan((), n)
+            record.planned_s = record.no_cache_s = plan.total_s
+            counters.decisions["none-cached"] += 1
+            counters.gpu_busy_s += plan.total_s
+            return t + plan.total_s
+        rid = str(i)
+        entries = decider.lookup(keys)
+        if entries:
+            weights = request.weights
+            by_blocks, by_tokens = counters.hit_blocks_by_tier, counters.hit_tokens_by_tier
+            for j, entry in enumerate(entries):
+                tier = entry.best_tier.value
+                by_blocks[tier] += 1
+                by_tokens[tier] += weights[j]
+            record.hit_blocks = len(entries)
+            record.hit_tokens = sum(weights[:len(entries)])
+        full = min(len(keys), n // bt)  # the planner matches whole blocks only
+        plan = decider.plan(rid, keys[:full], n)
+        record.planned_s = plan.total_s
+        record.no_cache_s = plan.recompute_all_s
+        s, r, k = plan.split, plan.restore_stop, plan.num_matched_blocks
+        load = decider.start_load(rid, keys, s, r, range(s, r)) if r > s else None
+        if r <= s:
+            decider.start_load(rid, keys, 0, 0, ())  # marks the request running
+        pre = decider.take_prepared()
+        if pre:
+            self._submit(pre, t)
+        if k == 0:
+            decision = "none-cached"
+        elif r == 0:
+            decision = "recompute"
+        elif load is None:
+            decision = "fallback-recompute"
+        elif s == 0 and r == k:
+            decision = "restore"
+        else:
+            decision = "split"
+        record.decision = decision
+        counters.decisions[decision] += 1
+        if load is None:
+            duration = plan.recompute_all_s
+        else:
+            record.restored_blocks = r - s
+            load_done = self._submit((load,), t)
+            duration = max(plan.front_compute_s, load_done - t) + plan.suffix_compute_s
+        counters.gpu_busy_s += duration
+        return t + duration
+
+    def _prefill_done(self, i: int, t: float) -> None:
+        request, record = self.requests[i], self.records[i]
+        record.first_token_s = t
+        self._gpu_busy = False
+        decider = self.decider
+        if decider is not None:
+            commands = decider.start_save(str(i), request.keys, range(len(request.keys)))
+            if commands:
+                self._submit(commands, t)
+                self._prefetch_dirty = True  # demotions may have moved queued requests' blocks down
+        if request.output_tokens > 1:
+            self._decoding.append(_Running(i, request.output_tokens - 1, request.num_tokens + 1))
+        else:
+            self._finish(i, t)
+
+    def _decode_done(self, steps: int, t: float) -> None:
+        self._gpu_busy = False
+        still: list[_Running] = []
+        for running in self._decoding:
+            running.remaining -= steps
+            running.context += steps
+            if running.remaining <= 0:
+                self._finish(running.index, t)
+            else:
+                still.append(running)
+        self._decoding = still
+
+    def _finish(self, i: int, t: float) -> None:
+        self.records[i].finish_s = t
+        self.num_finished += 1
+        if self.decider is not None:
+            self.decider.finish(str(i))
