@@ -55,20 +55,29 @@ class Sweep:
         recompute_points: (start_tokens, num_tokens) prefill points.
         repeats: measured rounds (each point once per round; the figure is the median), at least 5.
         warmup: unmeasured rounds first.
-        threads: torch threads of the prefill.
+        threads: torch threads of the prefill. 1 by default: on this shared 2-core machine (load 6-14 from
+            other jobs) a 2-thread prefill measured 10-40x slower than 1 thread and erratic (OpenMP threads
+            spin at barriers while their partner is descheduled), so its times cannot be fitted.
+        restore_samples: samples per restore point per round (restores cost milliseconds, where the
+            wake-up latency of a busy machine is a large share: more samples steady the median cheaply).
     """
 
     restore_blocks: tuple[int, ...]
     recompute_points: tuple[tuple[int, int], ...]
     repeats: int = 5
     warmup: int = 1
-    threads: int = 2
+    threads: int = 1
+    restore_samples: int = 3
 
     def __post_init__(self) -> None:
         if not isinstance(self.repeats, int) or self.repeats < 5:
             raise ConfigError(f"repeats: expected an int >= 5 (the median of at least 5 runs), got {self.repeats!r}")
         if len(set(self.restore_blocks)) < 3 or min(self.restore_blocks) < 1:
             raise ConfigError(f"restore_blocks: expected >= 3 distinct positive sizes, got {self.restore_blocks!r}")
+        if not isinstance(self.threads, int) or self.threads < 1:
+            raise ConfigError(f"threads: expected a positive int, got {self.threads!r}")
+        if not isinstance(self.restore_samples, int) or self.restore_samples < 1:
+            raise ConfigError(f"restore_samples: expected a positive int, got {self.restore_samples!r}")
         if len(set(self.recompute_points)) < 6:
             raise ConfigError(f"recompute_points: expected >= 6 distinct points, got {self.recompute_points!r}")
 
@@ -180,7 +189,7 @@ def measure(spec: KVSpec, config: Mapping[str, Any], sweep: Sweep, *, disk_dir: 
         total = sweep.warmup + sweep.repeats
         for round_no in range(total):
             began = time.monotonic()
-            order = list(points)
+            order = [p for p in points for _ in range(1 if p.kind == "recompute" else sweep.restore_samples)]
             rng.shuffle(order)
             for p in order:
                 seconds = runners[p.kind](p.size)
@@ -321,7 +330,8 @@ def _with_profile(model: CostModel, profile: Any) -> CostModel:
 
 def _sweep_dict(sweep: Sweep) -> dict[str, Any]:
     return {"restore_blocks": list(sweep.restore_blocks), "recompute_points": [list(p) for p in sweep.recompute_points],
-            "repeats": sweep.repeats, "warmup": sweep.warmup, "threads": sweep.threads}
+            "repeats": sweep.repeats, "warmup": sweep.warmup, "threads": sweep.threads,
+            "restore_samples": sweep.restore_samples}
 
 
 __all__ = ["CHECK_SWEEP", "DEFAULT_SWEEP", "KINDS", "QUICK_SWEEP", "Calibration", "Measured", "Sweep", "calibrate",

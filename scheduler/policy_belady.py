@@ -83,34 +83,34 @@ class BeladyPolicy(Policy):
         self._current: tuple[Sequence[Key], Sequence[float]] = ((), ())
         self._now: dict[Key, float] | None = {}
         self._clock = 0
-        self._state: dict[Key, tuple[float, int]] = {}  # key -> (next use, last access stamp)
+        self._stamp: dict[Key, int] = {}  # cached key -> stamp of its last access (unique, increasing)
         # Both orders are lazy: an entry whose stamp is not the key's current stamp is stale.
         self._heap: list[tuple[float, int, Key]] = []  # (-next use, stamp, key): keys used again
         self._dead: deque[tuple[Key, int]] = deque()  # (key, stamp): keys never used again, oldest first
 
     def __len__(self) -> int:
-        return len(self._state)
+        return len(self._stamp)
 
     def __contains__(self, key: object) -> bool:
-        return key in self._state
+        return key in self._stamp
 
     def keys(self) -> Iterator[Key]:
-        return iter(self._state)
+        return iter(self._stamp)
 
     def _compact(self) -> None:
-        state = self._state
+        stamp_of = self._stamp
         if len(self._heap) > 4 * self.capacity + 1024:
-            self._heap = [(-n, st, k) for k, (n, st) in state.items() if n != NEVER]
+            self._heap = [e for e in self._heap if stamp_of.get(e[2]) == e[1]]
             heapq.heapify(self._heap)
         if len(self._dead) > 4 * self.capacity + 1024:
-            self._dead = deque((k, st) for k, st in self._dead if state.get(k, (0, -1))[1] == st)
+            self._dead = deque(e for e in self._dead if stamp_of.get(e[0]) == e[1])
 
     def _touch(self, key: Key) -> None:
         if self._now is None:
             self._now = dict(zip(*self._current))
         self._clock += 1
         nxt = self._now.get(key, NEVER)
-        self._state[key] = (nxt, self._clock)
+        self._stamp[key] = self._clock
         if nxt == NEVER:
             self._dead.append((key, self._clock))
         else:
@@ -118,29 +118,29 @@ class BeladyPolicy(Policy):
         self._compact()
 
     def access(self, key: Key) -> None:
-        if key not in self._state:
+        if key not in self._stamp:
             raise KeyError(key)
         self._touch(key)
 
     def insert(self, key: Key, parent: Key | None = None) -> None:
-        if key in self._state:
+        if key in self._stamp:
             raise KeyError(f"{key!r} is already cached")
         self._touch(key)
 
     def victim(self, protected: Protected = None, incoming: Key | None = None) -> Key | None:
         is_protected = protector(protected)
-        state = self._state
-        for key, stamp in self._dead:  # all tie at "never": the least recently used first
-            entry = state.get(key)
-            if entry is not None and entry[1] == stamp and not is_protected(key):
+        stamp_of, dead = self._stamp, self._dead
+        while dead and stamp_of.get(dead[0][0]) != dead[0][1]:
+            dead.popleft()  # stale
+        for key, stamp in dead:  # all tie at "never": the least recently used first
+            if stamp_of.get(key) == stamp and not is_protected(key):
                 return key
         heap = self._heap
         skipped = []
         found = None
         while heap:
             _, stamp, key = heap[0]
-            entry = state.get(key)
-            if entry is None or entry[1] != stamp:
+            if stamp_of.get(key) != stamp:
                 heapq.heappop(heap)  # stale
                 continue
             if is_protected(key):
@@ -153,7 +153,7 @@ class BeladyPolicy(Policy):
         return found
 
     def remove(self, key: Key) -> None:
-        del self._state[key]  # its heap or dead entry is stale from now on
+        del self._stamp[key]  # its heap or dead entry is stale from now on
 
     def _begin(self, keys: Sequence[Key]) -> Sequence[float]:
         r = self._cursor
@@ -171,11 +171,11 @@ class BeladyPolicy(Policy):
             ConfigError: more requests replayed than were given, or keys that differ from them.
         """
         future = self._begin(keys)
-        state = self._state
+        stamp_of = self._stamp
         if not self.protect_request:
             hits = self.lookup(keys)
             for key in keys:
-                if key not in state and len(state) >= self.capacity:
+                if key not in stamp_of and len(stamp_of) >= self.capacity:
                     victim = self.victim()
                     if victim is None:
                         break
@@ -186,47 +186,45 @@ class BeladyPolicy(Policy):
         # their entries in both orders stale; they re-enter the orders when the request ends.
         dead, heap, capacity = self._dead, self._heap, self.capacity
         clock = self._clock
+        placed = []
         hits, leading = 0, True
         for key, nxt in zip(keys, future):
-            if key in state:
+            if key in stamp_of:
                 hits += leading
                 clock += 1
-                state[key] = (nxt, clock)
+                stamp_of[key] = clock
+                placed.append((key, nxt, clock))
             else:
                 leading = False
         if hits < len(keys):
             pop, popleft = heapq.heappop, dead.popleft
             for key, nxt in zip(keys, future):
-                if key in state:
+                if key in stamp_of:
                     continue
-                if len(state) >= capacity:
+                if len(stamp_of) >= capacity:
                     victim = None
                     while dead:
                         old, stamp = popleft()
-                        entry = state.get(old)
-                        if entry is not None and entry[1] == stamp:
+                        if stamp_of.get(old) == stamp:
                             victim = old
                             break
                     while victim is None and heap:
                         _, stamp, old = pop(heap)
-                        entry = state.get(old)
-                        if entry is not None and entry[1] == stamp:
+                        if stamp_of.get(old) == stamp:
                             victim = old
                     if victim is None:
                         break  # the request alone fills the cache
-                    del state[victim]
+                    del stamp_of[victim]
                 clock += 1
-                state[key] = (nxt, clock)
+                stamp_of[key] = clock
+                placed.append((key, nxt, clock))
         self._clock = clock
         push, append = heapq.heappush, dead.append
-        for key in keys:  # back into the eviction orders, in prompt order
-            entry = state.get(key)
-            if entry is None:
-                continue  # found no room
-            if entry[0] == NEVER:
-                append((key, entry[1]))
+        for key, nxt, stamp in placed:  # back into the eviction orders, least recent first
+            if nxt == NEVER:
+                append((key, stamp))
             else:
-                push(heap, (-entry[0], entry[1], key))
+                push(heap, (-nxt, stamp, key))
         self._compact()
         return hits
 
@@ -256,6 +254,7 @@ class BeladyBypassPolicy(BeladyPolicy):
     def __init__(self, capacity: int, requests: Sequence[Sequence[Key]],
                  future: Sequence[tuple[float, ...]] | None = None) -> None:
         super().__init__(capacity, requests, future)
+        self._state: dict[Key, tuple[float, int]] = {}  # key -> (next use, unused)
         self._kids: dict[Key, int] = {}
         self._parent_of: dict[Key, Key | None] = {}
         self._first_seen: dict[Key, int] = {}
@@ -263,6 +262,15 @@ class BeladyBypassPolicy(BeladyPolicy):
             for key in keys:
                 self._first_seen.setdefault(key, len(self._first_seen))
         self._leaves: list[tuple[float, int, Key]] = []  # (-next use, -first seen, key)
+
+    def __len__(self) -> int:
+        return len(self._state)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._state
+
+    def keys(self) -> Iterator[Key]:
+        return iter(self._state)
 
     def _push_leaf(self, key: Key) -> None:
         heapq.heappush(self._leaves, (-self._state[key][0], -self._first_seen[key], key))

@@ -40,6 +40,11 @@ class Codec(enum.IntEnum):
     ZSTD = 1
     ZSTD_SHUFFLE = 2
 
+    @property
+    def label(self) -> str:
+        """The codec's name as the CLI writes it: "none", "zstd", "zstd-shuffle"."""
+        return self.name.lower().replace("_", "-")
+
     @classmethod
     def parse(cls, value: "Codec | str | int") -> "Codec":
         """A codec from its enum, name ("none", "zstd", "zstd-shuffle") or number.
@@ -58,7 +63,7 @@ class Codec(enum.IntEnum):
                 return cls(value)
             except ValueError:
                 pass
-        names = ", ".join(m.name.lower().replace("_", "-") for m in cls)
+        names = ", ".join(m.label for m in cls)
         raise ConfigError(f"codec: {value!r} is not a codec; expected one of {names}")
 
 
@@ -110,7 +115,7 @@ class PayloadCodec:
         super().__init_subclass__(**kwargs)
         PayloadCodec.registry[cls.codec] = cls
 
-    def __init__(self, level: int = 3) -> None:
+    def __init__(self, level: int = 1) -> None:
         if not isinstance(level, int) or not -7 <= level <= 22:
             raise ConfigError(f"zstd_level: expected an int in -7..22, got {level!r}")
         self.level = level
@@ -211,7 +216,7 @@ class ZstdShuffleCodec(PayloadCodec):
         unshuffle_into(planes, dst, itemsize)
 
 
-def get_codec(codec: Codec | str | int, level: int = 3) -> PayloadCodec:
+def get_codec(codec: Codec | str | int, level: int = 1) -> PayloadCodec:
     """A codec object for a `Codec` (or its name or number).
 
     Raises:

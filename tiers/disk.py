@@ -3,14 +3,15 @@
 Primitives:
 - `DiskTier(path, spec, capacity_bytes, ...)`: a `Tier` over an LMDB environment (shared by every
   `DiskTier` on the same path in this process, see `diskenv`); one named sub-database holds the blocks of
-  every model under the key `spec.fingerprint_bytes + block key`, so `keys()` is a prefix scan and a
-  lookup of another model never finds them.
+  every model under the key `spec.fingerprint_bytes + block key`, so a lookup of another model never
+  finds them, and a small index sub-database holds the same keys with each value's length, written in the
+  same transaction, so `keys()` (a prefix scan), `contains` and a put's overwrite check never read a
+  block's pages (py-lmdb faults in every page of a value it returns, and positioning a cursor on a block
+  touches its first page).
 - reads: `get(key, out)` / `get_many(keys, outs)` copy the payload straight into `out` (a contiguous CPU
-  uint8 buffer of one block, e.g. a host-pool slot): the value's place in data.mdb comes from the B-tree
-  (`SharedEnv.locate`, which never reads the value: py-lmdb's `get` would fault in every page of it),
-  the kernel is asked for that range and `readahead_blocks` more (`posix_fadvise(WILLNEED)`), then one
-  `os.preadv` reads header and payload, the payload landing in `out`, and header and checksum are
-  checked. zstd payloads are read into a per-thread scratch buffer and decompressed straight into `out`.
+  uint8 buffer of one block, e.g. a host-pool slot) from LMDB's map, after checking header and checksum;
+  zstd payloads are decompressed straight into `out`. (`diskread.read_value_at`, an `os.preadv` from
+  data.mdb at the value's offset found without reading the value, was measured slower on this machine.)
 - writes: `put` (one synchronous committed transaction) and `put_async(keys, blocks, on_commit)`: queued
   for the tier's background writer (`DiskWriter`), which puts up to `batch_max_blocks` blocks in one write
   transaction; the handle completes only after that transaction committed.
@@ -44,7 +45,7 @@ import torch
 from . import diskenv
 from .codecs import Codec, get_codec
 from .diskformat import HEADER_BYTES, checksum, lmdb_key, pack_header_into
-from .diskread import check_value, read_value_at, scratch
+from .diskread import check_value, scratch
 from .diskwriter import DiskWriter
 from .errors import CapacityError, ClosedError, ConfigError, StoreError, StoreFullError
 from .keys import BlockKey
@@ -96,9 +97,8 @@ class DiskTier(Tier):
     name = TierName.DISK
 
     def __init__(self, path: str | os.PathLike[str], spec: KVSpec, capacity_bytes: int | str, *,
-                 codec: Codec | str = Codec.NONE, zstd_level: int = 3, map_size: int | str | None = None,
-                 max_map_size: int | str | None = None, batch_max_blocks: int = 64, readonly: bool = False,
-                 readahead_blocks: int = 1) -> None:
+                 codec: Codec | str = Codec.NONE, zstd_level: int = 1, map_size: int | str | None = None,
+                 max_map_size: int | str | None = None, batch_max_blocks: int = 64, readonly: bool = False) -> None:
         """Opens (or creates) the store at `path` for `spec`'s blocks.
 
         Args:
@@ -106,14 +106,14 @@ class DiskTier(Tier):
             spec: the KV geometry and model identity of the blocks.
             capacity_bytes: the most raw block bytes of this spec kept (num_slots = capacity // block).
             codec: how payloads are written (reads follow each value's header).
-            zstd_level: zstd level of the zstd codecs.
+            zstd_level: zstd level of the zstd codecs. 1 by default: on bf16 KV (real SmolLM2 KV and Gaussian
+                llama-3-8b blocks) level 1 with shuffle compressed better (1.44-1.46x against 1.40x) and
+                encoded and decoded about twice as fast as level 3.
             map_size: initial LMDB map size; default `default_map_size(num_slots, bytes_per_block)`.
             max_map_size: the map grows on map-full up to this; default 8 x map_size. Equal to map_size
                 disables growth.
             batch_max_blocks: most blocks per write transaction of the background writer.
             readonly: open without write access (puts raise StoreError; corrupt values are not removed).
-            readahead_blocks: values of a batch requested from the kernel (posix_fadvise WILLNEED) ahead of
-                the one being read; 0 requests only the value being read.
 
         Raises:
             ConfigError: capacity below one block, bad codec, level, batch size or sizes.
@@ -124,8 +124,6 @@ class DiskTier(Tier):
         self.codec = get_codec(codec, zstd_level)
         if not isinstance(batch_max_blocks, int) or batch_max_blocks < 1:
             raise ConfigError(f"batch_max_blocks: expected a positive int, got {batch_max_blocks!r}")
-        if not isinstance(readahead_blocks, int) or isinstance(readahead_blocks, bool) or readahead_blocks < 0:
-            raise ConfigError(f"readahead_blocks: expected an int >= 0, got {readahead_blocks!r}")
         size = parse_size(map_size, "map_size") if map_size is not None else \
             default_map_size(self.num_slots, spec.bytes_per_block)
         max_size = parse_size(max_map_size, "max_map_size") if max_map_size is not None else 8 * size
@@ -133,10 +131,9 @@ class DiskTier(Tier):
             raise ConfigError(f"max_map_size: {format_size(max_size)} is below map_size {format_size(size)}")
         self._args = dict(path=path, spec=spec, capacity_bytes=capacity_bytes, codec=codec, zstd_level=zstd_level,
                           map_size=map_size, max_map_size=max_map_size, batch_max_blocks=batch_max_blocks,
-                          readonly=readonly, readahead_blocks=readahead_blocks)
+                          readonly=readonly)
         self.path = os.fspath(path)
         self.readonly = readonly
-        self.readahead_blocks = readahead_blocks
         self._fp = spec.fingerprint_bytes
         self._count_key = b"count/" + self._fp
         self._stored_key = b"stored/" + self._fp
@@ -172,17 +169,19 @@ class DiskTier(Tier):
         txn.put(self._stored_key, _U64.pack(max(stored, 0)), db=self._env.meta_db)
 
     def _stored_len(self, txn: lmdb.Transaction, lk: bytes) -> int | None:
-        """Length of `lk`'s value (None when absent), without reading the value when it can be located."""
-        place = self._env.locate(txn.cursor(db=self._env.blocks_db), lk)
-        if place is diskenv.UNLOCATED:
-            view = txn.get(lk, db=self._env.blocks_db)
-            return None if view is None else len(view)
-        return None if place is None else place[1]
+        """Length of `lk`'s value from the index (None when absent); the value itself is not read."""
+        entry = txn.get(lk, db=self._env.index_db)
+        return None if entry is None else _U64.unpack(entry)[0]
 
     @property
     def data_file(self) -> str:
         """Path of the LMDB data file (data.mdb), e.g. to evict it from the page cache."""
-        return os.path.join(self._env.path, "data.mdb")
+        return self.data_file_of(self._env.path)
+
+    @staticmethod
+    def data_file_of(path: str | os.PathLike[str]) -> str:
+        """Path of the LMDB data file of the store at `path` (no store needs to be open)."""
+        return os.path.join(os.path.realpath(os.fspath(path)), "data.mdb")
 
     @property
     def num_used(self) -> int:
@@ -201,7 +200,7 @@ class DiskTier(Tier):
 
     def describe(self) -> dict[str, Any]:
         """Capacity, codec and place, for reports."""
-        return {"tier": str(self.name), "path": self.path, "codec": self.codec.codec.name.lower(),
+        return {"tier": str(self.name), "path": self.path, "codec": self.codec.codec.label,
                 "num_slots": self.num_slots, "capacity_bytes": self.capacity_bytes, "map_size": self._env.map_size}
 
     # -- writes ----------------------------------------------------------------------------------------
@@ -244,6 +243,7 @@ class DiskTier(Tier):
                             continue
                         value = self._encode(key, flat)
                         txn.put(lk, value, db=env.blocks_db)
+                        txn.put(lk, _U64.pack(len(value)), db=env.index_db)
                         count += old_len is None
                         stored += len(value) - HEADER_BYTES - (old_len - HEADER_BYTES if old_len is not None else 0)
                         written += len(value)
@@ -258,7 +258,7 @@ class DiskTier(Tier):
                         f"disk store {self.path!r}: LMDB map full at {format_size(env.map_size)} and max_map_size "
                         f"{format_size(env.max_map_size)} reached; raise max_map_size or lower the capacity") from err
             except lmdb.Error as err:
-                raise _store_error(self.path, "write", err) from err
+                raise _store_error(self.path, "write", err, sum(f.size for _, f in items)) from err
 
     def _flats(self, keys: Sequence[BlockKey], blocks: Sequence[torch.Tensor], what: str) -> list[np.ndarray]:
         if len(keys) != len(blocks):
@@ -325,6 +325,7 @@ class DiskTier(Tier):
                 if old_len is None:
                     return False
                 txn.delete(self._lk(key), db=self._env.blocks_db)
+                txn.delete(self._lk(key), db=self._env.index_db)
                 count, stored = self._counters(txn)
                 self._set_counters(txn, count - 1, stored - (old_len - HEADER_BYTES))
                 return True
@@ -336,14 +337,14 @@ class DiskTier(Tier):
     def contains(self, key: BlockKey) -> bool:
         self._check_open()
         with self._env.txn() as txn:
-            return txn.cursor(db=self._env.blocks_db).set_key(self._lk(key))
+            return txn.get(self._lk(key), db=self._env.index_db) is not None
 
     def keys(self) -> list[BlockKey]:
-        """This spec's keys, by a prefix scan of the LMDB keys (no value is read)."""
+        """This spec's keys, by a prefix scan of the index (no block page is read)."""
         self._check_open()
         fp, out = self._fp, []
         with self._env.txn() as txn:
-            cursor = txn.cursor(db=self._env.blocks_db)
+            cursor = txn.cursor(db=self._env.index_db)
             if cursor.set_range(fp):
                 for lk in cursor.iternext(keys=True, values=False):
                     lk = bytes(lk)
@@ -374,34 +375,17 @@ class DiskTier(Tier):
         found, bad = [False] * len(keys), []
         env = self._env
         with env.txn() as txn:
-            cursor = txn.cursor(db=env.blocks_db)
-            places: list[tuple[int, int] | str | None] = []
             for i, key in enumerate(keys):
-                # Locate values just ahead of reading them and ask the kernel for each whole value at once
-                # (WILLNEED): LMDB's lookup touches a value's first page, which leaves the kernel's readahead
-                # guessing "random read" (measured: half the speed); WILLNEED reads the exact range
-                # regardless, and the values ahead keep the disk busy while this one is copied and checked.
-                while len(places) < min(len(keys), i + 1 + self.readahead_blocks):
-                    place = env.locate(cursor, self._lk(keys[len(places)]))
-                    if isinstance(place, tuple):
-                        os.posix_fadvise(env.fd, place[0], place[1], os.POSIX_FADV_WILLNEED)
-                    places.append(place)
-                place = places[i]
-                if place is None:
+                # py-lmdb faults the whole value in as it returns it (with the GIL released, through the map's
+                # readahead); the check and the copy into `out` then read the page cache
+                view = txn.get(self._lk(key), db=env.blocks_db)
+                if view is None:
                     continue
-                if place is diskenv.UNLOCATED:
-                    reason = "unread"
-                else:
-                    reason = read_value_at(env.fd, *place, self._fp, key, dsts[i], self.spec.itemsize)
-                    self._count(bytes_read=place[1])
-                if reason is not None:
-                    # through LMDB itself, which decides: a located offset is only a hint
-                    view = txn.get(self._lk(key), db=env.blocks_db)
-                    reason = "absent" if view is None else check_value(view, self._fp, key, dsts[i], self.spec.itemsize)
-                    self._count(bytes_read=len(view) if view is not None else 0)
+                self._count(bytes_read=len(view))
+                reason = check_value(view, self._fp, key, dsts[i], self.spec.itemsize)
                 if reason is None:
                     found[i] = True
-                elif reason != "absent":
+                else:
                     bad.append((key, reason))
         hits = sum(found)
         self._count(hits=hits, misses=len(keys) - hits, corrupt=sum(r == "corrupt" for _, r in bad),
@@ -422,8 +406,11 @@ class DiskTier(Tier):
                     view = txn.get(self._lk(key), db=self._env.blocks_db)
                     if view is None or check_value(view, self._fp, key, out, self.spec.itemsize) is None:
                         continue
+                    indexed_len = self._stored_len(txn, self._lk(key))
                     txn.delete(self._lk(key), db=self._env.blocks_db)
-                    count, stored = count - 1, stored - max(len(view) - HEADER_BYTES, 0)
+                    if indexed_len is not None:  # counted only if it was indexed
+                        txn.delete(self._lk(key), db=self._env.index_db)
+                        count, stored = count - 1, stored - max(indexed_len - HEADER_BYTES, 0)
                     log.warning("disk store %s: removed a bad value for block %s", self.path, key.hex()[:8])
                 self._set_counters(txn, count, stored)
         except (lmdb.Error, StoreError) as err:  # cleanup is best effort: the block was already a miss
@@ -449,9 +436,20 @@ class DiskTier(Tier):
         return DiskTier(**self._args)
 
 
-def _store_error(path: str, what: str, err: lmdb.Error) -> StoreError:
-    code = getattr(err, "errno", None)
+def _store_error(path: str, what: str, err: lmdb.Error, needed_bytes: int = 0) -> StoreError:
+    """The kvtier error for an LMDB failure: StoreFullError when the file system is full.
+
+    LMDB reports a write that ran out of room part way as EIO ("short write"), so an I/O error on a file
+    system with less free space than the write needed counts as full too.
+    """
     text = str(err)
-    if code == errno.ENOSPC or "No space left" in text or "ENOSPC" in text:
+    full = getattr(err, "errno", None) == errno.ENOSPC or "No space left" in text
+    if not full and ("Input/output error" in text or getattr(err, "errno", None) == errno.EIO):
+        try:
+            st = os.statvfs(path)
+            full = st.f_bavail * st.f_frsize < max(needed_bytes, 1 << 20)
+        except OSError:
+            pass
+    if full:
         return StoreFullError(f"disk store {path!r}: file system full during {what}: {text}")
     return StoreError(f"disk store {path!r}: {what} failed: {text}")

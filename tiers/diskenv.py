@@ -23,11 +23,9 @@ Primitives:
 
 Invariants: the env is opened with LMDB's durable defaults (sync, metasync, lock, no writemap), so every
 committed write transaction survives a SIGKILL or a power cut; a store whose meta records another
-format version is never opened (`StoreFormatError`). The map is opened without readahead (MADV_RANDOM):
-B-tree lookups then read single pages, and block payloads are read with `preadv` from `fd`, whose
-readahead is unaffected. A located offset is only a hint: the value's header (key, fingerprint, lengths)
-and checksum decide, and a value that fails through a located offset is re-read through LMDB before it
-counts as bad.
+format version is never opened (`StoreFormatError`). The map keeps the kernel's readahead: values are
+read through it (with readahead off, faulting an 8 MiB value in page by page ran at ~0.05 GB/s here). A
+located offset is only a hint to a caller reading at it: the value's header and checksum decide.
 """
 
 from __future__ import annotations
@@ -51,6 +49,9 @@ log = logging.getLogger(__name__)
 
 BLOCKS_DB = b"kvtier-blocks"
 META_DB = b"kvtier-meta"
+#: fingerprint + key -> stored value length (u64), written in the same transaction as the block: listing,
+#: membership and overwrite checks read this small B-tree, never a block's pages
+INDEX_DB = b"kvtier-index"
 VERSION_KEY = b"format_version"
 _WAIT_S = 60.0
 #: `locate` could not find a value's place without reading it
@@ -85,13 +86,14 @@ class SharedEnv:
                 raise FileNotFoundError(f"no LMDB store (data.mdb) in {path}")
             self.env = lmdb.open(path, map_size=map_size, max_dbs=4, max_readers=512, readonly=readonly,
                                  subdir=True, create=not readonly, sync=True, metasync=True, lock=True,
-                                 writemap=False, readahead=False)
+                                 writemap=False, readahead=True)
         except (OSError, lmdb.Error) as err:
             raise StoreError(f"disk store path {path!r}: cannot open an LMDB store there "
                              f"({'read-only' if readonly else 'read-write'}): {err}") from err
         try:
             self.blocks_db = self.env.open_db(BLOCKS_DB, create=not readonly)
             self.meta_db = self.env.open_db(META_DB, create=not readonly)
+            self.index_db = self.env.open_db(INDEX_DB, create=not readonly)
             self._check_version()
             self.data_file = os.path.join(path, "data.mdb")
             self.fd = os.open(self.data_file, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))

@@ -33,6 +33,16 @@ over a restored prefix gives logits bitwise equal to the whole-prompt pass only 
 split) and (b) the suffix is at least 12 tokens long (MKL's sgemm takes another kernel for 1-3, 5-7
 and 9-11 rows, which rounds differently). `max_restorable_blocks` keeps the suffix at
 `min_suffix_tokens` (16 by default) or more by recomputing one more block when needed.
+
+transformers' cache API, as of 5.19 (the reasons for what `to_cache` does):
+- `DynamicCache(ddp_cache_data)` fills layers through `update`, which concatenates onto an empty
+  tensor (a copy): `to_cache` sets each `DynamicLayer`'s `keys` / `values` directly instead;
+- `DynamicLayer.update` concatenates on every forward call, so the first suffix pass copies the
+  restored prefix once (and every decode step copies the whole cache), exactly as for a cache the
+  model built itself;
+- Llama's forward takes no `cache_position`: positions come from `position_ids` or from
+  `past_key_values.get_seq_length()`; `prefill` passes `position_ids` explicitly;
+- `crop(n)` removes -n tokens for n < 0; a positive n is the deprecated "keep n tokens".
 """
 
 from __future__ import annotations

@@ -37,7 +37,7 @@ from typing import Any
 
 import numpy as np
 
-from kvtier.tiers.errors import ConfigError
+from kvtier.tiers.errors import ClosedError, ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -184,7 +184,6 @@ class VllmEngine:
     def llm(self) -> Any:
         """The underlying `vllm.LLM` (raises ClosedError when not started)."""
         if self._llm is None:
-            from kvtier.tiers.errors import ClosedError
             raise ClosedError("VllmEngine is not started (call start() or use it as a context manager)")
         return self._llm
 
@@ -216,12 +215,8 @@ class VllmEngine:
     def close(self) -> None:
         """Shuts the engine core and its worker down (about 5 s); idempotent."""
         llm, self._llm = self._llm, None
-        if llm is None:
-            return
-        try:
+        if llm is not None:
             llm.llm_engine.engine_core.shutdown()
-        finally:
-            del llm
 
     def __enter__(self) -> VllmEngine:
         return self.start()

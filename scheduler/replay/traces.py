@@ -99,7 +99,12 @@ def block_weights(input_tokens: int, num_blocks: int, block_tokens: int) -> list
 
     Same rule as kvcache-simulator: block i holds max(1, min(B, input_tokens - i * B)) tokens.
     """
-    return [max(1, min(block_tokens, input_tokens - i * block_tokens)) for i in range(num_blocks)]
+    full = min(num_blocks, max(0, input_tokens // block_tokens))
+    weights = [block_tokens] * full
+    if full < num_blocks:
+        weights.append(max(1, input_tokens - full * block_tokens))
+        weights.extend([1] * (num_blocks - full - 1))
+    return weights
 
 
 def _open_text(path: Path) -> IO[str]:
@@ -291,11 +296,14 @@ def read_trace(path: str | Path, fmt: str | TraceFormat | None = None, skip_bad:
     p = Path(path)
     if not p.is_file():
         raise TraceFormatError(f"{p}: no such trace file")
-    try:
-        form = TraceFormat(fmt) if fmt is not None else detect_format(p)
-    except ValueError:
-        raise TraceFormatError(f"format: {fmt!r}; expected one of "
-                               f"{', '.join(f.value for f in TraceFormat)}") from None
+    if fmt is None:
+        form = detect_format(p)
+    else:
+        try:
+            form = TraceFormat(fmt)
+        except ValueError:
+            raise TraceFormatError(f"format: {fmt!r}; expected one of "
+                                   f"{', '.join(f.value for f in TraceFormat)}") from None
     trace = Trace(str(p), form)
     try:
         with _open_text(p) as f:

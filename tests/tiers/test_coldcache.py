@@ -43,3 +43,16 @@ def test_refuses_a_store_still_open(tmp_path):
     tier = DiskTier(tmp_path / "store", SPEC, 4 * SPEC.bytes_per_block)
     assert tier.get(b"k" * 16) is not None
     tier.close()
+
+
+def test_cold_restore_benchmark_runs_small(tmp_path):
+    from kvtier.tiers.diskbench import codec_figures, cold_restore_vs_sequential, kv_like_blocks
+
+    spec = SPEC.with_(dtype="bfloat16", num_layers=8)  # 16 KiB blocks
+    figures = cold_restore_vs_sequential(tmp_path, spec, total_bytes=1 << 20, repeats=2, warmup=0)
+    assert figures["num_blocks"] == 64 and figures["bytes"] == 1 << 20 and len(figures["restore_s"]) == 2
+    assert figures["ratio"] > 0 and figures["ratio_min"] <= figures["ratio"] <= figures["ratio_max"]
+    assert figures["filesystem"].split()[0]
+    assert list(tmp_path.iterdir()) == []  # its files are removed
+    codecs = codec_figures(spec, kv_like_blocks(spec, 4), repeats=1)
+    assert set(codecs) == {"zstd", "zstd-shuffle"} and all(f["ratio"] > 1 for f in codecs.values())
