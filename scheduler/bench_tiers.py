@@ -15,10 +15,8 @@ from __future__ import annotations
 
 import argparse
 import random
-import shutil
-import tempfile
+import statistics
 import time
-from pathlib import Path
 from typing import Any
 
 BLOCK_SIZES = (16, 64, 256)
@@ -126,79 +124,32 @@ def _memory_rows(spec, mib: int, repeats: int) -> list[dict[str, Any]]:
 
 
 def _disk_row(spec, mib: int, repeats: int, where: str | None) -> dict[str, Any]:
-    import torch
+    from kvtier.tiers.diskbench import cold_restore_vs_sequential
 
-    from kvtier.scheduler import benchutil as bu
-    from kvtier.tiers import coldcache
-    from kvtier.tiers.disk import DiskTier
-    from kvtier.tiers.pool import HostTier
-
-    n = max(1, mib * 2**20 // spec.bytes_per_block)
-    root = Path(tempfile.mkdtemp(prefix="kvtier-bench-", dir=where or "."))
-    try:
-        host = HostTier(spec, n * spec.bytes_per_block)
-        keys = [i.to_bytes(16, "little") for i in range(n)]
-        payload = torch.randint(0, 256, (spec.bytes_per_block,), dtype=torch.uint8)
-        disk = DiskTier(root / "store", spec, (n + 1) * spec.bytes_per_block)
-        for i, key in enumerate(keys):
-            payload[:8] = torch.tensor(list(i.to_bytes(8, "little")), dtype=torch.uint8)
-            disk.put(key, payload)
-        disk.close()
-        raw = root / "raw.bin"
-        with open(raw, "wb") as f:
-            for _ in range(n):
-                f.write(payload.numpy().tobytes())
-        data_file = DiskTier.data_file_of(root / "store")
-        outs = [host.pool.block(s) for s in range(n)]
-        state: dict[str, Any] = {}
-
-        def setup(name: str) -> None:
-            target = raw if name == "cold sequential read" else data_file
-            coldcache.evict_file(target)
-            state["resident"] = max(state.get("resident", 0), coldcache.resident_bytes(target))
-            if name == "disk->host":
-                state["disk"] = DiskTier(root / "store", spec, (n + 1) * spec.bytes_per_block)
-
-        def restore() -> None:
-            found = state["disk"].get_many(keys, outs)
-            state["disk"].close()
-            assert all(found), "disk restore missed blocks"
-
-        times = bu.interleave({"disk->host": restore, "cold sequential read": lambda: coldcache.cold_sequential_read_s(raw)},
-                              repeats, setup=setup)
-        r = bu.ratio(times["cold sequential read"], times["disk->host"])
-        return {"block_tokens": spec.block_tokens, "path": "disk->host (cold)", "blocks": n,
-                "limit": "cold sequential read of a same-size file", "resident_bytes_max": state["resident"],
-                "filesystem": str(root), **r.as_dict()}
-    finally:
-        shutil.rmtree(root, ignore_errors=True)
+    fig = cold_restore_vs_sequential(where or ".", spec, mib * 2**20, repeats)
+    return {"block_tokens": spec.block_tokens, "path": "disk->host (cold)", "blocks": fig["num_blocks"],
+            "limit": "cold sequential read of a same-size file", "ratio": round(fig["ratio"], 4),
+            "ratio_min": round(fig["ratio_min"], 4), "ratio_max": round(fig["ratio_max"], 4),
+            "path_ms": round(statistics.median(fig["restore_s"]) * 1e3, 3),
+            "limit_ms": round(statistics.median(fig["sequential_s"]) * 1e3, 3),
+            "resident_at_open_bytes": fig["resident_at_open_bytes"], "filesystem": fig["filesystem"]}
 
 
 def _compression_rows(spec, mib: int) -> list[dict[str, Any]]:
     import torch
 
-    from kvtier.tiers.codecs import Codec, get_codec
+    from kvtier.tiers.diskbench import codec_figures, kv_like_blocks
 
-    n_elems = mib * 2**20 // 2
-    gen = torch.Generator().manual_seed(0)
-    samples = {"kv-like fp16 (normal, std 1)": torch.randn(n_elems, generator=gen).to(torch.float16),
-               "kv-like bf16 (normal, std 1)": torch.randn(n_elems, generator=gen).to(torch.bfloat16),
-               "random bytes (floor)": torch.randint(0, 256, (n_elems * 2,), dtype=torch.uint8, generator=gen)}
+    n = max(1, mib * 2**20 // spec.bytes_per_block)
+    samples = {"kv-like bf16 (gaussian)": (spec.with_(dtype="bfloat16"), None),
+               "kv-like fp16 (gaussian)": (spec.with_(dtype="float16"), None),
+               "random bytes (floor)": (spec, torch.randint(0, 256, (n, spec.bytes_per_block), dtype=torch.uint8))}
     rows = []
-    for data_name, data in samples.items():
-        raw = data.view(torch.uint8).numpy()
-        for codec in (Codec.ZSTD, Codec.ZSTD_SHUFFLE):
-            impl = get_codec(codec)
-            t0 = time.perf_counter()
-            enc = impl.encode(raw, 2)
-            t1 = time.perf_counter()
-            out = torch.empty(raw.nbytes, dtype=torch.uint8)
-            impl.decode_into(enc, out.numpy())
-            t2 = time.perf_counter()
-            assert out.numpy().tobytes() == raw.tobytes(), "codec round trip mismatch"
-            rows.append({"codec": codec.name.lower(), "data": data_name, "ratio": round(raw.nbytes / len(enc), 3),
-                         "encode_gbps": round(raw.nbytes / (t1 - t0) / 1e9, 3),
-                         "decode_gbps": round(raw.nbytes / (t2 - t1) / 1e9, 3)})
+    for data_name, (s, blocks) in samples.items():
+        blocks = kv_like_blocks(s, n) if blocks is None else blocks
+        for codec, fig in codec_figures(s, list(blocks)).items():
+            rows.append({"codec": codec, "data": data_name, "ratio": round(fig["ratio"], 3),
+                         "encode_gbps": round(fig["encode_gbps"], 3), "decode_gbps": round(fig["decode_gbps"], 3)})
     return rows
 
 

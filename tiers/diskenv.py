@@ -8,6 +8,8 @@ closes it.
 Primitives:
 - `acquire(path, map_size, max_map_size, readonly)` -> `SharedEnv` (opens or shares; checks the store
   format version); `SharedEnv.release()`.
+- `SharedEnv.blocks_db`, `index_db`, `meta_db`: the sub-databases (blocks; key -> value length; format
+  version and per-spec counters).
 - `SharedEnv.txn(write)`: a transaction as a context manager (buffers=True: values are memoryviews into
   the map), counted so that a map resize waits until no transaction of this process is open.
 - `SharedEnv.grow(min_size)`: enlarges the map (LMDB requires no open transaction in the process).
@@ -15,8 +17,9 @@ Primitives:
   key is absent, or `UNLOCATED` when the value cannot be located without reading it (then the caller
   reads it through LMDB). Why: py-lmdb touches every page of a value it returns ("preload", one fault per
   4 KiB, GIL released), so `txn.get` of an 8 MiB value reads all of it through the map; `cursor.set_key`
-  does not. The offset comes from the leaf node that the cursor's key points into (LMDB 0.9 node layout:
-  u16 lo, u16 hi, u16 flags, u16 ksize, key, then the overflow page number for F_BIGDATA values).
+  touches only the value's first page. The offset comes from the leaf node that the cursor's key points
+  into (LMDB 0.9 node layout: u16 lo, u16 hi, u16 flags, u16 ksize, key, then the overflow page number of
+  an F_BIGDATA value). Used by `diskread.read_value_at` (the measured pread alternative) and benchmarks.
 - `SharedEnv.file_offset(view)`: the offset in data.mdb of memory inside LMDB's map (found from the
   mapping's address in /proc/self/maps: LMDB's `map_addr` is 0 without MDB_FIXEDMAP), or None.
 - `SharedEnv.fd`: a read-only descriptor of data.mdb for `os.preadv` (its own file readahead state).

@@ -7,7 +7,8 @@ Modes:
   `--real` runs the same trace through the real tiers.
 
 TRACE is a trace file (Mooncake JSONL, kvtier JSONL, Azure CSV, or `.gz` of one) or the name of a
-built-in workload (`chat`, `agents`, `docqa`: generated with the seed of `--seed`).
+built-in workload (`chat`, `agents`, `docqa`: `--requests` of them with the seed of `--seed`);
+without TRACE, the `chat` workload.
 Exit status: 0 done, 2 bad input (the message names the file, line and what was wrong).
 Neither the hit-only nor the simulation path imports torch.
 """
@@ -47,17 +48,25 @@ def _ints(text: str, name: str) -> list[int]:
     return out
 
 
+#: the workload `kvtier replay` replays when no TRACE is given
+DEMO_WORKLOAD = "chat"
+DEMO_REQUESTS = 2000
+
+
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("replay", help="replay a request trace (hit-only, simulated, or through the real tiers)",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("trace", metavar="TRACE", help="trace file (.jsonl, .csv, .gz) or built-in workload: chat, agents, docqa")
+    p.add_argument("trace", metavar="TRACE", nargs="?", default=None,
+                   help="trace file (.jsonl, .csv, .gz) or built-in workload: chat, agents, docqa (default: chat)")
     p.add_argument("--format", choices=("mooncake", "kvtier", "azure-csv"), default=None,
                    help="trace format (default: detected)")
     p.add_argument("--skip-bad", action="store_true", help="count and skip malformed records instead of failing")
     p.add_argument("--json", metavar="FILE", help="write every figure to FILE as JSON")
     p.add_argument("--quiet", action="store_true", help="no progress and no table")
     p.add_argument("--seed", type=int, default=0, help="seed of a built-in workload (default 0)")
-    p.add_argument("--requests", type=int, default=2000, help="requests of a built-in workload (default 2000)")
+    p.add_argument("--requests", type=int, default=None, help="requests of a built-in workload (default 2000)")
+    p.add_argument("--jobs", type=int, default=None, metavar="N",
+                   help="worker processes (default: the CPU count, at most 4 for --hit-only, 2 for a simulation)")
     hit = p.add_argument_group("hit-only mode")
     hit.add_argument("--hit-only", action="store_true", help="hit ratios only (no timing model)")
     hit.add_argument("--cache-blocks", default="20000", metavar="N[,N...]",
@@ -69,8 +78,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                      help="count each hit as one block, or as its tokens (kvcache-simulator) (default blocks)")
     hit.add_argument("--warmup-fraction", type=float, default=0.0, metavar="F",
                      help="measure only the last 1-F of the requests (kvcache-simulator: 0.5) (default 0)")
-    hit.add_argument("--jobs", type=int, default=None, metavar="N",
-                     help="worker processes for a sweep (default: the CPU count, at most 4)")
     hit.add_argument("--bounds", default="belady", metavar="B[,B...]",
                      help="bounds at each capacity: belady, min, or none (default belady; infinite always)")
     sim = p.add_argument_group("simulation mode (default) and --real")
@@ -86,6 +93,16 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     sim.add_argument("--real", action="store_true", help="replay through the real tiers (real LMDB, real bytes)")
     sim.add_argument("--disk-path", default=None, help="disk store directory for --real (default: a temp dir)")
     sim.add_argument("--plot", metavar="FILE.png", default=None, help="plot the TTFT distribution and per-tier hits")
+    sim.add_argument("--prefetch-window", type=int, default=8, help="queued requests the prefetcher looks ahead (default 8)")
+    sim.add_argument("--prefetch-budget", default=None, help="bytes of promotions in flight at most (e.g. 1GiB)")
+    sim.add_argument("--write-mode", choices=("write-through", "write-back"), default="write-through",
+                     help="copy new blocks down at once, or only when evicted (default write-through)")
+    sim.add_argument("--max-batch", type=int, default=16, help="requests an engine instance runs at once (default 16)")
+    sim.add_argument("--baselines", action=argparse.BooleanOptionalAction, default=True,
+                     help="also run the no-cache, GPU-only and no-prefetch baselines (default on)")
+    sim.add_argument("--max-requests", type=int, default=None, help="replay only the first N requests")
+    sim.add_argument("--transfer-profile", default=None, help="--real: profile of this machine's links "
+                     "(default cpu-this-machine)")
     p.set_defaults(run=run)
 
 
@@ -105,9 +122,11 @@ def load_requests(args: argparse.Namespace) -> tuple[Any, str]:
     """The trace's requests (a file, or a built-in workload) and the name to report."""
     from kvtier.scheduler.replay import traces, workloads
 
+    if args.trace is None:
+        args.trace = DEMO_WORKLOAD
     path = Path(args.trace)
     if not path.exists() and args.trace in workloads.KINDS:
-        reqs = workloads.generate(args.trace, args.requests, args.seed,
+        reqs = workloads.generate(args.trace, args.requests or DEMO_REQUESTS, args.seed,
                                   block_tokens=args.block_tokens or workloads.DEFAULT_BLOCK_TOKENS)
         return traces.Trace(f"builtin:{args.trace}", traces.TraceFormat.KVTIER, reqs), f"builtin:{args.trace}"
     return traces.read_trace(path, args.format, skip_bad=args.skip_bad), path.name

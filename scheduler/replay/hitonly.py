@@ -172,12 +172,14 @@ class SweepResult:
     seconds: float
 
 
-_FORKED: HitOnlyWorkload | None = None  # the workload a forked worker inherits
+#: what a forked worker inherits: the workload and the offline policies' futures
+_FORKED: tuple[HitOnlyWorkload, dict] | None = None
 
 
 def _run_forked(task: tuple[int, PolicyName]) -> HitOnlyResult:
     assert _FORKED is not None, "worker started without a workload"
-    return run_policy(_FORKED, task[1], task[0])
+    work, futures = _FORKED
+    return run_policy(work, task[1], task[0], futures.get(task[1]))
 
 
 def sweep(work: HitOnlyWorkload, capacities: Sequence[int], policies: Sequence[str | PolicyName],
@@ -212,14 +214,19 @@ def sweep(work: HitOnlyWorkload, capacities: Sequence[int], policies: Sequence[s
     todo = [(c, p) for c in capacities for p in names]
     todo += [(c, b) for c in capacities for b in bound_names if b not in names]
     done: dict[tuple[int, PolicyName], HitOnlyResult] = {}
+    infinite = None
     if jobs > 1 and len(todo) > 1 and "fork" in multiprocessing.get_all_start_methods():
         global _FORKED
-        _FORKED = work
+        for _, p in todo:
+            future(p)  # once, before the fork: every worker shares it
+        _FORKED = (work, futures)
         todo.sort(key=lambda t: not t[1].offline)  # the slow bounds first: better balance
         try:
             ctx = multiprocessing.get_context("fork")
             with ctx.Pool(min(jobs, len(todo))) as pool:
-                for i, result in enumerate(pool.imap_unordered(_run_forked, todo)):
+                results = pool.imap_unordered(_run_forked, todo)
+                infinite = infinite_ratio(work)  # while the workers run
+                for i, result in enumerate(results):
                     done[(result.cache_blocks, policy_name(result.policy))] = result
                     if progress:
                         progress(i + 1, len(todo), f"{result.policy} @ {result.cache_blocks} blocks")
@@ -235,4 +242,6 @@ def sweep(work: HitOnlyWorkload, capacities: Sequence[int], policies: Sequence[s
     results = [done[(c, p)] for c in capacities for p in names]
     belady = {c: done[(c, PolicyName.BELADY)].block_hit_ratio for c in capacities if (c, PolicyName.BELADY) in done}
     mins = {c: done[(c, PolicyName.MIN)].block_hit_ratio for c in capacities if (c, PolicyName.MIN) in done}
-    return SweepResult(results, infinite_ratio(work), belady, mins, time.perf_counter() - start_s)
+    if infinite is None:
+        infinite = infinite_ratio(work)
+    return SweepResult(results, infinite, belady, mins, time.perf_counter() - start_s)
