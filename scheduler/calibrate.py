@@ -5,9 +5,11 @@ Primitives:
   points, rounds (`repeats`, each point once per round) and warm-up rounds. `DEFAULT_SWEEP` (a few
   minutes here), `QUICK_SWEEP` (tests, well under a minute), `CHECK_SWEEP` (`--check`).
 - `Measured`: one point (kind, size) with every sample and their median.
-- `measure(spec, config, sweep, ...)`: runs the rigs of `calibrate_rigs` in rounds; within a round every
-  point of every kind (restore host, restore disk, recompute) runs once, in a fresh random order, so slow
-  drifts of a shared machine hit all points alike; each point's figure is the median of its rounds.
+- `measure(spec, config, sweep, ...)`: runs the rigs of `calibrate_rigs` in rounds after warm-up rounds;
+  within a round every point of every kind (restore host, restore disk, recompute) runs once (restores
+  `restore_samples` times), in a fresh random order, so slow drifts of a shared machine hit all points
+  alike; one sample of a small point is the mean of a short batch of timed runs (`Sweep`); each point's
+  figure is the median of its samples.
 - `split(points)`: per kind, points sorted by size and alternated: even positions fit, odd ones are held
   out (the extremes stay in the fit half, so held-out points are interpolated).
 - `calibrate(model, sweep, ...)` -> `Calibration`: measures, fits `CostModel.from_profile("cpu-this-machine",
@@ -60,6 +62,10 @@ class Sweep:
             spin at barriers while their partner is descheduled), so its times cannot be fitted.
         restore_samples: samples per restore point per round (restores cost milliseconds, where the
             wake-up latency of a busy machine is a large share: more samples steady the median cheaply).
+        host_batch_blocks, disk_batch_blocks, recompute_batch_tokens: one sample of a small point is the
+            mean of back-to-back timed runs (each timed alone, setup untimed between them) that together
+            move at least this many blocks (compute this many tokens), as `timeit` loops a short statement:
+            a preemption of a few ms on this loaded machine would otherwise swamp a 1 ms restore.
     """
 
     restore_blocks: tuple[int, ...]
@@ -68,6 +74,9 @@ class Sweep:
     warmup: int = 1
     threads: int = 1
     restore_samples: int = 3
+    host_batch_blocks: int = 64
+    disk_batch_blocks: int = 32
+    recompute_batch_tokens: int = 128
 
     def __post_init__(self) -> None:
         if not isinstance(self.repeats, int) or self.repeats < 5:
@@ -78,6 +87,9 @@ class Sweep:
             raise ConfigError(f"threads: expected a positive int, got {self.threads!r}")
         if not isinstance(self.restore_samples, int) or self.restore_samples < 1:
             raise ConfigError(f"restore_samples: expected a positive int, got {self.restore_samples!r}")
+        for name in ("host_batch_blocks", "disk_batch_blocks", "recompute_batch_tokens"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ConfigError(f"{name}: expected a positive int, got {getattr(self, name)!r}")
         if len(set(self.recompute_points)) < 6:
             raise ConfigError(f"recompute_points: expected >= 6 distinct points, got {self.recompute_points!r}")
 
@@ -92,8 +104,9 @@ def _grid(starts: Sequence[int], sizes: Sequence[int]) -> tuple[tuple[int, int],
 
 
 DEFAULT_SWEEP = Sweep(restore_blocks=(1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 40, 48, 64),
-                      recompute_points=_grid((0, 512, 1024, 2048), (64, 128, 256, 512)), repeats=7)
-QUICK_SWEEP = Sweep(restore_blocks=(1, 2, 3, 4, 6, 8, 12), recompute_points=_grid((0, 64, 128), (16, 32, 64)))
+                      recompute_points=_grid((0, 1024, 2048), (64, 128, 256, 512)), repeats=5)
+QUICK_SWEEP = Sweep(restore_blocks=(1, 2, 3, 4, 6, 8, 12), recompute_points=_grid((0, 64, 128), (16, 32, 64)),
+                    host_batch_blocks=12, disk_batch_blocks=6, recompute_batch_tokens=32, restore_samples=2)
 CHECK_SWEEP = Sweep(restore_blocks=(1, 3, 8, 16, 32), recompute_points=_grid((0, 1024), (64, 128, 256)))
 
 
@@ -179,12 +192,10 @@ def measure(spec: KVSpec, config: Mapping[str, Any], sweep: Sweep, *, disk_dir: 
     say = progress or (lambda line: None)
     with RestoreRig(spec, max(sweep.restore_blocks), disk_dir, seed=seed) as restore, \
             RecomputeRig(config, threads=sweep.threads, max_tokens=sweep.max_tokens, seed=seed) as recompute:
-        runners = {"restore_host": restore.host, "restore_disk": restore.disk,
-                   "recompute": lambda size: recompute.run(*size)}
-        biggest = max(sweep.restore_blocks)
-        restore.host(biggest)
-        if disk_dir is not None:
-            restore.disk(biggest)
+        runners = {
+            "restore_host": lambda n: restore.host(n, -(-sweep.host_batch_blocks // n)),
+            "restore_disk": lambda n: restore.disk(n, -(-sweep.disk_batch_blocks // n)),
+            "recompute": lambda size: recompute.run(*size, repeat=-(-sweep.recompute_batch_tokens // size[1]))}
         restore.verify()
         total = sweep.warmup + sweep.repeats
         for round_no in range(total):
@@ -331,7 +342,8 @@ def _with_profile(model: CostModel, profile: Any) -> CostModel:
 def _sweep_dict(sweep: Sweep) -> dict[str, Any]:
     return {"restore_blocks": list(sweep.restore_blocks), "recompute_points": [list(p) for p in sweep.recompute_points],
             "repeats": sweep.repeats, "warmup": sweep.warmup, "threads": sweep.threads,
-            "restore_samples": sweep.restore_samples}
+            "restore_samples": sweep.restore_samples, "host_batch_blocks": sweep.host_batch_blocks,
+            "disk_batch_blocks": sweep.disk_batch_blocks, "recompute_batch_tokens": sweep.recompute_batch_tokens}
 
 
 __all__ = ["CHECK_SWEEP", "DEFAULT_SWEEP", "KINDS", "QUICK_SWEEP", "Calibration", "Measured", "Sweep", "calibrate",

@@ -48,6 +48,9 @@ TRANSFER_TIMEOUT_S = 120.0
 #: page-cache bytes an open store may keep: the meta and root pages LMDB maps (64 KiB measured here)
 MAPPED_SLACK_BYTES = 256 << 10
 
+#: scratch rewritten before each restore sample: larger than this machine's last-level cache
+CACHE_FLUSH_BYTES = 64 << 20
+
 
 def _drop_unmapped(path: str) -> None:
     """posix_fadvise(DONTNEED) over the whole file: drops its cached pages that no process has mapped."""
@@ -60,6 +63,11 @@ def _drop_unmapped(path: str) -> None:
 
 class RestoreRig:
     """Host and cold-disk restores of up to `max_blocks` blocks of `spec` (see the module docstring).
+
+    Host restores read from a pool of 2 x `max_blocks` blocks in a shuffled order and write into an engine
+    buffer of as many blocks, each timed restore starting where the previous one stopped, and the CPU caches
+    are flushed (a scratch buffer rewritten) before each sample: every restore moves bytes that are not in
+    a CPU cache, as a real restore of blocks saved long ago does.
 
     Args:
         spec: the KV geometry (the model's, at its block size).
@@ -78,18 +86,21 @@ class RestoreRig:
         self.max_blocks = max_blocks
         self.num_groups = num_groups
         rng = random.Random(seed)
-        self.keys = [i.to_bytes(16, "little") for i in range(max_blocks)]
-        # host slots [0, max) hold the host copies (restored in shuffled order); [max, 2 max) take disk reads
-        self.host_tier = HostTier(spec, 2 * max_blocks * spec.bytes_per_block)
-        self.src_slots = list(range(max_blocks))
-        rng.shuffle(self.src_slots)
-        self.disk_slots = [max_blocks + s for s in self.src_slots]
-        self.buffer = BlockKVBuffer(spec, max_blocks)
+        self.ring = ring = 2 * max_blocks
+        self.keys = [i.to_bytes(16, "little") for i in range(ring)]
+        # host slots [0, ring) are the host copies, restored in `src_order`; [ring, ring + max) take disk reads
+        self.host_tier = HostTier(spec, (ring + max_blocks) * spec.bytes_per_block)
+        self.src_order = list(range(ring))
+        rng.shuffle(self.src_order)
+        self.disk_slots = [ring + s for s in range(max_blocks)]
+        rng.shuffle(self.disk_slots)
+        self.buffer = BlockKVBuffer(spec, ring)
+        self._pos = 0
         gen = torch.Generator().manual_seed(seed)
         data = self.host_tier.pool.data
-        data[:max_blocks] = torch.randint(0, 256, (max_blocks, spec.bytes_per_block), dtype=torch.uint8,
-                                          generator=gen)
-        data[max_blocks:].zero_()  # touch every page once, outside any timer
+        data[:ring] = torch.randint(0, 256, (ring, spec.bytes_per_block), dtype=torch.uint8, generator=gen)
+        data[ring:].zero_()  # touch every page once, outside any timer
+        self._scratch = torch.zeros(CACHE_FLUSH_BYTES, dtype=torch.uint8)
         self.transferer = Transferer({TierName.HOST: self.host_tier})
         self._work: str | None = None
         self._disk_args: dict[str, Any] | None = None
@@ -106,7 +117,7 @@ class RestoreRig:
         nbytes = self.max_blocks * self.spec.bytes_per_block
         self._disk_args = dict(path=os.path.join(self._work, "store"), spec=self.spec, capacity_bytes=nbytes)
         with DiskTier(**self._disk_args) as tier:
-            tier.put_many(self.keys, [self.host_tier.pool.block(s) for s in range(self.max_blocks)])
+            tier.put_many(self.keys[:self.max_blocks], [self.host_tier.pool.block(s) for s in range(self.max_blocks)])
             self.data_file = tier.data_file
 
     @property
@@ -114,21 +125,33 @@ class RestoreRig:
         """Whether disk restores can be measured."""
         return self._disk_args is not None
 
-    def host(self, num_blocks: int) -> float:
-        """Seconds to load `num_blocks` host blocks into the engine buffer (layer groups, handle done)."""
-        self._check(num_blocks)
-        n = num_blocks
-        start = time.perf_counter()
-        handle = self.transferer.load(self.keys[:n], [TierName.HOST] * n, self.src_slots[:n], self.buffer,
-                                      list(range(n)), num_groups=self.num_groups)
-        handle.wait(TRANSFER_TIMEOUT_S)
-        seconds = time.perf_counter() - start
-        if handle.failed:
-            raise StoreError(f"host restore of {n} blocks: {len(handle.failed)} blocks failed")
-        return seconds
+    def flush_caches(self) -> None:
+        """Rewrites a scratch buffer larger than the CPU's last-level cache (untimed setup)."""
+        self._scratch.add_(1)
 
-    def disk(self, num_blocks: int) -> float:
-        """Seconds to read `num_blocks` blocks from a cold disk store into host slots (handle done).
+    def host(self, num_blocks: int, repeat: int = 1) -> float:
+        """Mean seconds of `repeat` loads of `num_blocks` host blocks into the engine buffer (layer groups,
+        each timed until its handle completes; consecutive loads touch different memory)."""
+        self._check(num_blocks)
+        self.flush_caches()
+        n, total = num_blocks, 0.0
+        for _ in range(repeat):
+            idx = [(self._pos + i) % self.ring for i in range(n)]
+            self._pos = (self._pos + n) % self.ring
+            keys = [self.keys[i] for i in idx]
+            slots = [self.src_order[i] for i in idx]
+            start = time.perf_counter()
+            handle = self.transferer.load(keys, [TierName.HOST] * n, slots, self.buffer, idx,
+                                          num_groups=self.num_groups)
+            handle.wait(TRANSFER_TIMEOUT_S)
+            total += time.perf_counter() - start
+            if handle.failed:
+                raise StoreError(f"host restore of {n} blocks: {len(handle.failed)} blocks failed")
+        return total / repeat
+
+    def disk(self, num_blocks: int, repeat: int = 1) -> float:
+        """Mean seconds of `repeat` reads of `num_blocks` blocks from a cold disk store into host slots
+        (each timed until its handle completes; the store evicted and reopened before each, untimed).
 
         Raises:
             StoreError: no disk store, pages still resident after eviction, or a block missed.
@@ -136,6 +159,9 @@ class RestoreRig:
         self._check(num_blocks)
         if self._disk_args is None:
             raise StoreError("disk restore: no disk store (pass a disk directory)")
+        return sum(self._cold_read(num_blocks) for _ in range(repeat)) / repeat
+
+    def _cold_read(self, n: int) -> float:
         left = evict_file(self.data_file)
         if left or resident_bytes(self.data_file):
             raise StoreError(f"{self.data_file}: {left} bytes still in the page cache after eviction; "
@@ -150,7 +176,6 @@ class RestoreRig:
             if left > MAPPED_SLACK_BYTES:
                 raise StoreError(f"{self.data_file}: {left} bytes resident right after opening (more than the "
                                  f"{MAPPED_SLACK_BYTES} LMDB maps for its meta pages); not a cold read")
-            n = num_blocks
             start = time.perf_counter()
             handle = transferer.move(TierName.DISK, TierName.HOST, self.keys[:n], dst_slots=self.disk_slots[:n])
             handle.wait(TRANSFER_TIMEOUT_S)
@@ -163,17 +188,22 @@ class RestoreRig:
         return seconds
 
     def verify(self) -> None:
-        """Checks that the last full-size restores delivered the right bytes (call after host(max), disk(max)).
+        """Restores `max_blocks` blocks from each tier and checks every byte (untimed).
 
         Raises:
             StoreError: a restored block differs from its source.
         """
+        self._pos = 0
+        self.host(self.max_blocks)
         pool = self.host_tier.pool
-        for i, slot in enumerate(self.src_slots):
-            if not torch.equal(self.buffer.data[i].reshape(-1).view(torch.uint8), pool.block(slot)):
+        for i in range(self.max_blocks):
+            if not torch.equal(self.buffer.data[i].reshape(-1).view(torch.uint8), pool.block(self.src_order[i])):
                 raise StoreError(f"host restore delivered wrong bytes for block {i}")
-            if self.has_disk and not torch.equal(pool.block(self.disk_slots[i]), pool.block(i)):
-                raise StoreError(f"disk restore delivered wrong bytes for block {i}")
+        if self.has_disk:
+            self.disk(self.max_blocks)
+            for i in range(self.max_blocks):
+                if not torch.equal(pool.block(self.disk_slots[i]), pool.block(i)):
+                    raise StoreError(f"disk restore delivered wrong bytes for block {i}")
 
     def _check(self, num_blocks: int) -> None:
         if not isinstance(num_blocks, int) or not 1 <= num_blocks <= self.max_blocks:
@@ -254,8 +284,12 @@ class RecomputeRig:
                 cache.update(k[:, :, :start].clone(), v[:, :, :start].clone(), layer)
         return cache
 
-    def run(self, start_tokens: int, num_tokens: int) -> float:
-        """Seconds to prefill tokens [start, start + n) on top of a cache of the first `start` tokens."""
+    def run(self, start_tokens: int, num_tokens: int, repeat: int = 1) -> float:
+        """Mean seconds of `repeat` prefills of tokens [start, start + n), each on top of a fresh cache
+        of the first `start` tokens (built untimed)."""
+        return sum(self._run(start_tokens, num_tokens) for _ in range(repeat)) / repeat
+
+    def _run(self, start_tokens: int, num_tokens: int) -> float:
         if not (isinstance(start_tokens, int) and isinstance(num_tokens, int) and start_tokens >= 0
                 and num_tokens >= 1 and start_tokens + num_tokens <= self.max_tokens):
             raise ConfigError(f"recompute point ({start_tokens!r}, {num_tokens!r}): expected start >= 0, n >= 1, "

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import heapq
 from collections import deque
+from itertools import compress, repeat
 from typing import Iterator, Sequence
 
 from kvtier.tiers.errors import ConfigError
@@ -44,18 +45,16 @@ def next_uses(requests: Sequence[Sequence[Key]], granularity: str = "request") -
         raise ConfigError(f"granularity: {granularity!r}; expected 'request' or 'event'")
     out: list[tuple[float, ...]] = [()] * len(requests)
     seen: dict[Key, float] = {}
+    get, never = seen.get, repeat(NEVER)
     position = sum(len(keys) for keys in requests)
     for r in range(len(requests) - 1, -1, -1):
         keys = requests[r]
-        get = seen.get
-        out[r] = tuple(get(key, NEVER) for key in keys)
+        out[r] = tuple(map(get, keys, never))
         if granularity == "request":
-            for key in keys:
-                seen[key] = r
+            seen.update(dict.fromkeys(keys, r))
         else:
             position -= len(keys)
-            for i, key in enumerate(keys):
-                seen[key] = position + i
+            seen.update(zip(keys, range(position, position + len(keys))))
     return out
 
 
@@ -186,6 +185,44 @@ class BeladyPolicy(Policy):
         # their entries in both orders stale; they re-enter the orders when the request ends.
         dead, heap, capacity = self._dead, self._heap, self.capacity
         clock = self._clock
+        n = len(keys)
+        hits = 0
+        for key in keys:
+            if key not in stamp_of:
+                break
+            hits += 1
+        if not any(map(stamp_of.__contains__, keys[hits + 1:])) and len(set(keys)) == n:
+            # The common shape (leading hits, then only new keys): the same effect with the dict
+            # updates done in C. Victims never come from this request, so they may all be taken
+            # before the new keys go in.
+            stamp_of.update(zip(keys[:hits], range(clock + 1, clock + 1 + hits)))
+            room = capacity - len(stamp_of)
+            pop, popleft = heapq.heappop, dead.popleft
+            while room < n - hits:
+                victim = None
+                while dead:
+                    old, stamp = popleft()
+                    if stamp_of.get(old) == stamp:
+                        victim = old
+                        break
+                while victim is None and heap:
+                    _, stamp, old = pop(heap)
+                    if stamp_of.get(old) == stamp:
+                        victim = old
+                if victim is None:
+                    break  # the request alone fills the cache
+                del stamp_of[victim]
+                room += 1
+            placed = min(n, hits + room)
+            stamp_of.update(zip(keys[hits:placed], range(clock + 1 + hits, clock + 1 + placed)))
+            stamps = range(clock + 1, clock + 1 + placed)
+            dead.extend(compress(zip(keys, stamps), map(NEVER.__eq__, future)))
+            push = heapq.heappush
+            for nxt, stamp, key in compress(zip(future, stamps, keys), map(NEVER.__ne__, future)):
+                push(heap, (-nxt, stamp, key))
+            self._clock = clock + placed
+            self._compact()
+            return hits
         placed = []
         hits, leading = 0, True
         for key, nxt in zip(keys, future):

@@ -241,3 +241,46 @@ def test_replay_request_keeps_capacity(name):
         assert 0 <= hits <= expected_max  # never more than the infinite cache
         assert len(policy) <= 16
         seen.update(keys)
+
+
+def reference_belady(capacity, requests):
+    """Request-level Belady written plainly (O(n) per eviction): the model BeladyPolicy must match."""
+    future = next_uses(requests)
+    cache: dict = {}  # key -> (next use, stamp)
+    clock, out = 0, []
+    for keys, nexts in zip(requests, future):
+        hits = 0
+        while hits < len(keys) and keys[hits] in cache:
+            hits += 1
+        out.append(hits)
+        for key, nxt in zip(keys, nexts):  # present keys are refreshed first: all are protected
+            if key in cache:
+                clock += 1
+                cache[key] = (nxt, clock)
+        for key, nxt in zip(keys, nexts):
+            if key in cache:
+                continue
+            if len(cache) >= capacity:
+                candidates = [k for k in cache if k not in keys]
+                if not candidates:
+                    break
+                victim = max(candidates, key=lambda k: (cache[k][0], -cache[k][1]))
+                del cache[victim]
+            clock += 1
+            cache[key] = (nxt, clock)
+    return out
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_belady_matches_plain_reference(seed):
+    rng = random.Random(seed)
+    requests = []
+    for _ in range(250):
+        shape = rng.random()
+        if shape < 0.7:  # a conversation prefix: leading shared ids, then new ones
+            conv = rng.randrange(12)
+            requests.append(tuple([0] + [conv * 50 + i for i in range(1, rng.randrange(2, 9))]))
+        else:  # anything: repeats after misses, duplicates within a request
+            requests.append(tuple(rng.randrange(60) for _ in range(rng.randrange(1, 7))))
+    for capacity in (3, 7, 20):
+        assert replay(BeladyPolicy(capacity, requests), requests) == reference_belady(capacity, requests)

@@ -46,6 +46,7 @@ def test_config_rejects_a_directory_without_config_json(tmp_path: Path) -> None:
     ("kv_cache_gib", 0, "kv_cache_gib: 0 must be positive"),
     ("num_gpu_blocks_override", 0, "num_gpu_blocks_override: 0"),
     ("max_model_len", 8, "max_model_len: 8 is too small"),
+    ("reserved_cpus", -1, "reserved_cpus: -1 must be 0 or more"),
     ("kv_connector_module_path", "some.module", "kv_connector is not"),
 ])
 def test_config_rejects_bad_values(model_dir: str, field: str, value: object, match: str) -> None:
