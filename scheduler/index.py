@@ -162,6 +162,11 @@ class Index:
         entry = self._entries.get(key)
         return entry is not None and (entry.pins > 0 or bool(entry.protected_by))
 
+    def pinned_keys(self) -> list[BlockKey]:
+        """Keys with pins > 0 (none once every load, save and promotion has completed)."""
+        with self.lock:
+            return [k for k, e in self._entries.items() if e.pins]
+
     def keys_in(self, tier: TierName) -> list[BlockKey]:
         """Keys of every block `tier` holds."""
         with self.lock:

@@ -15,9 +15,9 @@ Primitives:
   for its later keys (hence a slightly higher ratio than request-level Belady).
 
 Keys never used again all tie at "never" and wait in a FIFO of (key, stamp) in access order (most
-victims come from there, in O(1)); the others sit in a max-heap on (next use, -last access). Both
-are lazy: an entry whose stamp is not its key's current stamp is stale and skipped; each is rebuilt
-when it grows past four times the cache. O(log n) per operation.
+victims come from there, in O(1), and in bulk); the others sit in a max-heap on (next use, -last
+access). Both are lazy: an entry whose stamp is not its key's current stamp is stale and skipped;
+both are compacted as they grow. O(log n) per operation.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from __future__ import annotations
 import heapq
 from collections import deque
 from itertools import compress, repeat
+from operator import neg
 from typing import Iterator, Sequence
 
 from kvtier.tiers.errors import ConfigError
@@ -85,7 +86,10 @@ class BeladyPolicy(Policy):
         self._stamp: dict[Key, int] = {}  # cached key -> stamp of its last access (unique, increasing)
         # Both orders are lazy: an entry whose stamp is not the key's current stamp is stale.
         self._heap: list[tuple[float, int, Key]] = []  # (-next use, stamp, key): keys used again
-        self._dead: deque[tuple[Key, int]] = deque()  # (key, stamp): keys never used again, oldest first
+        # keys never used again, oldest first: a queue of two parallel lists read from `_head`
+        self._dead_keys: list[Key] = []
+        self._dead_stamps: list[int] = []
+        self._head = 0
 
     def __len__(self) -> int:
         return len(self._stamp)
@@ -101,8 +105,12 @@ class BeladyPolicy(Policy):
         if len(self._heap) > 4 * self.capacity + 1024:
             self._heap = [e for e in self._heap if stamp_of.get(e[2]) == e[1]]
             heapq.heapify(self._heap)
-        if len(self._dead) > 4 * self.capacity + 1024:
-            self._dead = deque(e for e in self._dead if stamp_of.get(e[0]) == e[1])
+        if self._head > 2 * self.capacity + 1024:
+            pairs = [(k, st) for k, st in zip(self._dead_keys[self._head:], self._dead_stamps[self._head:])
+                     if stamp_of.get(k) == st]
+            self._dead_keys = [k for k, _ in pairs]
+            self._dead_stamps = [st for _, st in pairs]
+            self._head = 0
 
     def _touch(self, key: Key) -> None:
         if self._now is None:
@@ -111,7 +119,8 @@ class BeladyPolicy(Policy):
         nxt = self._now.get(key, NEVER)
         self._stamp[key] = self._clock
         if nxt == NEVER:
-            self._dead.append((key, self._clock))
+            self._dead_keys.append(key)
+            self._dead_stamps.append(self._clock)
         else:
             heapq.heappush(self._heap, (-nxt, self._clock, key))
         self._compact()
@@ -128,12 +137,12 @@ class BeladyPolicy(Policy):
 
     def victim(self, protected: Protected = None, incoming: Key | None = None) -> Key | None:
         is_protected = protector(protected)
-        stamp_of, dead = self._stamp, self._dead
-        while dead and stamp_of.get(dead[0][0]) != dead[0][1]:
-            dead.popleft()  # stale
-        for key, stamp in dead:  # all tie at "never": the least recently used first
-            if stamp_of.get(key) == stamp and not is_protected(key):
-                return key
+        stamp_of, keys, stamps = self._stamp, self._dead_keys, self._dead_stamps
+        while self._head < len(keys) and stamp_of.get(keys[self._head]) != stamps[self._head]:
+            self._head += 1  # stale
+        for i in range(self._head, len(keys)):  # all tie at "never": the least recently used first
+            if stamp_of.get(keys[i]) == stamps[i] and not is_protected(keys[i]):
+                return keys[i]
         heap = self._heap
         skipped = []
         found = None
@@ -163,6 +172,23 @@ class BeladyPolicy(Policy):
         self._now = None  # built on demand by the generic methods
         return self._future[r]
 
+    def _evict_one(self) -> bool:
+        """Evicts the best victim outside the request being served (its keys are out of both orders)."""
+        stamp_of, keys, stamps = self._stamp, self._dead_keys, self._dead_stamps
+        while self._head < len(keys):
+            i = self._head
+            self._head += 1
+            if stamp_of.get(keys[i]) == stamps[i]:
+                del stamp_of[keys[i]]
+                return True
+        heap = self._heap
+        while heap:
+            _, stamp, old = heapq.heappop(heap)
+            if stamp_of.get(old) == stamp:
+                del stamp_of[old]
+                return True
+        return False
+
     def replay_request(self, keys: Sequence[Key]) -> int:
         """The hit-only step for the next request of the sequence given at construction.
 
@@ -181,51 +207,49 @@ class BeladyPolicy(Policy):
                     self.remove(victim)
                 self._touch(key)
             return hits
-        # The request's own keys may not be evicted while it is served: re-stamping them first makes
-        # their entries in both orders stale; they re-enter the orders when the request ends.
-        dead, heap, capacity = self._dead, self._heap, self.capacity
-        clock = self._clock
         n = len(keys)
         hits = 0
         for key in keys:
             if key not in stamp_of:
                 break
             hits += 1
-        if not any(map(stamp_of.__contains__, keys[hits + 1:])) and len(set(keys)) == n:
-            # The common shape (leading hits, then only new keys): the same effect with the dict
-            # updates done in C. Victims never come from this request, so they may all be taken
-            # before the new keys go in.
-            stamp_of.update(zip(keys[:hits], range(clock + 1, clock + 1 + hits)))
-            room = capacity - len(stamp_of)
-            pop, popleft = heapq.heappop, dead.popleft
-            while room < n - hits:
-                victim = None
-                while dead:
-                    old, stamp = popleft()
-                    if stamp_of.get(old) == stamp:
-                        victim = old
-                        break
-                while victim is None and heap:
-                    _, stamp, old = pop(heap)
-                    if stamp_of.get(old) == stamp:
-                        victim = old
-                if victim is None:
-                    break  # the request alone fills the cache
-                del stamp_of[victim]
+        if any(map(stamp_of.__contains__, keys[hits + 1:])) or len(set(keys)) != n:
+            return self._replay_general(keys, future)
+        # The common shape: leading hits, then new keys only. The request's own keys may not be
+        # evicted while it is served: re-stamping the hits makes their entries in both orders stale,
+        # and new keys join the orders only when it ends; so the victims may all be taken first.
+        # Same effect as the general step, with the bulk work in C.
+        clock = self._clock
+        stamp_of.update(zip(keys[:hits], range(clock + 1, clock + 1 + hits)))
+        room = self.capacity - len(stamp_of)
+        need = n - hits - room
+        if need > 0:
+            head, dkeys = self._head, self._dead_keys
+            take = min(need, len(dkeys) - head)
+            victims = dkeys[head:head + take]
+            if list(map(stamp_of.get, victims)) == self._dead_stamps[head:head + take]:  # none stale
+                self._head = head + take
+                deque(map(stamp_of.pop, victims), maxlen=0)
+                room += take
+            while room < n - hits and self._evict_one():
                 room += 1
-            placed = min(n, hits + room)
-            stamp_of.update(zip(keys[hits:placed], range(clock + 1 + hits, clock + 1 + placed)))
-            stamps = range(clock + 1, clock + 1 + placed)
-            dead.extend(compress(zip(keys, stamps), map(NEVER.__eq__, future)))
-            push = heapq.heappush
-            for nxt, stamp, key in compress(zip(future, stamps, keys), map(NEVER.__ne__, future)):
-                push(heap, (-nxt, stamp, key))
-            self._clock = clock + placed
-            self._compact()
-            return hits
+        placed = min(n, hits + room)
+        stamp_of.update(zip(keys[hits:placed], range(clock + 1 + hits, clock + 1 + placed)))
+        stamps = range(clock + 1, clock + 1 + placed)
+        self._dead_keys.extend(compress(keys[:placed], map(NEVER.__eq__, future)))
+        self._dead_stamps.extend(compress(stamps, map(NEVER.__eq__, future)))
+        live = map(NEVER.__ne__, future)
+        deque(map(heapq.heappush, repeat(self._heap), compress(zip(map(neg, future), stamps, keys), live)), maxlen=0)
+        self._clock = clock + placed
+        self._compact()
+        return hits
+
+    def _replay_general(self, keys: Sequence[Key], future: Sequence[float]) -> int:
+        """Any request shape (keys cached after a miss, repeated keys): one key at a time."""
+        stamp_of, clock = self._stamp, self._clock
         placed = []
         hits, leading = 0, True
-        for key, nxt in zip(keys, future):
+        for key, nxt in zip(keys, future):  # every cached key of the request first: all protected
             if key in stamp_of:
                 hits += leading
                 clock += 1
@@ -233,35 +257,21 @@ class BeladyPolicy(Policy):
                 placed.append((key, nxt, clock))
             else:
                 leading = False
-        if hits < len(keys):
-            pop, popleft = heapq.heappop, dead.popleft
-            for key, nxt in zip(keys, future):
-                if key in stamp_of:
-                    continue
-                if len(stamp_of) >= capacity:
-                    victim = None
-                    while dead:
-                        old, stamp = popleft()
-                        if stamp_of.get(old) == stamp:
-                            victim = old
-                            break
-                    while victim is None and heap:
-                        _, stamp, old = pop(heap)
-                        if stamp_of.get(old) == stamp:
-                            victim = old
-                    if victim is None:
-                        break  # the request alone fills the cache
-                    del stamp_of[victim]
-                clock += 1
-                stamp_of[key] = clock
-                placed.append((key, nxt, clock))
+        for key, nxt in zip(keys, future):
+            if key in stamp_of:
+                continue
+            if len(stamp_of) >= self.capacity and not self._evict_one():
+                break  # the request alone fills the cache
+            clock += 1
+            stamp_of[key] = clock
+            placed.append((key, nxt, clock))
         self._clock = clock
-        push, append = heapq.heappush, dead.append
         for key, nxt, stamp in placed:  # back into the eviction orders, least recent first
             if nxt == NEVER:
-                append((key, stamp))
+                self._dead_keys.append(key)
+                self._dead_stamps.append(stamp)
             else:
-                push(heap, (-nxt, stamp, key))
+                heapq.heappush(self._heap, (-nxt, stamp, key))
         self._compact()
         return hits
 
