@@ -201,7 +201,8 @@ def _bench(model: Any, spec: Any, P: int, repeats: int, root: str, model_config:
     # planner's own choice (cpu-this-machine profile unless --hardware says otherwise)
     planner = {}
     prompt16 = torch.cat([prefix, suffixes[16]])
-    for name, manager in (("host", host), ("disk", state["disk_manager"])):
+    fresh_disk = cold_disk("disk").manager  # nothing restored from it yet: its blocks are on disk only
+    for name, manager in (("host", host), ("disk", fresh_disk)):
         plan = manager.plan(f"planner-{name}", prompt16)
         manager.cancel(f"planner-{name}")
         planner[name] = {"split": plan.split, "restore_stop": plan.restore_stop,

@@ -25,6 +25,7 @@ nothing here prints (progress goes to an optional callback).
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import random
@@ -197,17 +198,27 @@ def measure(spec: KVSpec, config: Mapping[str, Any], sweep: Sweep, *, disk_dir: 
             "restore_disk": lambda n: restore.disk(n, -(-sweep.disk_batch_blocks // n)),
             "recompute": lambda size: recompute.run(*size, repeat=-(-sweep.recompute_batch_tokens // size[1]))}
         restore.verify()
+        # the heap is large after importing transformers: a full collection costs ~1 s here. Freeze what
+        # exists (never collected again) and collect only between timed calls, never inside one
+        gc.collect()
+        gc.freeze()
         total = sweep.warmup + sweep.repeats
         for round_no in range(total):
             began = time.monotonic()
             order = [p for p in points for _ in range(1 if p.kind == "recompute" else sweep.restore_samples)]
             rng.shuffle(order)
             for p in order:
-                seconds = runners[p.kind](p.size)
+                gc.collect(1)
+                gc.disable()
+                try:
+                    seconds = runners[p.kind](p.size)
+                finally:
+                    gc.enable()
                 if round_no >= sweep.warmup:
                     p.samples.append(seconds)
             what = "warm-up" if round_no < sweep.warmup else f"round {round_no - sweep.warmup + 1}/{sweep.repeats}"
             say(f"calibrate: {what} done in {time.monotonic() - began:.1f} s ({len(points)} points)")
+    gc.unfreeze()
     return points
 
 

@@ -21,7 +21,6 @@ Invariants:
 
 from __future__ import annotations
 
-import gc
 import logging
 import os
 import random
@@ -296,7 +295,6 @@ class RecomputeRig:
                               f"start + n <= {self.max_tokens}")
         cache = self._cache(start_tokens)
         ids = self.ids[:, start_tokens:start_tokens + num_tokens]
-        gc.collect()
         with torch.inference_mode():
             start = time.perf_counter()
             self.model(ids, past_key_values=cache, use_cache=True, logits_to_keep=1)

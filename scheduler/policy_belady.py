@@ -15,7 +15,7 @@ Primitives:
   for its later keys (hence a slightly higher ratio than request-level Belady).
 
 Keys never used again all tie at "never" and wait in a FIFO of (key, stamp) in access order (most
-victims come from there, in O(1), and in bulk); the others sit in a max-heap on (next use, -last
+victims come from there, in O(1)); the others sit in a max-heap on (next use, -last
 access). Both are lazy: an entry whose stamp is not its key's current stamp is stale and skipped;
 both are compacted as they grow. O(log n) per operation.
 """
@@ -23,9 +23,7 @@ both are compacted as they grow. O(log n) per operation.
 from __future__ import annotations
 
 import heapq
-from collections import deque
-from itertools import compress, repeat
-from operator import neg
+from itertools import repeat
 from typing import Iterator, Sequence
 
 from kvtier.tiers.errors import ConfigError
@@ -207,45 +205,11 @@ class BeladyPolicy(Policy):
                     self.remove(victim)
                 self._touch(key)
             return hits
-        n = len(keys)
-        hits = 0
-        for key in keys:
-            if key not in stamp_of:
-                break
-            hits += 1
-        if any(map(stamp_of.__contains__, keys[hits + 1:])) or len(set(keys)) != n:
-            return self._replay_general(keys, future)
-        # The common shape: leading hits, then new keys only. The request's own keys may not be
-        # evicted while it is served: re-stamping the hits makes their entries in both orders stale,
-        # and new keys join the orders only when it ends; so the victims may all be taken first.
-        # Same effect as the general step, with the bulk work in C.
-        clock = self._clock
-        stamp_of.update(zip(keys[:hits], range(clock + 1, clock + 1 + hits)))
-        room = self.capacity - len(stamp_of)
-        need = n - hits - room
-        if need > 0:
-            head, dkeys = self._head, self._dead_keys
-            take = min(need, len(dkeys) - head)
-            victims = dkeys[head:head + take]
-            if list(map(stamp_of.get, victims)) == self._dead_stamps[head:head + take]:  # none stale
-                self._head = head + take
-                deque(map(stamp_of.pop, victims), maxlen=0)
-                room += take
-            while room < n - hits and self._evict_one():
-                room += 1
-        placed = min(n, hits + room)
-        stamp_of.update(zip(keys[hits:placed], range(clock + 1 + hits, clock + 1 + placed)))
-        stamps = range(clock + 1, clock + 1 + placed)
-        self._dead_keys.extend(compress(keys[:placed], map(NEVER.__eq__, future)))
-        self._dead_stamps.extend(compress(stamps, map(NEVER.__eq__, future)))
-        live = map(NEVER.__ne__, future)
-        deque(map(heapq.heappush, repeat(self._heap), compress(zip(map(neg, future), stamps, keys), live)), maxlen=0)
-        self._clock = clock + placed
-        self._compact()
-        return hits
+        return self._replay_protected(keys, future)
 
-    def _replay_general(self, keys: Sequence[Key], future: Sequence[float]) -> int:
-        """Any request shape (keys cached after a miss, repeated keys): one key at a time."""
+    def _replay_protected(self, keys: Sequence[Key], future: Sequence[float]) -> int:
+        """The protected step: the request's cached keys are re-stamped first (their entries in both
+        orders go stale, so none can be a victim), new keys join the orders only when it ends."""
         stamp_of, clock = self._stamp, self._clock
         placed = []
         hits, leading = 0, True
