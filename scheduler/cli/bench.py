@@ -21,16 +21,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         p.add_argument("--quick", action="store_true", help="fewer repeats and smaller sizes (a smoke run)")
         try:
             module = importlib.import_module(f"kvtier.scheduler.bench_{name}")
-        except ModuleNotFoundError as err:
-            if err.name != f"kvtier.scheduler.bench_{name}":
-                raise
-            p.set_defaults(run=_missing(name))
+            module.add_arguments(p)
+        except Exception as err:  # one broken benchmark must not break every other command
+            p.set_defaults(run=_unavailable(name, err))
             continue
-        module.add_arguments(p)
         p.set_defaults(run=module.run)
 
 
-def _missing(name: str):
+def _unavailable(name: str, err: Exception):
     def run(args: argparse.Namespace) -> int:
-        raise SystemExit(f"kvtier bench {name}: not built yet")
+        raise SystemExit(f"kvtier bench {name}: unavailable ({type(err).__name__}: {err})")
     return run

@@ -232,8 +232,12 @@ class HFEngine:
     # -- generation ------------------------------------------------------------------------------
 
     def generate(self, token_ids: Sequence[int] | torch.Tensor, max_new_tokens: int, *,
-                 request_id: str | None = None, plan_fn: Callable[[Any], Any] | None = None) -> Generation:
+                 request_id: str | None = None, plan_fn: Callable[[Any], Any] | None = None,
+                 store_output: bool = False) -> Generation:
         """Prefill (restoring what is cached), then greedy decoding.
+
+        With `store_output`, the full blocks of prompt + generated tokens are saved too once decoding
+        ends (a chat's next turn then restores the reply as well as the prompt).
 
         Returns:
             A `Generation`: `max_new_tokens` greedy tokens and the TTFT.
@@ -244,7 +248,7 @@ class HFEngine:
         if max_new_tokens < 1:
             raise ConfigError(f"max_new_tokens: expected >= 1, got {max_new_tokens!r}")
         start = time.perf_counter()
-        result = self.prefill(token_ids, request_id=request_id, plan_fn=plan_fn)
+        result = self.prefill(token_ids, request_id=request_id, plan_fn=plan_fn, finish=not store_output)
         token = int(torch.argmax(result.logits))
         ttft = time.perf_counter() - start
         out, cache = [token], result.cache
@@ -252,7 +256,11 @@ class HFEngine:
             logits, cache = prefill(self.model, [token], cache)
             token = int(torch.argmax(logits))
             out.append(token)
-        return Generation(torch.tensor(out, dtype=torch.long), ttft, result)
+        tokens = torch.tensor(out, dtype=torch.long)
+        if store_output and self.manager is not None:  # the cache holds every token but the last one
+            seen = torch.cat([torch.as_tensor(token_ids, dtype=torch.long).reshape(-1), tokens[:-1]])
+            self._store(result.request_id, seen, cache, finish=True)
+        return Generation(tokens, ttft, result)
 
 
 #: the issue's name for the serving loop

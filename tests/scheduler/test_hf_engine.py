@@ -297,3 +297,17 @@ def test_engine_module_imports_without_transformers():
             "import kvtier.scheduler.engines.hf, kvtier.scheduler.bench_engine\nprint('ok')")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert done.stdout.strip() == "ok", done.stderr
+
+
+def test_chat_turn_restores_the_previous_prompt_and_reply(tiny_llama, tiny_llama_spec):
+    """`store_output`: turn 2 (turn 1's prompt + reply + a new message) restores the reply's blocks too."""
+    model, spec = tiny_llama, tiny_llama_spec
+    turn1 = tokens(3 * T + 7)
+    with manager_for(model, spec) as manager:
+        engine = HFEngine(model, manager)
+        reply = engine.generate(turn1, 2 * T, store_output=True).tokens
+        manager.flush()
+        turn2 = torch.cat([turn1, reply, tokens(T + 4, seed=5)])
+        out = engine.generate(turn2, 4, plan_fn=force(0, 5))
+        assert out.prefill.restored_tokens == 5 * T  # beyond turn 1's 3 prompt blocks
+        assert torch.equal(out.tokens, greedy_generate(model, turn2, None, 4))
