@@ -50,7 +50,7 @@ TRANSFER_TIMEOUT_S = 120.0
 MAPPED_SLACK_BYTES = 256 << 10
 
 #: evictions tried before a disk sample is given up as not cold
-EVICT_ATTEMPTS = 5
+EVICT_ATTEMPTS = 20
 
 #: scratch rewritten before each restore sample: larger than this machine's last-level cache
 CACHE_FLUSH_BYTES = 64 << 20

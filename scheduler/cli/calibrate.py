@@ -29,7 +29,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json", metavar="FILE", help="write the errors, coefficients and raw points to FILE")
     p.add_argument("--quick", action="store_true", help="a small sweep (well under a minute; for tests)")
     p.add_argument("--disk-dir", default=None,
-                   help="directory for the cold disk store (default: a temp dir under the current directory)")
+                   help="directory for the cold disk store (default: a temp dir in the system temp dir)")
     p.add_argument("--no-disk", action="store_true", help="skip disk restores (the disk path stays derived)")
     p.add_argument("--repeats", type=int, default=None, help="measured rounds, each point once per round (>= 5)")
     p.add_argument("--threads", type=int, default=None, help="torch threads of the prefill (default 1)")
@@ -81,7 +81,9 @@ def run(args: argparse.Namespace) -> int:
     if args.threads is not None:
         changes["threads"] = args.threads
     sweep = replace(sweep, **changes)
-    disk_root = None if args.no_disk else (args.disk_dir or os.getcwd())
+    # by default the system temp dir: outside the checkout (nothing else walks it) and, here, the same
+    # file system as the checkout
+    disk_root = None if args.no_disk else (args.disk_dir or tempfile.gettempdir())
     if disk_root is not None and args.disk_dir is None:
         disk_root = tempfile.mkdtemp(prefix=".kvtier-calibrate-", dir=disk_root)
     try:

@@ -39,7 +39,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from kvtier.tiers.errors import ConfigError, SpecMismatchError
+from kvtier.tiers.errors import ConfigError, SpecMismatchError, TransferError
 from kvtier.tiers.spec import KVSpec
 
 from .hf_kv import MIN_EXACT_SUFFIX_TOKENS, HFKVBuffer, LayerWaitHooks, max_restorable_blocks, prefill, spec_for_model
@@ -179,7 +179,11 @@ class HFEngine:
             result = Prefill(logits, cache, n, computed_tokens=n, plan=plan, request_id=rid,
                              seconds=time.perf_counter() - start)
         else:
-            result = self._restore_and_compute(rid, ids, plan, start)
+            try:
+                result = self._restore_and_compute(rid, ids, plan, start)
+            except BaseException:
+                manager.finish(rid)
+                raise
         self._store(rid, ids, result.cache, finish)
         return result
 
@@ -204,15 +208,23 @@ class HFEngine:
             return Prefill(logits, cache, n, front_tokens=s * T, computed_tokens=n, plan=plan, request_id=rid,
                            seconds=time.perf_counter() - start, timings=timings)
         t0 = time.perf_counter()
-        with LayerWaitHooks(self.model, loading.wait_layer):
-            logits, cache = prefill(self.model, ids[r * T:], buffer.to_cache(r * T))
+        try:
+            with LayerWaitHooks(self.model, loading.wait_layer):
+                logits, cache = prefill(self.model, ids[r * T:], buffer.to_cache(r * T))
+            intact = loading.wait()
+        except TransferError as err:  # the load is late or broke: give up on it, recompute after the front
+            log.warning("request %s: %s; recomputing the restored blocks", rid, err)
+            self._scratch = None  # the late load may still write into it
+            logits, cache = prefill(self.model, ids[s * T:], buffer.to_cache(s * T) if s else None)
+            return Prefill(logits, cache, n, front_tokens=s * T, computed_tokens=n, failed_blocks=r - s, plan=plan,
+                           request_id=rid, seconds=time.perf_counter() - start, timings=timings)
         timings["suffix_s"] = time.perf_counter() - t0
         computed += n - r * T
-        intact = loading.wait()
         failed = (r - s) - intact
         if failed:  # a block failed its checks: recompute from it on the intact prefix, never wrong KV
             good = s + intact
-            log.info("request %s: %d restored block(s) failed their checks; recomputing from block %d", rid, failed, good)
+            log.info("request %s: %d restored block(s) failed their checks; recomputing from block %d",
+                     rid, failed, good)
             logits, cache = prefill(self.model, ids[good * T:], buffer.to_cache(good * T) if good else None)
             computed += n - good * T
             r = good

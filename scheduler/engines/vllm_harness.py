@@ -22,6 +22,8 @@ Invariants:
 - Several engines may live in one process at once (each is its own set of processes);
   `close()` shuts the engine core and its worker down and is idempotent.
 - Sampling is greedy (temperature 0), so two engines with the same model give comparable outputs.
+- `start()` sets `VLLM_CPU_NUM_OF_RESERVED_CPU` in this process's environment (see
+  `EngineConfig.reserved_cpus`): every engine of a comparison gets the same CPU binding.
 """
 
 from __future__ import annotations

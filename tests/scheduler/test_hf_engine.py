@@ -311,3 +311,30 @@ def test_chat_turn_restores_the_previous_prompt_and_reply(tiny_llama, tiny_llama
         out = engine.generate(turn2, 4, plan_fn=force(0, 5))
         assert out.prefill.restored_tokens == 5 * T  # beyond turn 1's 3 prompt blocks
         assert torch.equal(out.tokens, greedy_generate(model, turn2, None, 4))
+
+
+def test_a_late_load_is_given_up_and_the_prompt_recomputed(tiny_llama, tiny_llama_spec, prompts, expected,
+                                                           monkeypatch):
+    """A load that misses `load_timeout_s` is abandoned (its buffer is not reused) and the blocks recomputed."""
+    from kvtier.scheduler.engines import hf
+    from kvtier.scheduler.engines.hf_kv import HFKVBuffer
+
+    model, spec = tiny_llama, tiny_llama_spec
+    release = threading.Event()
+
+    class StuckBuffer(HFKVBuffer):
+        def write_blocks(self, dst_blocks, src, layers):
+            release.wait(10)
+            super().write_blocks(dst_blocks, src, layers)
+
+    with manager_for(model, spec, load_timeout_s=0.2) as manager:
+        engine = HFEngine(model, manager)
+        store_prompt(prompts[0])(engine)
+        monkeypatch.setattr(hf, "HFKVBuffer", StuckBuffer)
+        try:
+            result = engine.prefill(prompts[1], plan_fn=force(1, 6))
+        finally:
+            release.set()
+        assert result.failed_blocks == 5 and result.restored_tokens == 0 and result.front_tokens == T
+        assert torch.equal(result.logits, expected[0])
+        assert engine._scratch is None

@@ -292,6 +292,7 @@ def test_max_restorable_blocks_keeps_the_exact_suffix():
 
 
 def test_modules_import_without_transformers():
-    code = ("import sys; import kvtier.scheduler, kvtier.scheduler.engines.hf_kv, kvtier.scheduler.engines.models; "
+    code = ("import sys; import kvtier.scheduler, kvtier.scheduler.engines.hf_kv, kvtier.scheduler.engines.models, "
+            "kvtier.scheduler.engines.hf_attention, kvtier.scheduler.cli.models; "
             "sys.exit('transformers' in sys.modules)")
     assert subprocess.run([sys.executable, "-c", code], timeout=60).returncode == 0
