@@ -25,6 +25,7 @@ import dataclasses
 import logging
 import os
 import shutil
+import sys
 import tempfile
 import time
 from typing import Any, Callable
@@ -193,6 +194,8 @@ def _bench(model: Any, spec: Any, P: int, repeats: int, root: str, model_config:
         raw = coldcache.cold_sequential_read_s(raw_file)
         host_only = restore_only(host_engine)
         disk_only = restore_only(cold_disk("disk"))
+        print(f"bench engine: repeat {rep + 1}/{repeats} done" if rep >= 0 else "bench engine: warm-up done",
+              file=sys.stderr, flush=True)
         if rep >= 0:
             record("raw_cold_read", raw)
             record("restore_only_host", host_only)

@@ -31,7 +31,7 @@ import logging
 import random
 import statistics
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
@@ -317,7 +317,7 @@ def calibrate(model: str | Mapping[str, Any], sweep: Sweep = DEFAULT_SWEEP, *, d
     profile = fitted.profile.with_(
         name=f"calibrated-{base.model.split('/')[-1].lower()}",
         description=f"measured by `kvtier calibrate` on this machine, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
-    fitted = _with_profile(fitted, profile)
+    fitted = replace(fitted, profile=profile)
     report: dict[str, Any] = {"model": fitted.model, **error_summary(fitted, held_out),
                               "fit_error": error_summary(fitted, fit_half)["median_abs_rel_error"],
                               "num_points": len(points), "num_held_out": len(held_out),
@@ -342,12 +342,6 @@ def check(cost_model: CostModel, sweep: Sweep = CHECK_SWEEP, *, disk_dir: str | 
               "sweep": _sweep_dict(sweep)}
     report["wall_s"] = round(time.monotonic() - began, 1)
     return report
-
-
-def _with_profile(model: CostModel, profile: Any) -> CostModel:
-    from dataclasses import replace
-
-    return replace(model, profile=profile)
 
 
 def _sweep_dict(sweep: Sweep) -> dict[str, Any]:

@@ -23,7 +23,8 @@ both are compacted as they grow. O(log n) per operation.
 from __future__ import annotations
 
 import heapq
-from itertools import repeat
+from itertools import compress, islice, repeat
+from operator import not_
 from typing import Iterator, Sequence
 
 from kvtier.tiers.errors import ConfigError
@@ -170,22 +171,25 @@ class BeladyPolicy(Policy):
         self._now = None  # built on demand by the generic methods
         return self._future[r]
 
-    def _evict_one(self) -> bool:
-        """Evicts the best victim outside the request being served (its keys are out of both orders)."""
+    def _evict(self, count: int) -> int:
+        """Evicts up to `count` best victims, in the order one-at-a-time eviction would pick them;
+        returns how many it evicted (fewer when both orders run out of live entries)."""
         stamp_of, keys, stamps = self._stamp, self._dead_keys, self._dead_stamps
-        while self._head < len(keys):
-            i = self._head
-            self._head += 1
-            if stamp_of.get(keys[i]) == stamps[i]:
-                del stamp_of[keys[i]]
-                return True
+        head, end, done = self._head, len(keys), 0
+        while done < count and head < end:  # never used again: the least recently used first
+            key = keys[head]
+            if stamp_of.get(key) == stamps[head]:
+                del stamp_of[key]
+                done += 1
+            head += 1
+        self._head = head
         heap = self._heap
-        while heap:
-            _, stamp, old = heapq.heappop(heap)
-            if stamp_of.get(old) == stamp:
-                del stamp_of[old]
-                return True
-        return False
+        while done < count and heap:  # then the farthest next use
+            _, stamp, key = heapq.heappop(heap)
+            if stamp_of.get(key) == stamp:
+                del stamp_of[key]
+                done += 1
+        return done
 
     def replay_request(self, keys: Sequence[Key]) -> int:
         """The hit-only step for the next request of the sequence given at construction.
@@ -208,34 +212,45 @@ class BeladyPolicy(Policy):
         return self._replay_protected(keys, future)
 
     def _replay_protected(self, keys: Sequence[Key], future: Sequence[float]) -> int:
-        """The protected step: the request's cached keys are re-stamped first (their entries in both
-        orders go stale, so none can be a victim), new keys join the orders only when it ends."""
+        """The protected step, one request at a time rather than one key at a time.
+
+        The request's cached keys are re-stamped first (their entries in both orders go stale, so
+        none can be a victim); then its new keys (first occurrences, in prompt order) need room,
+        made by one batch of evictions: the orders do not change while the request is served, so
+        the victims are those that evicting before each insertion would pick, and when they run
+        out the request alone fills the cache and its remaining new keys are not inserted. Every
+        placed key joins the orders when the request ends, least recent first. The per-key work
+        is done by C-level map / compress / dict.update because this is the inner loop of every
+        hit-only sweep's Belady bound.
+        """
         stamp_of, clock = self._stamp, self._clock
-        placed = []
-        hits, leading = 0, True
-        for key, nxt in zip(keys, future):  # every cached key of the request first: all protected
-            if key in stamp_of:
-                hits += leading
-                clock += 1
-                stamp_of[key] = clock
-                placed.append((key, nxt, clock))
-            else:
-                leading = False
-        for key, nxt in zip(keys, future):
-            if key in stamp_of:
-                continue
-            if len(stamp_of) >= self.capacity and not self._evict_one():
-                break  # the request alone fills the cache
-            clock += 1
-            stamp_of[key] = clock
-            placed.append((key, nxt, clock))
-        self._clock = clock
-        for key, nxt, stamp in placed:  # back into the eviction orders, least recent first
-            if nxt == NEVER:
-                self._dead_keys.append(key)
-                self._dead_stamps.append(stamp)
-            else:
-                heapq.heappush(self._heap, (-nxt, stamp, key))
+        cached = list(map(stamp_of.__contains__, keys))
+        try:
+            hits = cached.index(False)
+        except ValueError:
+            hits = len(keys)
+        old_keys = list(compress(keys, cached))
+        placed_next = list(compress(future, cached))
+        stamp_of.update(zip(old_keys, range(clock + 1, clock + 1 + len(old_keys))))
+        missing = list(map(not_, cached))
+        # new keys -> next use; a duplicate keeps its first position (its next use is the same)
+        fresh = dict(zip(compress(keys, missing), compress(future, missing)))
+        room = max(0, self.capacity - len(stamp_of))
+        if len(fresh) > room:
+            room += self._evict(len(fresh) - room)
+        new_keys = list(fresh)[:room]
+        placed_keys = old_keys + new_keys
+        placed_next += islice(fresh.values(), len(new_keys))
+        stamp_of.update(zip(new_keys, range(clock + 1 + len(old_keys), clock + 1 + len(placed_keys))))
+        self._clock = clock + len(placed_keys)
+        stamps = range(clock + 1, clock + 1 + len(placed_keys))
+        dead = list(map(NEVER.__eq__, placed_next))
+        self._dead_keys += compress(placed_keys, dead)
+        self._dead_stamps += compress(stamps, dead)
+        if not all(dead):
+            heap = self._heap
+            for nxt, stamp, key in compress(zip(placed_next, stamps, placed_keys), map(not_, dead)):
+                heapq.heappush(heap, (-nxt, stamp, key))
         self._compact()
         return hits
 

@@ -55,7 +55,7 @@ import torch
 
 from kvtier.tiers.errors import ConfigError, SpecMismatchError
 from kvtier.tiers.spec import KVSpec
-from kvtier.tiers.transfer import slot_runs
+from kvtier.tiers.transfer import copy_tensor, slot_runs
 
 log = logging.getLogger(__name__)
 
@@ -198,24 +198,24 @@ class HFKVBuffer:
         """
         for j0, b0, _, n in self._runs(dst_blocks, src, layers, "src"):
             if self._storage is not None:  # one copy for all layers and K/V of the run
-                self._storage_view(b0, n, layers).copy_(src[j0:j0 + n].permute(1, 2, 3, 0, 4, 5), non_blocking=True)
+                copy_tensor(self._storage_view(b0, n, layers), src[j0:j0 + n].permute(1, 2, 3, 0, 4, 5))
                 continue
             for layer in range(*layers):
                 for kv, tensors in enumerate((self.keys, self.values)):
-                    self._block_view(tensors[layer], b0, n).copy_(
-                        src[j0:j0 + n, layer - layers[0], kv].transpose(0, 1), non_blocking=True)
+                    copy_tensor(self._block_view(tensors[layer], b0, n),
+                                src[j0:j0 + n, layer - layers[0], kv].transpose(0, 1))
 
     def read_blocks(self, src_blocks: Sequence[int], dst: torch.Tensor, layers: tuple[int, int]) -> None:
         """Copies layers [lo, hi) of this sequence's blocks `src_blocks` into `dst` (the reverse of
         `write_blocks`; `dst` is `[n, hi - lo, 2, num_kv_heads, T, head_dim]`)."""
         for j0, b0, _, n in self._runs(src_blocks, dst, layers, "dst"):
             if self._storage is not None:
-                dst[j0:j0 + n].permute(1, 2, 3, 0, 4, 5).copy_(self._storage_view(b0, n, layers), non_blocking=True)
+                copy_tensor(dst[j0:j0 + n].permute(1, 2, 3, 0, 4, 5), self._storage_view(b0, n, layers))
                 continue
             for layer in range(*layers):
                 for kv, tensors in enumerate((self.keys, self.values)):
-                    dst[j0:j0 + n, layer - layers[0], kv].transpose(0, 1).copy_(
-                        self._block_view(tensors[layer], b0, n), non_blocking=True)
+                    copy_tensor(dst[j0:j0 + n, layer - layers[0], kv].transpose(0, 1),
+                                self._block_view(tensors[layer], b0, n))
 
     def _storage_view(self, b0: int, n: int, layers: tuple[int, int]) -> torch.Tensor:
         """Blocks [b0, b0+n) of layers [lo, hi) of the single allocation, as `[hi - lo, 2, heads, n, T,
