@@ -23,8 +23,7 @@ both are compacted as they grow. O(log n) per operation.
 from __future__ import annotations
 
 import heapq
-from itertools import compress, islice, repeat
-from operator import not_
+from itertools import repeat
 from typing import Iterator, Sequence
 
 from kvtier.tiers.errors import ConfigError
@@ -212,45 +211,53 @@ class BeladyPolicy(Policy):
         return self._replay_protected(keys, future)
 
     def _replay_protected(self, keys: Sequence[Key], future: Sequence[float]) -> int:
-        """The protected step, one request at a time rather than one key at a time.
+        """The protected step: the request's cached keys are re-stamped (their entries in both
+        orders go stale, so none can be a victim) and its new keys inserted, all in one pass; then
+        one batch of evictions makes room, and every placed key joins the orders.
 
-        The request's cached keys are re-stamped first (their entries in both orders go stale, so
-        none can be a victim); then its new keys (first occurrences, in prompt order) need room,
-        made by one batch of evictions: the orders do not change while the request is served, so
-        the victims are those that evicting before each insertion would pick, and when they run
-        out the request alone fills the cache and its remaining new keys are not inserted. Every
-        placed key joins the orders when the request ends, least recent first. The per-key work
-        is done by C-level map / compress / dict.update because this is the inner loop of every
-        hit-only sweep's Belady bound.
+        Same effect as evicting before each insertion: the orders do not change while the request
+        is served, so the batch picks the same victims; when they run out the request alone fills
+        the cache and its last new keys are taken out again. A request of n keys takes stamps
+        clock+1..clock+2n: a cached key the one of its position, a new key n more, so the cached
+        keys rank as less recent than the new ones and a stamp above clock+n marks a key inserted
+        by this request (a repeat of it is skipped).
         """
-        stamp_of, clock = self._stamp, self._clock
-        cached = list(map(stamp_of.__contains__, keys))
-        try:
-            hits = cached.index(False)
-        except ValueError:
-            hits = len(keys)
-        old_keys = list(compress(keys, cached))
-        placed_next = list(compress(future, cached))
-        stamp_of.update(zip(old_keys, range(clock + 1, clock + 1 + len(old_keys))))
-        missing = list(map(not_, cached))
-        # new keys -> next use; a duplicate keeps its first position (its next use is the same)
-        fresh = dict(zip(compress(keys, missing), compress(future, missing)))
-        room = max(0, self.capacity - len(stamp_of))
-        if len(fresh) > room:
-            room += self._evict(len(fresh) - room)
-        new_keys = list(fresh)[:room]
-        placed_keys = old_keys + new_keys
-        placed_next += islice(fresh.values(), len(new_keys))
-        stamp_of.update(zip(new_keys, range(clock + 1 + len(old_keys), clock + 1 + len(placed_keys))))
-        self._clock = clock + len(placed_keys)
-        stamps = range(clock + 1, clock + 1 + len(placed_keys))
-        dead = list(map(NEVER.__eq__, placed_next))
-        self._dead_keys += compress(placed_keys, dead)
-        self._dead_stamps += compress(stamps, dead)
-        if not all(dead):
-            heap = self._heap
-            for nxt, stamp, key in compress(zip(placed_next, stamps, placed_keys), map(not_, dead)):
-                heapq.heappush(heap, (-nxt, stamp, key))
+        stamp_of = self._stamp
+        hits = 0
+        for key in keys:
+            if key not in stamp_of:
+                break
+            hits += 1
+        n = len(keys)
+        stamp = self._clock
+        inserted_above = stamp + n
+        old: list[tuple[Key, float, int]] = []  # (key, next use, stamp), in stamp order
+        new: list[tuple[Key, float, int]] = []
+        for key, nxt in zip(keys, future):
+            stamp += 1
+            last = stamp_of.get(key)
+            if last is None:
+                stamp_of[key] = stamp + n
+                new.append((key, nxt, stamp + n))
+            elif last <= inserted_above:
+                stamp_of[key] = stamp
+                old.append((key, nxt, stamp))
+        self._clock = stamp + n
+        excess = min(len(new), len(stamp_of) - self.capacity)
+        if excess > 0:
+            short = excess - self._evict(excess)
+            if short > 0:  # the request alone fills the cache
+                for key, _, _ in new[-short:]:
+                    del stamp_of[key]
+                del new[-short:]
+        dead_keys, dead_stamps, heap = self._dead_keys, self._dead_stamps, self._heap
+        for placed in (old, new):
+            for key, nxt, stamp in placed:
+                if nxt == NEVER:
+                    dead_keys.append(key)
+                    dead_stamps.append(stamp)
+                else:
+                    heapq.heappush(heap, (-nxt, stamp, key))
         self._compact()
         return hits
 
