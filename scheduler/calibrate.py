@@ -106,8 +106,8 @@ def _grid(starts: Sequence[int], sizes: Sequence[int]) -> tuple[tuple[int, int],
 
 DEFAULT_SWEEP = Sweep(restore_blocks=(1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 40, 48, 64),
                       recompute_points=_grid((0, 1024, 2048), (64, 128, 256, 512)), repeats=5)
-QUICK_SWEEP = Sweep(restore_blocks=(1, 2, 3, 4, 6, 8, 12), recompute_points=_grid((0, 64, 128), (16, 32, 64)),
-                    host_batch_blocks=12, disk_batch_blocks=6, recompute_batch_tokens=32, restore_samples=2)
+QUICK_SWEEP = Sweep(restore_blocks=(1, 2, 3, 4, 6, 8, 12), recompute_points=_grid((0, 128), (16, 32, 64)),
+                    host_batch_blocks=12, disk_batch_blocks=6, recompute_batch_tokens=16, restore_samples=2)
 CHECK_SWEEP = Sweep(restore_blocks=(1, 3, 8, 16, 32), recompute_points=_grid((0, 1024), (64, 128, 256)))
 
 

@@ -26,6 +26,7 @@ Invariants:
 
 from __future__ import annotations
 
+import itertools
 import logging
 import threading
 import time
@@ -110,6 +111,7 @@ class Decider:
         self.inflight_prefetch_bytes = 0
         self.stats = Stats()
         self._pre: list[Command] = []
+        self._bytes_per_block = spec.bytes_per_block  # a property computed on every call: hoisted
 
     # -- books -----------------------------------------------------------------------------------
 
@@ -152,10 +154,18 @@ class Decider:
     def _capacity(self, tier: TierName) -> int:
         return self.tables[tier].num_slots if tier in self.tables else self.disk_slots
 
-    def _make_room(self, tier: TierName, num: int, out: list[Command], request_id: str | None) -> int:
-        """Frees up to `num` slots in `tier` (demoting or dropping victims); returns how many are free."""
+    def _make_room(self, tier: TierName, num: int, out: list[Command], request_id: str | None,
+                   allow_protected: bool = True) -> int:
+        """Frees up to `num` slots in `tier` (demoting or dropping victims); returns how many are free.
+
+        With `allow_protected=False` (prefetch) blocks that queued requests need are never victims: a
+        promotion for one queued request must not push out another's (they would chase each other).
+        """
+        free = self._capacity(tier) - self._count_in(tier)
+        if free >= num:
+            return free
         policy = self.policies[tier]
-        for allow_protected in (False, True):
+        for allow_protected in ((False, True) if allow_protected else (False,)):
             protected = self._evictable(tier, allow_protected)
             while self._capacity(tier) - self._count_in(tier) < num:
                 victim = policy.victim(protected)
@@ -226,24 +236,32 @@ class Decider:
     def _prefetch_round(self, out: list[Command]) -> None:
         """Appends the promotions of one round to `out` (the caller holds the lock)."""
         target = self.fastest_tier
-        for n, state in enumerate(self.queue.values()):
-            if n >= self.config.prefetch_window:
-                break
-            entries = self.index.lookup(state.keys)
-            new = [e.key for e in entries if e.key not in state.protected]
-            self.index.protect(state.request_id, new)
-            state.protected.update(new)
+        bpb, budget = self._bytes_per_block, self.config.prefetch_budget_bytes
+        index = self.index
+        full: set[TierName] = set()
+        for state in itertools.islice(self.queue.values(), self.config.prefetch_window):
+            entries = index.lookup(state.keys)
+            protected = state.protected
+            new = [e.key for e in entries if e.key not in protected]
+            if new:
+                index.protect(state.request_id, new)
+                protected.update(new)
             for entry in entries:
-                if self.inflight_prefetch_bytes + self.spec.bytes_per_block > self.config.prefetch_budget_bytes:
+                if self.inflight_prefetch_bytes + bpb > budget:
                     return
-                src = entry.best_tier
-                if src is target or entry.pins:
+                if target in entry.slots or entry.pins:
                     continue
+                src = entry.best_tier
                 # one hop up per round: disk -> host, host -> gpu; pinned first, so that making
                 # room above can never evict this very block
                 dst = self.tiers[self.tiers.index(src) - 1]
+                if dst in full:
+                    continue
                 self.index.pin([entry.key])
-                slot = self._allocate(dst, entry.key) if self._make_room(dst, 1, out, state.request_id) else None
+                slot = (self._allocate(dst, entry.key)
+                        if self._make_room(dst, 1, out, state.request_id, allow_protected=False) else None)
+                if slot is None:
+                    full.add(dst)  # every block there is pinned or wanted by a queued request: stop filling it
                 if slot is None or src not in entry.slots:
                     if slot is not None:
                         self.tables[dst].free(entry.key)
@@ -253,12 +271,12 @@ class Decider:
                 src_slot = entry.slots[src]
                 move = Move(src, dst, (entry.key,), (src_slot,) if src_slot >= 0 else (), (slot,),
                             state.request_id, "prefetch")
-                self.inflight_prefetch_bytes += self.spec.bytes_per_block
+                self.inflight_prefetch_bytes += bpb
                 self._track(move, lambda c, k=entry.key, d=dst, s=slot: self._after_promote(c, k, d, s))
                 out.append(move)
 
     def _after_promote(self, completion: Completion, key: BlockKey, dst: TierName, slot: int) -> list[Command]:
-        self.inflight_prefetch_bytes -= self.spec.bytes_per_block
+        self.inflight_prefetch_bytes -= self._bytes_per_block
         entry = self.index.get(key)
         self.index.unpin([key])
         if completion.ok and entry is not None and entry.slots:

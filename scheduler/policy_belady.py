@@ -14,16 +14,23 @@ Primitives:
   only the key being inserted is safe, so a request's keys that are not needed again may make room
   for its later keys (hence a slightly higher ratio than request-level Belady).
 
-Keys never used again all tie at "never" and wait in a FIFO of (key, stamp) in access order (most
-victims come from there, in O(1)); the others sit in a max-heap on (next use, -last
-access). Both are lazy: an entry whose stamp is not its key's current stamp is stale and skipped;
-both are compacted as they grow. O(log n) per operation.
+The cache is kept in exact orders (no stale entries), in request order of access:
+- keys never used again all tie at "never": a FIFO in access order (a list read from a head
+  index, a set beside it for membership); most victims come from there, and a request's worth
+  of them joins or leaves in one slice, with no Python work per key;
+- the others sit in buckets by next use (each an `OrderedDict`, least recently accessed first),
+  the non-empty ones found by a max-heap of bucket numbers (lazy: a number whose bucket is gone
+  is skipped). The victim is the first key of the farthest bucket. At request r, bucket r holds
+  exactly the request's cached keys: taking it out of the orders is what protects them.
+O(log n) per operation (O(1) for the keys never used again); a bucket is created once per
+distinct next use.
 """
 
 from __future__ import annotations
 
 import heapq
-from itertools import repeat
+from collections import OrderedDict
+from itertools import chain, repeat
 from typing import Iterator, Sequence
 
 from kvtier.tiers.errors import ConfigError
@@ -80,86 +87,110 @@ class BeladyPolicy(Policy):
         self._cursor = 0
         self._current: tuple[Sequence[Key], Sequence[float]] = ((), ())
         self._now: dict[Key, float] | None = {}
-        self._clock = 0
-        self._stamp: dict[Key, int] = {}  # cached key -> stamp of its last access (unique, increasing)
-        # Both orders are lazy: an entry whose stamp is not the key's current stamp is stale.
-        self._heap: list[tuple[float, int, Key]] = []  # (-next use, stamp, key): keys used again
-        # keys never used again, oldest first: a queue of two parallel lists read from `_head`
-        self._dead_keys: list[Key] = []
-        self._dead_stamps: list[int] = []
+        # keys used again: key -> next use; a bucket per next use (never empty: an emptied one is
+        # deleted); a max-heap of -(bucket number) holding every bucket's (and some gone ones')
+        self._next: dict[Key, float] = {}
+        self._buckets: dict[float, OrderedDict[Key, None]] = {}
+        self._bucket_heap: list[float] = []
+        # keys never used again, least recently used first: `_dead[_head:]`, the same keys as
+        # `_dead_set`
+        self._dead: list[Key] = []
+        self._dead_set: set[Key] = set()
         self._head = 0
 
     def __len__(self) -> int:
-        return len(self._stamp)
+        return len(self._next) + len(self._dead_set)
 
     def __contains__(self, key: object) -> bool:
-        return key in self._stamp
+        return key in self._next or key in self._dead_set
 
     def keys(self) -> Iterator[Key]:
-        return iter(self._stamp)
+        return chain(self._next, self._dead[self._head:])
 
     def _compact(self) -> None:
-        stamp_of = self._stamp
-        if len(self._heap) > 4 * self.capacity + 1024:
-            self._heap = [e for e in self._heap if stamp_of.get(e[2]) == e[1]]
-            heapq.heapify(self._heap)
+        if len(self._bucket_heap) > 2 * len(self._buckets) + 1024:
+            self._bucket_heap = [-n for n in self._buckets]
+            heapq.heapify(self._bucket_heap)
         if self._head > 2 * self.capacity + 1024:
-            pairs = [(k, st) for k, st in zip(self._dead_keys[self._head:], self._dead_stamps[self._head:])
-                     if stamp_of.get(k) == st]
-            self._dead_keys = [k for k, _ in pairs]
-            self._dead_stamps = [st for _, st in pairs]
+            del self._dead[:self._head]
             self._head = 0
+
+    def _bucket(self, nxt: float) -> OrderedDict[Key, None]:
+        """The bucket of keys next used at `nxt` (created when there is none)."""
+        bucket = self._buckets.get(nxt)
+        if bucket is None:
+            bucket = self._buckets[nxt] = OrderedDict()
+            heapq.heappush(self._bucket_heap, -nxt)
+        return bucket
+
+    def _take_out(self, key: Key) -> None:
+        """Takes a cached key out of the orders (it stays counted in `_next` if used again)."""
+        if key in self._dead_set:
+            self._dead_set.remove(key)
+            i = self._dead.index(key, self._head)  # O(1) at the head, where victims are
+            if i == self._head:
+                self._head += 1
+            else:
+                del self._dead[i]
+        else:
+            nxt = self._next[key]
+            bucket = self._buckets.get(nxt)
+            if bucket is not None:  # (none: the protected bucket of the request being served)
+                del bucket[key]
+                if not bucket:
+                    del self._buckets[nxt]
 
     def _touch(self, key: Key) -> None:
         if self._now is None:
             self._now = dict(zip(*self._current))
-        self._clock += 1
         nxt = self._now.get(key, NEVER)
-        self._stamp[key] = self._clock
+        if key in self:
+            self._take_out(key)
         if nxt == NEVER:
-            self._dead_keys.append(key)
-            self._dead_stamps.append(self._clock)
+            self._next.pop(key, None)
+            self._dead.append(key)
+            self._dead_set.add(key)
         else:
-            heapq.heappush(self._heap, (-nxt, self._clock, key))
+            self._next[key] = nxt
+            self._bucket(nxt)[key] = None
         self._compact()
 
     def access(self, key: Key) -> None:
-        if key not in self._stamp:
+        if key not in self:
             raise KeyError(key)
         self._touch(key)
 
     def insert(self, key: Key, parent: Key | None = None) -> None:
-        if key in self._stamp:
+        if key in self:
             raise KeyError(f"{key!r} is already cached")
         self._touch(key)
 
     def victim(self, protected: Protected = None, incoming: Key | None = None) -> Key | None:
         is_protected = protector(protected)
-        stamp_of, keys, stamps = self._stamp, self._dead_keys, self._dead_stamps
-        while self._head < len(keys) and stamp_of.get(keys[self._head]) != stamps[self._head]:
-            self._head += 1  # stale
-        for i in range(self._head, len(keys)):  # all tie at "never": the least recently used first
-            if stamp_of.get(keys[i]) == stamps[i] and not is_protected(keys[i]):
-                return keys[i]
-        heap = self._heap
+        dead = self._dead
+        for i in range(self._head, len(dead)):  # all tie at "never": the least recently used first
+            if not is_protected(dead[i]):
+                return dead[i]
+        heap, buckets = self._bucket_heap, self._buckets
         skipped = []
         found = None
-        while heap:
-            _, stamp, key = heap[0]
-            if stamp_of.get(key) != stamp:
-                heapq.heappop(heap)  # stale
-                continue
-            if is_protected(key):
-                skipped.append(heapq.heappop(heap))
-                continue
-            found = key
-            break
+        while heap and found is None:  # the farthest next use first
+            bucket = buckets.get(-heap[0])
+            if bucket is not None:
+                found = next((key for key in bucket if not is_protected(key)), None)
+                if found is None:
+                    skipped.append(heapq.heappop(heap))
+            else:
+                heapq.heappop(heap)  # a bucket that is gone
         for item in skipped:
             heapq.heappush(heap, item)
         return found
 
     def remove(self, key: Key) -> None:
-        del self._stamp[key]  # its heap or dead entry is stale from now on
+        if key not in self:
+            raise KeyError(key)
+        self._take_out(key)
+        self._next.pop(key, None)
 
     def _begin(self, keys: Sequence[Key]) -> Sequence[float]:
         r = self._cursor
@@ -171,23 +202,24 @@ class BeladyPolicy(Policy):
         return self._future[r]
 
     def _evict(self, count: int) -> int:
-        """Evicts up to `count` best victims, in the order one-at-a-time eviction would pick them;
-        returns how many it evicted (fewer when both orders run out of live entries)."""
-        stamp_of, keys, stamps = self._stamp, self._dead_keys, self._dead_stamps
-        head, end, done = self._head, len(keys), 0
-        while done < count and head < end:  # never used again: the least recently used first
-            key = keys[head]
-            if stamp_of.get(key) == stamps[head]:
-                del stamp_of[key]
+        """Evicts up to `count` best victims, in the order that evicting one at a time picks them;
+        returns how many (fewer when every cached key is a key of the request being served)."""
+        head = self._head
+        victims = self._dead[head:head + count]  # never used again: the least recently used first
+        self._dead_set.difference_update(victims)
+        self._head = head + len(victims)
+        done = len(victims)
+        next_of, buckets, heap = self._next, self._buckets, self._bucket_heap
+        while done < count and heap:  # then the farthest next use, least recently used first
+            nxt = -heap[0]
+            bucket = buckets.get(nxt)
+            if bucket is not None:
+                del next_of[bucket.popitem(last=False)[0]]
                 done += 1
-            head += 1
-        self._head = head
-        heap = self._heap
-        while done < count and heap:  # then the farthest next use
-            _, stamp, key = heapq.heappop(heap)
-            if stamp_of.get(key) == stamp:
-                del stamp_of[key]
-                done += 1
+                if bucket:
+                    continue
+                del buckets[nxt]
+            heapq.heappop(heap)
         return done
 
     def replay_request(self, keys: Sequence[Key]) -> int:
@@ -197,11 +229,10 @@ class BeladyPolicy(Policy):
             ConfigError: more requests replayed than were given, or keys that differ from them.
         """
         future = self._begin(keys)
-        stamp_of = self._stamp
         if not self.protect_request:
             hits = self.lookup(keys)
             for key in keys:
-                if key not in stamp_of and len(stamp_of) >= self.capacity:
+                if key not in self and len(self) >= self.capacity:
                     victim = self.victim()
                     if victim is None:
                         break
@@ -211,53 +242,65 @@ class BeladyPolicy(Policy):
         return self._replay_protected(keys, future)
 
     def _replay_protected(self, keys: Sequence[Key], future: Sequence[float]) -> int:
-        """The protected step: the request's cached keys are re-stamped (their entries in both
-        orders go stale, so none can be a victim) and its new keys inserted, all in one pass; then
-        one batch of evictions makes room, and every placed key joins the orders.
+        """The protected step, batched per request (the inner loop of every hit-only sweep).
 
-        Same effect as evicting before each insertion: the orders do not change while the request
-        is served, so the batch picks the same victims; when they run out the request alone fills
-        the cache and its last new keys are taken out again. A request of n keys takes stamps
-        clock+1..clock+2n: a cached key the one of its position, a new key n more, so the cached
-        keys rank as less recent than the new ones and a stamp above clock+n marks a key inserted
-        by this request (a repeat of it is skipped).
+        The request's cached keys leave the orders (bucket r is exactly those used again, so none
+        can be a victim); one pass sorts them and the new keys (first occurrences) by next use;
+        one batch of evictions makes room for the new keys, picking the victims that evicting
+        before each insertion would (the orders do not change while the request is served), and
+        when they run out the request alone fills the cache and its last new keys stay out. Then
+        every placed key joins the orders: cached keys before new ones, each in prompt order (a
+        repeated cached key at its last position), as one key at a time would order them.
         """
-        stamp_of = self._stamp
+        next_of, dead_set = self._next, self._dead_set
         hits = 0
         for key in keys:
-            if key not in stamp_of:
+            if key not in next_of and key not in dead_set:
                 break
             hits += 1
-        n = len(keys)
-        stamp = self._clock
-        inserted_above = stamp + n
-        old: list[tuple[Key, float, int]] = []  # (key, next use, stamp), in stamp order
-        new: list[tuple[Key, float, int]] = []
+        self._buckets.pop(self._cursor - 1, None)
+        old_dead: dict[Key, None] = {}  # cached keys of the request never used again
+        old_live: dict[Key, float] = {}  # cached keys used again -> next use
+        new_dead: list[Key] = []
+        new_live: dict[Key, float] = {}
         for key, nxt in zip(keys, future):
-            stamp += 1
-            last = stamp_of.get(key)
-            if last is None:
-                stamp_of[key] = stamp + n
-                new.append((key, nxt, stamp + n))
-            elif last <= inserted_above:
-                stamp_of[key] = stamp
-                old.append((key, nxt, stamp))
-        self._clock = stamp + n
-        excess = min(len(new), len(stamp_of) - self.capacity)
+            if key in next_of or key in dead_set:
+                if next_of.get(key) != self._cursor - 1:  # not from bucket r (only via access/insert)
+                    self._take_out(key)
+                    next_of[key] = self._cursor - 1
+                placed = old_dead if nxt == NEVER else old_live
+                if key in placed:  # a repeat: it ranks at its last position
+                    del placed[key]
+                placed[key] = nxt
+            elif nxt == NEVER:
+                new_dead.append(key)
+            else:
+                new_live[key] = nxt
+        new_dead = list(dict.fromkeys(new_dead))  # a repeated new key is inserted once
+        num_new = len(new_dead) + len(new_live)
+        excess = min(num_new, len(self) - self.capacity + num_new)
         if excess > 0:
             short = excess - self._evict(excess)
-            if short > 0:  # the request alone fills the cache
-                for key, _, _ in new[-short:]:
-                    del stamp_of[key]
-                del new[-short:]
-        dead_keys, dead_stamps, heap = self._dead_keys, self._dead_stamps, self._heap
-        for placed in (old, new):
-            for key, nxt, stamp in placed:
-                if nxt == NEVER:
-                    dead_keys.append(key)
-                    dead_stamps.append(stamp)
-                else:
-                    heapq.heappush(heap, (-nxt, stamp, key))
+            if short > 0:  # the request alone fills the cache: its last `short` new keys stay out
+                left_out = [k for k in dict.fromkeys(keys) if k in new_live or k in new_dead][-short:]
+                new_dead = [k for k in new_dead if k not in left_out]
+                for key in left_out:
+                    new_live.pop(key, None)
+        for key in old_dead:
+            del next_of[key]
+        self._dead += old_dead
+        self._dead += new_dead
+        dead_set.update(old_dead)
+        dead_set.update(new_dead)
+        buckets = self._buckets
+        for placed in (old_live, new_live):
+            for key, nxt in placed.items():
+                next_of[key] = nxt
+                bucket = buckets.get(nxt)
+                if bucket is None:
+                    bucket = buckets[nxt] = OrderedDict()
+                    heapq.heappush(self._bucket_heap, -nxt)
+                bucket[key] = None
         self._compact()
         return hits
 

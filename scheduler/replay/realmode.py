@@ -133,8 +133,6 @@ def run_real(args: Any, trace: Any, name: str) -> int:
 def _replay(manager: Any, requests: Sequence[Any], bt: int, spec: KVSpec, window: int, progress: Any,
             buffer_cls: Any) -> dict[str, Any]:
     """Runs the requests through the manager; returns the measured figures."""
-    import torch
-
     decider, executor = manager.decider, manager.executor
     max_blocks = max(1, max(r.num_tokens // bt for r in requests))
     buffer = buffer_cls(spec, max_blocks)
@@ -180,7 +178,6 @@ def _replay(manager: Any, requests: Sequence[Any], bt: int, spec: KVSpec, window
         manager.finish(rid)
         if progress is not None and (i % 20 == 0 or i + 1 == len(requests)):
             progress(i + 1, len(requests), "requests")
-    del torch
     return {"blocks": total_blocks, "block_hit_ratio": round(hit_blocks / total_blocks, 6) if total_blocks else 0.0,
             "hit_ratio_by_tier": {t: round(n / total_blocks, 6) if total_blocks else 0.0 for t, n in hits.items()},
             "restored_blocks": restored, "corrupt_blocks": corrupt, **out}

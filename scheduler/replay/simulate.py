@@ -9,8 +9,9 @@ Primitives:
 - `simulate(workload, settings)` -> `Simulation`: one run; `run_all(...)` the run plus the same run's
   baselines (no cache, GPU-only prefix cache, offload without prefetch) and bounds (infinite cache and
   Belady, from `kvtier.scheduler.replay.hitonly`).
-- `run_simulation(args)`: the CLI entry point `kvtier.scheduler.cli.replay` dispatches to;
-  `add_simulation_arguments(parser)` adds the flags this mode reads that the replay parser lacks.
+- `run_simulation(args)`: the CLI entry point `kvtier.scheduler.cli.replay` dispatches to (with no trace:
+  the built-in demo workload); `add_simulation_arguments(parser)` (from `simargs`, which imports only
+  argparse) adds the flags this mode reads that the replay parser lacks.
 
 Defaults (printed in every report): llama-3-8b on h100-sxm; tiers that hold about 5% / 30% / 100% of the
 trace's unique blocks in gpu / host / disk; LRU; prefetch on; write-through; 16 running requests at most;
@@ -38,6 +39,7 @@ from ..config import OffloadConfig
 from ..costmodel import CostModel
 from ..decider import Decider
 from ..planner import Planner
+from .simargs import add_simulation_arguments  # noqa: F401 (re-exported for cli/replay.py)
 from .simcore import EngineSim, Progress, RequestRecord, SimCounters, SimRequest
 from .traces import Request, block_weights
 
@@ -327,31 +329,6 @@ def _start_methods() -> list[str]:
 
 
 # -- the CLI ----------------------------------------------------------------------------------------
-
-
-def add_simulation_arguments(parser: Any) -> None:
-    """Adds this mode's flags that `parser` (the `kvtier replay` parser) does not define yet."""
-    import argparse
-
-    known = set(getattr(parser, "_option_string_actions", {}))
-
-    def add(*flags: str, **kwargs: Any) -> None:
-        if not known.intersection(flags):
-            parser.add_argument(*flags, **kwargs)
-
-    add("--max-batch", "--concurrency", type=int, default=16, dest="max_batch",
-        help="requests running at once on the simulated engine (default 16)")
-    add("--gpu-blocks", type=int, default=None, help="gpu tier capacity in blocks (overrides --gpu)")
-    add("--host-blocks", type=int, default=None, help="host tier capacity in blocks (overrides --host)")
-    add("--disk-blocks", type=int, default=None, help="disk tier capacity in blocks (overrides --disk)")
-    add("--write-mode", choices=("write-through", "write-back"), default="write-through",
-        help="how saved blocks reach the disk (default write-through)")
-    add("--prefetch-window", type=int, default=8, help="queued requests the prefetcher looks over (default 8)")
-    add("--prefetch-budget", default=None, help="promotion bytes in flight at most (default 1GiB)")
-    add("--baselines", action=argparse.BooleanOptionalAction, default=True,
-        help="also run the baselines and bounds (default on)")
-    add("--max-requests", type=int, default=None,
-        help="replay only the first N requests (default: all; --real: 500)")
 
 
 def _capacity_arg(args: Any, tier: str, bytes_per_block: int) -> int | None:

@@ -27,7 +27,7 @@ from kvtier.scheduler.engines.vllm_harness import (
     random_prompt,
 )
 
-pytestmark = pytest.mark.timeout(900)
+pytestmark = [pytest.mark.vllm, pytest.mark.timeout(900)]
 
 B = CPU_BLOCK_TOKENS
 MAX_TOKENS = 4

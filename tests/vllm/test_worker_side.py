@@ -15,6 +15,7 @@ import pytest
 import torch
 
 pytest.importorskip("vllm")
+pytestmark = pytest.mark.vllm
 
 from kvtier.scheduler.config import OffloadConfig  # noqa: E402
 from kvtier.scheduler.decider import Decider  # noqa: E402
