@@ -22,7 +22,7 @@ import time
 from dataclasses import asdict
 from typing import Any, Sequence
 
-from kvtier.tiers.commands import Command, Completion, Load
+from kvtier.tiers.commands import Command, Completion, Save
 from kvtier.tiers.errors import ClosedError, ConfigError, TransferTimeout
 from kvtier.tiers.executor import Executor
 from kvtier.tiers.keys import BlockKey, KeyChain
@@ -112,7 +112,6 @@ class OffloadManager:
         self._lock = threading.Lock()
         self._closed = False
         self._stall = [0.0]
-        self._tokens: dict[str, int] = {}
         if TierName.DISK in self.tiers:
             self.decider.rebuild_from_disk(self.tiers[TierName.DISK].keys())
         self._prefetcher = (Prefetcher(self.decider.next_prefetch, self._submit_all)
@@ -146,10 +145,12 @@ class OffloadManager:
         Returns:
             The number of leading tokens cached now (any tier).
         """
+        return self.enqueue_keys(request_id, self.keys(token_ids), len(token_ids))
+
+    def enqueue_keys(self, request_id: str, keys: Sequence[BlockKey], num_tokens: int) -> int:
+        """`enqueue` with the block keys already computed (e.g. a trace's ids, or an engine's own hashes
+        mapped to kvtier keys); returns the leading tokens cached now."""
         self._check_open()
-        keys = self.keys(token_ids)
-        num_tokens = len(token_ids)
-        self._tokens[request_id] = num_tokens
         self.decider.enqueue(request_id, keys, num_tokens)
         if self._prefetcher is not None:
             self._prefetcher.wake()
@@ -204,28 +205,31 @@ class OffloadManager:
             request_id: the request.
             token_ids: the tokens whose KV the engine holds (the prompt, optionally plus output).
             buffer: the engine's KV memory.
-            src_blocks: the engine block of each prompt block (default: block i -> i).
+            src_blocks: the engine block of each prompt block from `first_block` on (default: i -> i).
             first_block: skip the first blocks (already known to be cached).
 
         Returns:
             A handle done when the blocks are in kvtier's memory tier (disk writes follow on their own).
         """
+        return self.store_keys(request_id, self.keys(token_ids)[first_block:], buffer, src_blocks, first_block)
+
+    def store_keys(self, request_id: str, keys: Sequence[BlockKey], buffer: KVBuffer,
+                   src_blocks: Sequence[int] | None = None, first_block: int = 0) -> TransferHandle:
+        """`store` with the keys of blocks `first_block`, `first_block + 1`, ... already computed."""
         self._check_open()
-        keys = self.keys(token_ids)[first_block:]
         src = list(src_blocks) if src_blocks is not None else list(range(first_block, first_block + len(keys)))
         commands = self.decider.start_save(request_id, keys, src, first_block)
         handles = self._submit_all(commands, buffer)
-        return handles[-1] if handles and commands and type(commands[-1]).__name__ == "Save" else \
-            TransferHandle.completed(keys)
+        if commands and isinstance(commands[-1], Save):
+            return handles[-1]
+        return TransferHandle.completed(keys)
 
     def finish(self, request_id: str) -> None:
         """The request is done: its protections are released."""
-        self._tokens.pop(request_id, None)
         self.decider.finish(request_id)
 
     def cancel(self, request_id: str) -> None:
         """The request left the queue: its prefetch protections are released (promotions in flight land)."""
-        self._tokens.pop(request_id, None)
         self.decider.cancel(request_id)
 
     # -- reporting and shutdown ------------------------------------------------------------------

@@ -57,15 +57,17 @@ class FIFOPolicy(Policy):
 
     def replay_request(self, keys: Sequence[Key]) -> int:
         order = self._order
-        capacity = self.capacity
         hits = 0
         for key in keys:
             if key not in order:
                 break
             hits += 1
+        room = self.capacity - len(order)  # kept here: the loop runs once per key of the trace
         for key in keys[hits:]:
             if key not in order:
-                if len(order) >= capacity:
+                if room > 0:
+                    room -= 1
+                else:
                     order.popitem(last=False)
                 order[key] = None
         return hits
@@ -88,11 +90,14 @@ class LRUPolicy(FIFOPolicy):
                 break
             hits += 1
         move = order.move_to_end
+        room = capacity - len(order)
         for key in keys:
             if key in order:
                 move(key)
             else:
-                if len(order) >= capacity:
+                if room > 0:
+                    room -= 1
+                else:
                     order.popitem(last=False)
                 order[key] = None
         return hits

@@ -133,7 +133,7 @@ def run_real(args: Any, trace: Any, name: str) -> int:
 def _replay(manager: Any, requests: Sequence[Any], bt: int, spec: KVSpec, window: int, progress: Any,
             buffer_cls: Any) -> dict[str, Any]:
     """Runs the requests through the manager; returns the measured figures."""
-    decider, executor = manager.decider, manager.executor
+    decider = manager.decider
     max_blocks = max(1, max(r.num_tokens // bt for r in requests))
     buffer = buffer_cls(spec, max_blocks)
     data = buffer.data
@@ -145,9 +145,8 @@ def _replay(manager: Any, requests: Sequence[Any], bt: int, spec: KVSpec, window
     for i, request in enumerate(requests):
         while enqueued < len(requests) and enqueued <= i + window:
             # keys come from the trace: the decider is driven directly (see the module docstring)
-            decider.enqueue(str(enqueued), full[enqueued], requests[enqueued].num_tokens)
+            manager.enqueue_keys(str(enqueued), full[enqueued], requests[enqueued].num_tokens)
             enqueued += 1
-        manager._prefetcher is not None and manager._prefetcher.wake()  # noqa: SLF001 (see report)
         keys, rid = full[i], str(i)
         total_blocks += len(keys)
         entries = decider.lookup(keys)
@@ -172,9 +171,8 @@ def _replay(manager: Any, requests: Sequence[Any], bt: int, spec: KVSpec, window
         out["planned_prefill_s"].append(plan.total_s)
         for j in [*range(0, a), *range(b, len(keys))]:  # the engine "computes" the rest
             data[j].fill_(_pattern(keys[j]))
-        handles = [executor.submit(c, buffer) for c in decider.start_save(rid, keys, range(len(keys)))]
-        for handle in handles:  # the buffer is reused by the next request: its saves must have copied out
-            handle.wait(60.0)
+        # the buffer is reused by the next request: its save must have copied out first
+        manager.store_keys(rid, keys, buffer).wait(60.0)
         manager.finish(rid)
         if progress is not None and (i % 20 == 0 or i + 1 == len(requests)):
             progress(i + 1, len(requests), "requests")
