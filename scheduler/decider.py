@@ -112,6 +112,24 @@ class Decider:
         self.stats = Stats()
         self._pre: list[Command] = []
         self._bytes_per_block = spec.bytes_per_block  # a property computed on every call: hoisted
+        # hot-path constants (the eviction cascade and prefetch rounds run per block)
+        self._capacities = {tier: self._capacity(tier) for tier in self.tiers}
+        #: what len() counts the blocks of each tier by: its slot table, or the disk tier's policy
+        self._held = {tier: self.tables.get(tier, self.policies[tier]) for tier in self.tiers}
+        self._below_of = {t: (self.tiers[i + 1] if i + 1 < len(self.tiers) else None) for i, t in enumerate(self.tiers)}
+        self._above_of = {t: self.tiers[i - 1] for i, t in enumerate(self.tiers) if i}
+        entries = self.index.entries
+
+        def pinned(key: BlockKey) -> bool:  # `Index.is_pinned` without the method call
+            entry = entries.get(key)
+            return entry is not None and entry.pins > 0
+
+        def pinned_or_protected(key: BlockKey) -> bool:  # `Index.is_protected`
+            entry = entries.get(key)
+            return entry is not None and (entry.pins > 0 or bool(entry.protected_by))
+
+        #: victim filters of `_make_room`: [allow_protected]
+        self._keep = {False: pinned_or_protected, True: pinned}
 
     # -- books -----------------------------------------------------------------------------------
 
@@ -120,8 +138,7 @@ class Decider:
         return self.tiers[0]
 
     def _below(self, tier: TierName) -> TierName | None:
-        i = self.tiers.index(tier)
-        return self.tiers[i + 1] if i + 1 < len(self.tiers) else None
+        return self._below_of[tier]
 
     def _add(self, key: BlockKey, tier: TierName, slot: int, depth: int = 0, parent: BlockKey | None = None) -> None:
         self.index.add(key, tier, slot, depth, parent)
@@ -133,20 +150,16 @@ class Decider:
 
     def _drop(self, key: BlockKey, tier: TierName) -> None:
         self.index.drop(key, tier)
-        if key in self.policies[tier]:
-            self.policies[tier].remove(key)
-        if tier in self.tables:
-            self.tables[tier].free(key)
+        policy = self.policies[tier]
+        if key in policy:
+            policy.remove(key)
+        table = self.tables.get(tier)
+        if table is not None:
+            table.free(key)
 
     def _evictable(self, tier: TierName, allow_protected: bool) -> Callable[[BlockKey], bool]:
-        index = self.index
-
-        def protected(key: BlockKey) -> bool:
-            if index.is_pinned(key):
-                return True
-            return not allow_protected and index.is_protected(key)
-
-        return protected
+        """The predicate of keys `_make_room` must not evict: pinned ones, and protected ones unless allowed."""
+        return self._keep[allow_protected]
 
     def _count_in(self, tier: TierName) -> int:
         return len(self.tables[tier]) if tier in self.tables else len(self.policies[tier])
@@ -161,29 +174,30 @@ class Decider:
         With `allow_protected=False` (prefetch) blocks that queued requests need are never victims: a
         promotion for one queued request must not push out another's (they would chase each other).
         """
-        free = self._capacity(tier) - self._count_in(tier)
+        capacity, held = self._capacities[tier], self._held[tier]
+        free = capacity - len(held)
         if free >= num:
             return free
         policy = self.policies[tier]
-        for allow_protected in ((False, True) if allow_protected else (False,)):
-            protected = self._evictable(tier, allow_protected)
-            while self._capacity(tier) - self._count_in(tier) < num:
-                victim = policy.victim(protected)
+        for allow in ((False, True) if allow_protected else (False,)):
+            keep = self._keep[allow]
+            while capacity - len(held) < num:
+                victim = policy.victim(keep)
                 if victim is None:
                     break
                 self._evict(victim, tier, out, request_id)
-        return max(0, self._capacity(tier) - self._count_in(tier))
+        return max(0, capacity - len(held))
 
     def _evict(self, key: BlockKey, tier: TierName, out: list[Command], request_id: str | None) -> None:
         entry = self.index.get(key)
-        below = self._below(tier)
+        below = self._below_of[tier]
         demote = (entry is not None and below is not None and below not in entry.slots
                   and (tier is not TierName.HOST or self.config.write_mode is WriteMode.WRITE_BACK
                        or below is not TierName.DISK))
         if demote and self._make_room(below, 1, out, request_id) > 0:
             dst_slot = self._allocate(below, key)
             if dst_slot is not None:
-                src_slot = self.index.slot(key, tier)
+                src_slot = entry.slots.get(tier)
                 self._add(key, below, dst_slot, entry.depth, entry.parent)
                 move = Move(tier, below, (key,), (src_slot,) if src_slot is not None and src_slot >= 0 else (),
                             (dst_slot,) if dst_slot >= 0 else (), request_id, "demote")
@@ -204,9 +218,10 @@ class Decider:
         return []
 
     def _allocate(self, tier: TierName, key: BlockKey) -> int | None:
-        if tier is TierName.DISK:
-            return DISK_SLOT if self._count_in(tier) < self.disk_slots else None
-        return self.tables[tier].allocate(key)
+        table = self.tables.get(tier)
+        if table is None:  # the disk
+            return DISK_SLOT if len(self.policies[tier]) < self.disk_slots else None
+        return table.allocate(key)
 
     def _track(self, command: Command, on_done: Callable[[Completion], list[Command]] | None) -> None:
         self.pending[command.command_id] = _Pending(command, on_done)
@@ -234,45 +249,50 @@ class Decider:
         return out
 
     def _prefetch_round(self, out: list[Command]) -> None:
-        """Appends the promotions of one round to `out` (the caller holds the lock)."""
-        target = self.fastest_tier
+        """Appends the promotions of one round to `out` (the caller holds the lock).
+
+        Each window request's cached prefix is protected, then its blocks that are neither in the fastest
+        tier nor pinned go one hop up, in prompt order, until the byte budget is spent (the round ends) or
+        a destination tier has no room left for a promotion (that tier is skipped for the rest of the round).
+        """
+        target = self.tiers[0]
         bpb, budget = self._bytes_per_block, self.config.prefetch_budget_bytes
-        index = self.index
+        scan, pin, unpin = self.index.scan_for_prefetch, self.index.pin, self.index.unpin
+        above, tables = self._above_of, self.tables
         full: set[TierName] = set()
         for state in itertools.islice(self.queue.values(), self.config.prefetch_window):
-            entries = index.lookup(state.keys)
-            protected = state.protected
-            new = [e.key for e in entries if e.key not in protected]
-            if new:
-                index.protect(state.request_id, new)
-                protected.update(new)
-            for entry in entries:
+            entries, first = scan(state.request_id, state.keys, state.protected, target)
+            if entries and self.inflight_prefetch_bytes + bpb > budget:
+                return
+            for entry in entries[first:]:
                 if self.inflight_prefetch_bytes + bpb > budget:
                     return
-                if target in entry.slots or entry.pins:
+                slots = entry.slots
+                if target in slots or entry.pins:
                     continue
                 src = entry.best_tier
                 # one hop up per round: disk -> host, host -> gpu; pinned first, so that making
                 # room above can never evict this very block
-                dst = self.tiers[self.tiers.index(src) - 1]
+                dst = above[src]
                 if dst in full:
                     continue
-                self.index.pin([entry.key])
-                slot = (self._allocate(dst, entry.key)
+                key = entry.key
+                pin((key,))
+                slot = (self._allocate(dst, key)
                         if self._make_room(dst, 1, out, state.request_id, allow_protected=False) else None)
                 if slot is None:
                     full.add(dst)  # every block there is pinned or wanted by a queued request: stop filling it
-                if slot is None or src not in entry.slots:
+                if slot is None or src not in slots:
                     if slot is not None:
-                        self.tables[dst].free(entry.key)
-                    self.index.unpin([entry.key])
+                        tables[dst].free(key)
+                    unpin((key,))
                     continue
                 # recorded in `dst` when the bytes have landed; pinned meanwhile in its source
-                src_slot = entry.slots[src]
-                move = Move(src, dst, (entry.key,), (src_slot,) if src_slot >= 0 else (), (slot,),
+                src_slot = slots[src]
+                move = Move(src, dst, (key,), (src_slot,) if src_slot >= 0 else (), (slot,),
                             state.request_id, "prefetch")
                 self.inflight_prefetch_bytes += bpb
-                self._track(move, lambda c, k=entry.key, d=dst, s=slot: self._after_promote(c, k, d, s))
+                self._track(move, lambda c, k=key, d=dst, s=slot: self._after_promote(c, k, d, s))
                 out.append(move)
 
     def _after_promote(self, completion: Completion, key: BlockKey, dst: TierName, slot: int) -> list[Command]:
@@ -419,9 +439,12 @@ class Decider:
             tier = self.fastest_tier
             new: list[tuple[int, BlockKey, int]] = []  # (position, key, slot)
             parent: BlockKey | None = None
+            index = self.index
+            entries, touch, now = index.entries, index.touch, time.monotonic()
             for i, key in enumerate(keys):
-                if key in self.index:
-                    self.index.touch([self.index.get(key)])
+                entry = entries.get(key)
+                if entry is not None:
+                    touch((entry,), now)
                     parent = key
                     continue
                 if self._make_room(tier, 1, out, request_id) <= 0:
@@ -432,7 +455,7 @@ class Decider:
                     self.stats.saves_skipped_no_room += len(keys) - i
                     break
                 self._add(key, tier, slot, first_depth + i, parent)
-                self.index.pin([key])  # until its bytes have landed
+                index.pin((key,))  # until its bytes have landed
                 new.append((i, key, slot))
                 parent = key
             if not new:

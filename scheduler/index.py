@@ -5,7 +5,9 @@ Primitives:
   pin count (in use by a running load or an outgoing copy), protecting requests (queued requests that
   need it), hits and last access.
 - `Index`: `lookup(keys)` walks a prefix until the first miss; `add` / `drop` a tier copy; `pin` /
-  `unpin`; `protect` / `unprotect`; `rebuild_disk(keys)` after a restart.
+  `unpin`; `protect` / `unprotect`; `rebuild_disk(keys)` after a restart; `scan_for_prefetch` (one pass
+  of the prefetcher: lookup, protection and the first block to promote); `entries`, the key -> Entry
+  dict itself, for the decider's hot loops (read it under `lock`; change it only through the methods).
 
 Invariants:
 - an entry exists iff at least one tier holds the block (or a copy into a tier is in flight);
@@ -62,6 +64,7 @@ class Index:
     def __init__(self) -> None:
         self.lock = threading.RLock()
         self._entries: dict[BlockKey, Entry] = {}
+        self.entries = self._entries  # read-only view by contract (module docstring)
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -85,6 +88,37 @@ class Index:
                     break
                 append(entry)
         return found
+
+    def scan_for_prefetch(self, request_id: str, keys: Sequence[BlockKey], protected: set[BlockKey],
+                          target: TierName) -> tuple[list[Entry], int]:
+        """One prefetch look at a queued request, in a single pass over its cached prefix.
+
+        Same effect as `lookup(keys)` followed by `protect(request_id, ...)` of the found keys not yet in
+        `protected` (which is updated), plus the position of the first found block that is neither in
+        `target` nor pinned (len(entries) when none is: nothing to promote).
+
+        Returns:
+            (the entries of `lookup(keys)`, the first position to promote from).
+        """
+        entries = self._entries
+        found: list[Entry] = []
+        append = found.append
+        first = -1
+        with self.lock:
+            for key in keys:
+                entry = entries.get(key)
+                if entry is None:
+                    break
+                slots = entry.slots
+                if not slots:
+                    break
+                if key not in protected:
+                    entry.protected_by.add(request_id)
+                    protected.add(key)
+                if first < 0 and not entry.pins and target not in slots:
+                    first = len(found)
+                append(entry)
+        return found, (len(found) if first < 0 else first)
 
     def touch(self, entries: Iterable[Entry], now: float | None = None) -> None:
         """Records a use of each entry (hits and last access)."""

@@ -23,7 +23,10 @@ loads. Cached blocks after r are recomputed when restoring them would cost more 
 
 Speed: O(k log k) in numpy, no Python loop over blocks. For each r the best s is where compute [0, s)
 (rising) crosses load [s, r) (falling); that crossing is a `searchsorted` per link, so all r are handled
-at once and the plan for 2,048 blocks takes well under a millisecond.
+at once and the plan for 2,048 blocks takes well under a millisecond. Short prompts (k <= `SMALL_K`
+blocks, most requests of a trace) take a pure-Python path with the very same arithmetic in the same order
+(`bisect` for `searchsorted`), so its plans are identical; there numpy's per-call overhead (~0.2 ms a plan)
+would dominate.
 
 Invariants: 0 <= s <= r <= k; k x block_tokens < n (the last prompt token is always computed: the engine
 needs its logits, so a fully cached prompt recomputes its last block); total_s <= recompute_all_s and
@@ -32,6 +35,8 @@ total_s <= restore_all_s; no torch import.
 
 from __future__ import annotations
 
+import math
+from bisect import bisect_left, bisect_right
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -45,6 +50,8 @@ from .costmodel import CostModel
 #: tier codes of the fast input form (a numpy integer array): TierName.rank
 _CODES = {TierName.GPU: 0, TierName.HOST: 1, TierName.DISK: 2, "gpu": 0, "host": 1, "disk": 2}
 _TIERS = (TierName.GPU, TierName.HOST, TierName.DISK)
+#: plans of at most this many matched blocks take the pure-Python path (module docstring)
+SMALL_K = 16
 
 
 @dataclass(frozen=True, slots=True)
@@ -224,14 +231,16 @@ class Planner:
             raise ConfigError(f"block_tokens: expected a positive int, got {block_tokens!r}")
         if not isinstance(num_tokens, (int, np.integer)) or num_tokens <= 0:
             raise ConfigError(f"num_tokens: expected a positive int, got {num_tokens!r}")
-        codes = _as_codes(tiers)
-        found = len(codes)
+        found = len(tiers)
         if found * bt > num_tokens:
+            _as_codes(tiers)  # a bad tier is the first error to report
             raise ConfigError(f"tiers: {found} matched blocks of {bt} tokens exceed the prompt's "
                               f"num_tokens={num_tokens}")
         k = min(found, (num_tokens - 1) // bt)
-        codes = codes[:k]
         recompute, links = self._coefficients(int(bt))
+        if k <= SMALL_K:
+            return self._plan_small(_as_code_list(tiers), k, found, int(num_tokens), int(bt), recompute, links)
+        codes = _as_codes(tiers)[:k]
         f0, a, b = recompute.fixed_s, recompute.per_token_s, recompute.per_token_ctx_s
 
         t = np.arange(k + 1, dtype=np.float64) * bt                  # tokens before block i
@@ -271,6 +280,65 @@ class Planner:
                     recompute_all_s=float(suffix[0]), restore_all_s=_load(used, 0, k) + float(suffix[k]))
 
 
+    def _plan_small(self, codes: list[int], k: int, found: int, num_tokens: int, bt: int, recompute: object,
+                    links: tuple) -> Plan:
+        """`plan` in pure Python for small k: the numpy path's arithmetic, element by element."""
+        codes = codes[:k]
+        f0, a, b = recompute.fixed_s, recompute.per_token_s, recompute.per_token_ctx_s
+        front, suffix = [], []
+        for i in range(k + 1):
+            t = float(i) * bt
+            front.append(t * (a + b * t / 2) + f0)
+            rest = num_tokens - t
+            suffix.append(rest * (a + b * (t + rest / 2)) + f0)
+        front[0] = 0.0
+        used = []
+        for link_codes, latency, per_block in links:
+            lo, single = link_codes[0], len(link_codes) == 1
+            cnt, c = [0], 0
+            for code in codes:
+                if code == lo if single else code >= lo:
+                    c += 1
+                cnt.append(c)
+            if c:
+                used.append((cnt, latency, per_block))
+        if used:
+            keyed = [([f + per_block * n for f, n in zip(front, cnt)], cnt, latency, per_block)
+                     for cnt, latency, per_block in used]
+            best_front = []
+            for r in range(k + 1):
+                s_star = 0
+                for arr, cnt, latency, per_block in keyed:
+                    crossing = bisect_left(arr, latency + per_block * cnt[r])
+                    s_star = max(s_star, min(crossing, bisect_left(cnt, cnt[r])))
+                best_front.append(min(_overlap_at(front, used, s_star, r),
+                                      _overlap_at(front, used, max(s_star - 1, 0), r)))
+        else:
+            best_front = [0.0] * (k + 1)
+        total = [x + y for x, y in zip(best_front, suffix)]
+        low = min(total)
+        r = k - total[::-1].index(low)                                 # ties: restore more, compute less
+        s = _smallest_split(front, used, r, best_front[r])
+        load = _load(used, s, r)
+        part = codes[s:r]
+        restored = [(tier, part.count(i)) for i, tier in enumerate(_TIERS)]
+        return Plan(num_tokens=num_tokens, block_tokens=bt, num_matched_blocks=k, num_found_blocks=found,
+                    tier_codes=bytes(codes), split=s, restore_stop=r,
+                    restored_by_tier=tuple((tier, n) for tier, n in restored if n),
+                    disk_path=self.disk_path, front_compute_s=front[s], load_s=load,
+                    suffix_compute_s=suffix[r], total_s=max(front[s], load) + suffix[r],
+                    recompute_all_s=suffix[0], restore_all_s=_load(used, 0, k) + suffix[k])
+
+
+def _overlap_at(front: list[float], used: list, s: int, r: int) -> float:
+    """max(compute [0, s), load [s, r)) for one (s, r): `_overlap` of the pure-Python path."""
+    out = front[s]
+    for cnt, latency, per_block in used:
+        blocks = cnt[r] - cnt[s]
+        out = max(out, latency + per_block * blocks if blocks > 0 else 0.0)
+    return out
+
+
 def _overlap(front: np.ndarray, used: list, s: np.ndarray, r: np.ndarray) -> np.ndarray:
     """max(compute [0, s), load [s, r)) for arrays of (s, r)."""
     out = front[s].copy()
@@ -290,10 +358,10 @@ def _smallest_split(front: np.ndarray, used: list, r: int, best: float) -> int:
     for cnt, latency, per_block in used:
         if cnt[r] - cnt[0] and latency + per_block * (cnt[r] - cnt[0]) > limit:
             # blocks this link may carry within the limit
-            fits = max(0, int(np.floor((limit - latency) / per_block))) if per_block > 0 else 0
-            s = max(s, int(np.searchsorted(cnt, cnt[r] - fits, side="left")))
+            fits = max(0, math.floor((limit - latency) / per_block)) if per_block > 0 else 0
+            s = max(s, bisect_left(cnt, cnt[r] - fits))
     if front[s] > limit:  # rounding: fall back to the crossing itself
-        s = int(np.searchsorted(front, limit, side="right")) - 1
+        s = bisect_right(front, limit) - 1
     return min(s, r)
 
 
@@ -305,6 +373,16 @@ def _load(used: list, s: int, r: int) -> float:
         if blocks:
             load = max(load, latency + per_block * blocks)
     return load
+
+
+def _as_code_list(tiers: Sequence[TierName | str] | np.ndarray) -> list[int]:
+    """The tier codes as a list of ints (the pure-Python path's input), checked as `_as_codes` does."""
+    if isinstance(tiers, np.ndarray):
+        return _as_codes(tiers).tolist()
+    try:
+        return [_CODES[t] for t in tiers]
+    except (KeyError, TypeError):
+        return _as_codes(tiers).tolist()  # raises the ConfigError naming the bad tier
 
 
 def _as_codes(tiers: Sequence[TierName | str] | np.ndarray) -> np.ndarray:

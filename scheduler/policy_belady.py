@@ -14,16 +14,17 @@ Primitives:
   only the key being inserted is safe, so a request's keys that are not needed again may make room
   for its later keys (hence a slightly higher ratio than request-level Belady).
 
-The cache is kept in exact orders (no stale entries), in request order of access:
-- keys never used again all tie at "never": a FIFO in access order (a list read from a head
-  index, a set beside it for membership); most victims come from there, and a request's worth
-  of them joins or leaves in one slice, with no Python work per key;
-- the others sit in buckets by next use (each an `OrderedDict`, least recently accessed first),
-  the non-empty ones found by a max-heap of bucket numbers (lazy: a number whose bucket is gone
-  is skipped). The victim is the first key of the farthest bucket. At request r, bucket r holds
-  exactly the request's cached keys: taking it out of the orders is what protects them.
-O(log n) per operation (O(1) for the keys never used again); a bucket is created once per
-distinct next use.
+Two exact orders (no stale entries) hold the cached keys, each least recently accessed first (a
+request's cached keys rank before its new ones, each in prompt order):
+- keys never used again all tie at "never": a FIFO (a list read from a head index, a set beside
+  it for membership). Most victims come from there, and a request's worth of them joins or leaves
+  in one slice, with no Python work per key;
+- the others sit in buckets by next use (each an `OrderedDict`), the non-empty ones found by a
+  max-heap of bucket numbers (lazy: a number whose bucket is gone is skipped). The victim is the
+  first key of the farthest bucket. At request r, bucket r holds exactly the request's cached
+  keys (every key placed with next use r belongs to request r): taking it out of the orders is
+  what protects them.
+O(log n) per operation, O(1) for the keys never used again.
 """
 
 from __future__ import annotations
@@ -88,7 +89,7 @@ class BeladyPolicy(Policy):
         self._current: tuple[Sequence[Key], Sequence[float]] = ((), ())
         self._now: dict[Key, float] | None = {}
         # keys used again: key -> next use; a bucket per next use (never empty: an emptied one is
-        # deleted); a max-heap of -(bucket number) holding every bucket's (and some gone ones')
+        # deleted); a max-heap of -(bucket number) with every bucket's number (and maybe gone ones)
         self._next: dict[Key, float] = {}
         self._buckets: dict[float, OrderedDict[Key, None]] = {}
         self._bucket_heap: list[float] = []
@@ -258,34 +259,35 @@ class BeladyPolicy(Policy):
             if key not in next_of and key not in dead_set:
                 break
             hits += 1
-        self._buckets.pop(self._cursor - 1, None)
-        old_dead: dict[Key, None] = {}  # cached keys of the request never used again
-        old_live: dict[Key, float] = {}  # cached keys used again -> next use
-        new_dead: list[Key] = []
+        r = self._cursor - 1
+        self._buckets.pop(r, None)
+        # keys -> next use, in prompt order (dicts: a repeated key is placed once)
+        old_dead: dict[Key, float] = {}  # cached keys of the request never used again
+        old_live: dict[Key, float] = {}  # cached keys used again
+        new_dead: dict[Key, float] = {}
         new_live: dict[Key, float] = {}
         for key, nxt in zip(keys, future):
             if key in next_of or key in dead_set:
-                if next_of.get(key) != self._cursor - 1:  # not from bucket r (only via access/insert)
+                if next_of.get(key) != r:  # not from bucket r (only after access/insert)
                     self._take_out(key)
-                    next_of[key] = self._cursor - 1
+                    next_of[key] = r
                 placed = old_dead if nxt == NEVER else old_live
                 if key in placed:  # a repeat: it ranks at its last position
                     del placed[key]
                 placed[key] = nxt
             elif nxt == NEVER:
-                new_dead.append(key)
+                new_dead[key] = nxt
             else:
                 new_live[key] = nxt
-        new_dead = list(dict.fromkeys(new_dead))  # a repeated new key is inserted once
         num_new = len(new_dead) + len(new_live)
-        excess = min(num_new, len(self) - self.capacity + num_new)
+        excess = min(num_new, len(next_of) + len(dead_set) - self.capacity + num_new)
         if excess > 0:
             short = excess - self._evict(excess)
             if short > 0:  # the request alone fills the cache: its last `short` new keys stay out
                 left_out = [k for k in dict.fromkeys(keys) if k in new_live or k in new_dead][-short:]
-                new_dead = [k for k in new_dead if k not in left_out]
                 for key in left_out:
                     new_live.pop(key, None)
+                    new_dead.pop(key, None)
         for key in old_dead:
             del next_of[key]
         self._dead += old_dead

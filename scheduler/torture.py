@@ -56,6 +56,8 @@ class TortureResult:
     blocks_checked: int = 0
     corrupt_detected: int = 0
     cycles_without_ack: int = 0
+    corruptions_injected: int = 0
+    corruptions_detected: int = 0
     seconds: float = 0.0
     failures: list[str] = field(default_factory=list)
 
@@ -173,6 +175,64 @@ def _check(store: Path, acked: set[bytes], result: TortureResult, disk_cls) -> N
                 result.failures.append(f"block {key.hex()} served with wrong content")
         after = disk.stats().corrupt if callable(getattr(disk, "stats", None)) else 0
         result.corrupt_detected += after - before
+    finally:
+        disk.close()
+
+
+#: ways a stored value is damaged in place (as a bad disk, a bug or a stray writer would)
+DAMAGES = ("flip-payload", "flip-header", "truncate", "swap-values", "zero-page")
+
+
+def corrupt_store(store: Path, num: int, result: TortureResult, seed: int = 0) -> None:
+    """Damages `num` stored values in place, then reads every block back: each damaged value must be a
+    miss (detected), never data; every other block must still read back exactly."""
+    import lmdb
+    import torch
+
+    from kvtier.tiers.disk import DiskTier
+    from kvtier.tiers.diskenv import BLOCKS_DB
+
+    rng = random.Random(seed)
+    env = lmdb.open(str(store), max_dbs=8, map_size=max(2 * os.path.getsize(store / "data.mdb"), 1 << 30))
+    try:
+        db = env.open_db(BLOCKS_DB, create=False)
+        with env.begin(write=True, db=db) as txn:
+            items = [(bytes(k), bytes(v)) for k, v in txn.cursor()]
+            chosen = rng.sample(range(len(items)), min(num, len(items)))
+            damaged: set[bytes] = set()
+            for n, i in enumerate(chosen):
+                key, value = items[i]
+                value = bytearray(value)
+                how = DAMAGES[n % len(DAMAGES)]
+                if how == "flip-payload":
+                    value[rng.randrange(64, len(value))] ^= 1 << rng.randrange(8)
+                elif how == "flip-header":
+                    value[rng.randrange(0, 64)] ^= 1 << rng.randrange(8)
+                elif how == "truncate":
+                    value = value[:rng.randrange(1, len(value))]
+                elif how == "swap-values":  # another block's intact value under this key
+                    value = bytearray(items[(i + 1) % len(items)][1])
+                else:
+                    start = rng.randrange(64, len(value) - 4096)
+                    value[start:start + 4096] = bytes(4096)
+                if bytes(value) != items[i][1]:
+                    txn.put(key, bytes(value))
+                    damaged.add(key[16:])
+    finally:
+        env.close()
+    result.corruptions_injected += len(damaged)
+    disk = DiskTier(store, SPEC, 1 << 34)
+    try:
+        out = torch.empty(SPEC.bytes_per_block, dtype=torch.uint8)
+        for key in disk.keys():
+            got = disk.get(key, out)
+            if got is None:
+                result.corruptions_detected += key in damaged
+                if key not in damaged:
+                    result.failures.append(f"intact block {key.hex()} lost after the corruption pass")
+            elif not np.array_equal(out.numpy(), block_content(key)):
+                result.wrong_blocks_served += 1
+                result.failures.append(f"damaged block {key.hex()} served as data")
     finally:
         disk.close()
 

@@ -13,6 +13,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("torture", help="crash-consistency torture of the disk tier (SIGKILL during saves)")
     p.add_argument("--kills", type=int, default=50, help="kill cycles (default 50)")
     p.add_argument("--dir", default=None, help="store directory (default: a temp dir, removed after)")
+    p.add_argument("--corruptions", type=int, default=100,
+                   help="values damaged in place after the kills (flipped bits, truncation, swapped values, "
+                        "zeroed pages); each must read back as a miss (default 100)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", metavar="FILE", help="write the figures to FILE")
     p.add_argument("--quiet", action="store_true", help="no progress line")
@@ -36,6 +39,14 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         result = run_torture(args.kills, store, seed=args.seed, progress=progress)
+        if args.corruptions:
+            import logging
+
+            from kvtier.scheduler.torture import corrupt_store
+
+            # every damaged value is reported by the figures below, not one warning each
+            logging.getLogger("kvtier.tiers.disk").setLevel(logging.ERROR)
+            corrupt_store(store, args.corruptions, result, seed=args.seed)
     finally:
         if show:
             print(file=sys.stderr)
@@ -44,10 +55,11 @@ def run(args: argparse.Namespace) -> int:
     data = result_json(result)
     print(f"kills {result.kills}, acknowledged blocks {result.acknowledged_blocks}, lost {result.acknowledged_blocks_lost}, "
           f"wrong served {result.wrong_blocks_served}, reopen failures {result.reopen_failures}, "
-          f"corrupt detected {result.corrupt_detected}, blocks checked {result.blocks_checked}, {result.seconds} s")
+          f"blocks checked {result.blocks_checked}; corruptions injected {result.corruptions_injected}, "
+          f"detected {result.corruptions_detected}; {result.seconds} s")
     for line in data["failures"]:
         print(f"  {line}")
     write_json(args.json, data)
     ok = not (result.acknowledged_blocks_lost or result.wrong_blocks_served or result.reopen_failures
-              or result.cycles_without_ack)
+              or result.cycles_without_ack or result.corruptions_detected < result.corruptions_injected)
     return 0 if ok else 1

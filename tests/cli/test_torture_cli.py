@@ -9,7 +9,7 @@ import sys
 
 def test_torture_two_kills(tmp_path):
     out = tmp_path / "t.json"
-    proc = subprocess.run([sys.executable, "-m", "kvtier.scheduler.cli", "torture", "--kills", "2", "--dir",
+    proc = subprocess.run([sys.executable, "-m", "kvtier.scheduler.cli", "torture", "--kills", "2", "--corruptions", "10", "--dir",
                            str(tmp_path / "store"), "--json", str(out), "--quiet"],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -19,6 +19,7 @@ def test_torture_two_kills(tmp_path):
     assert data["acknowledged_blocks_lost"] == 0
     assert data["wrong_blocks_served"] == 0
     assert data["reopen_failures"] == 0
+    assert data["corruptions_injected"] >= 5 and data["corruptions_detected"] == data["corruptions_injected"]
 
 
 def test_torture_rejects_zero_kills():
