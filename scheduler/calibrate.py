@@ -7,7 +7,7 @@ Primitives:
 - `Measured`: one point (kind, size) with every sample and their median.
 - `measure(spec, config, sweep, ...)`: runs the rigs of `calibrate_rigs` in rounds after warm-up rounds;
   within a round every point of every kind (restore host, restore disk, recompute) runs once (restores
-  `restore_samples` times), in a fresh random order, so slow drifts of a shared machine hit all points
+  `restore_samples` / `disk_samples` times), in a fresh random order, so slow drifts of a shared machine hit all points
   alike; one sample of a small point is the mean of a short batch of timed runs (`Sweep`); each point's
   figure is the median of its samples.
 - `split(points)`: per kind, points sorted by size and alternated: even positions fit, odd ones are held
@@ -61,8 +61,10 @@ class Sweep:
         threads: torch threads of the prefill. 1 by default: on this shared 2-core machine (load 6-14 from
             other jobs) a 2-thread prefill measured 10-40x slower than 1 thread and erratic (OpenMP threads
             spin at barriers while their partner is descheduled), so its times cannot be fitted.
-        restore_samples: samples per restore point per round (restores cost milliseconds, where the
+        restore_samples: samples per host restore point per round (restores cost milliseconds, where the
             wake-up latency of a busy machine is a large share: more samples steady the median cheaply).
+        disk_samples: the same for cold disk restores (the one virtio disk is shared with other jobs'
+            I/O: a cold read of 32 blocks measured 0.3x to 5x its median here).
         host_batch_blocks, disk_batch_blocks, recompute_batch_tokens: one sample of a small point is the
             mean of back-to-back timed runs (each timed alone, setup untimed between them) that together
             move at least this many blocks (compute this many tokens), as `timeit` loops a short statement:
@@ -75,6 +77,7 @@ class Sweep:
     warmup: int = 1
     threads: int = 1
     restore_samples: int = 3
+    disk_samples: int = 5
     host_batch_blocks: int = 64
     disk_batch_blocks: int = 32
     recompute_batch_tokens: int = 128
@@ -86,8 +89,9 @@ class Sweep:
             raise ConfigError(f"restore_blocks: expected >= 3 distinct positive sizes, got {self.restore_blocks!r}")
         if not isinstance(self.threads, int) or self.threads < 1:
             raise ConfigError(f"threads: expected a positive int, got {self.threads!r}")
-        if not isinstance(self.restore_samples, int) or self.restore_samples < 1:
-            raise ConfigError(f"restore_samples: expected a positive int, got {self.restore_samples!r}")
+        for name in ("restore_samples", "disk_samples"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ConfigError(f"{name}: expected a positive int, got {getattr(self, name)!r}")
         for name in ("host_batch_blocks", "disk_batch_blocks", "recompute_batch_tokens"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ConfigError(f"{name}: expected a positive int, got {getattr(self, name)!r}")
@@ -107,7 +111,8 @@ def _grid(starts: Sequence[int], sizes: Sequence[int]) -> tuple[tuple[int, int],
 DEFAULT_SWEEP = Sweep(restore_blocks=(1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 40, 48, 64),
                       recompute_points=_grid((0, 1024, 2048), (64, 128, 256, 512)), repeats=5)
 QUICK_SWEEP = Sweep(restore_blocks=(1, 2, 3, 4, 6, 8, 12), recompute_points=_grid((0, 128), (16, 32, 64)),
-                    host_batch_blocks=12, disk_batch_blocks=6, recompute_batch_tokens=16, restore_samples=2)
+                    host_batch_blocks=12, disk_batch_blocks=6, recompute_batch_tokens=16, restore_samples=2,
+                    disk_samples=2)
 CHECK_SWEEP = Sweep(restore_blocks=(1, 3, 8, 16, 32), recompute_points=_grid((0, 1024), (64, 128, 256)))
 
 
@@ -205,7 +210,8 @@ def measure(spec: KVSpec, config: Mapping[str, Any], sweep: Sweep, *, disk_dir: 
         total = sweep.warmup + sweep.repeats
         for round_no in range(total):
             began = time.monotonic()
-            order = [p for p in points for _ in range(1 if p.kind == "recompute" else sweep.restore_samples)]
+            samples = {"recompute": 1, "restore_host": sweep.restore_samples, "restore_disk": sweep.disk_samples}
+            order = [p for p in points for _ in range(samples[p.kind])]
             rng.shuffle(order)
             for p in order:
                 gc.collect(1)
@@ -347,7 +353,7 @@ def check(cost_model: CostModel, sweep: Sweep = CHECK_SWEEP, *, disk_dir: str | 
 def _sweep_dict(sweep: Sweep) -> dict[str, Any]:
     return {"restore_blocks": list(sweep.restore_blocks), "recompute_points": [list(p) for p in sweep.recompute_points],
             "repeats": sweep.repeats, "warmup": sweep.warmup, "threads": sweep.threads,
-            "restore_samples": sweep.restore_samples, "host_batch_blocks": sweep.host_batch_blocks,
+            "restore_samples": sweep.restore_samples, "disk_samples": sweep.disk_samples, "host_batch_blocks": sweep.host_batch_blocks,
             "disk_batch_blocks": sweep.disk_batch_blocks, "recompute_batch_tokens": sweep.recompute_batch_tokens}
 
 

@@ -57,6 +57,9 @@ class RequestState:
     queued_s: float
     protected: set[BlockKey] = field(default_factory=set)
     running: bool = False
+    #: `Index.epoch` when a prefetch scan last found nothing to promote (-1: not so), and the prefix length then
+    idle_epoch: int = -1
+    idle_blocks: int = 0
 
 
 @dataclass(slots=True)
@@ -257,11 +260,20 @@ class Decider:
         """
         target = self.tiers[0]
         bpb, budget = self._bytes_per_block, self.config.prefetch_budget_bytes
-        scan, pin, unpin = self.index.scan_for_prefetch, self.index.pin, self.index.unpin
+        index = self.index
+        scan, pin, unpin = index.scan_for_prefetch, index.pin, index.unpin
         above, tables = self._above_of, self.tables
         full: set[TierName] = set()
         for state in itertools.islice(self.queue.values(), self.config.prefetch_window):
+            if state.idle_epoch == index.epoch:  # nothing changed since a scan found nothing to do: skip it
+                if state.idle_blocks and self.inflight_prefetch_bytes + bpb > budget:
+                    return
+                continue
             entries, first = scan(state.request_id, state.keys, state.protected, target)
+            if first == len(entries):
+                state.idle_epoch, state.idle_blocks = index.epoch, first
+            else:
+                state.idle_epoch = -1
             if entries and self.inflight_prefetch_bytes + bpb > budget:
                 return
             for entry in entries[first:]:

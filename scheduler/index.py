@@ -7,12 +7,16 @@ Primitives:
 - `Index`: `lookup(keys)` walks a prefix until the first miss; `add` / `drop` a tier copy; `pin` /
   `unpin`; `protect` / `unprotect`; `rebuild_disk(keys)` after a restart; `scan_for_prefetch` (one pass
   of the prefetcher: lookup, protection and the first block to promote); `entries`, the key -> Entry
-  dict itself, for the decider's hot loops (read it under `lock`; change it only through the methods).
+  dict itself, for the decider's hot loops (read it under `lock`; change it only through the methods);
+  `epoch`, a counter that moves whenever a prefetch scan's answer may have changed (below).
 
 Invariants:
 - an entry exists iff at least one tier holds the block (or a copy into a tier is in flight);
 - a block with pins > 0 is never chosen as a victim; protected blocks only when nothing else is left
   (the policy decides; the index only answers `is_pinned` / `is_protected`);
+- `epoch` moves on every change that can give a scanned request new work: a block gains its first tier
+  (a cached prefix may grow), or a block some scan has visited (`Entry.watched`) loses a tier or its last
+  pin. While it stays put, a request whose last scan found nothing to promote still has nothing;
 - all methods are thread-safe (one lock; callers that need several steps atomically hold `index.lock`).
 """
 
@@ -42,6 +46,7 @@ class Entry:
     protected_by: set[str] = field(default_factory=set)
     hits: int = 0
     last_access_s: float = 0.0
+    watched: bool = False  # visited by a prefetch scan: its changes move `Index.epoch`
 
     @property
     def tiers(self) -> list[TierName]:
@@ -65,6 +70,7 @@ class Index:
         self.lock = threading.RLock()
         self._entries: dict[BlockKey, Entry] = {}
         self.entries = self._entries  # read-only view by contract (module docstring)
+        self.epoch = 0
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -112,6 +118,7 @@ class Index:
                 slots = entry.slots
                 if not slots:
                     break
+                entry.watched = True
                 if key not in protected:
                     entry.protected_by.add(request_id)
                     protected.add(key)
@@ -134,6 +141,8 @@ class Index:
             entry = self._entries.get(key)
             if entry is None:
                 entry = self._entries[key] = Entry(key, depth, parent, last_access_s=time.monotonic())
+            if not entry.slots:
+                self.epoch += 1  # a prefix may now reach further
             entry.slots[tier] = slot
             return entry
 
@@ -145,6 +154,8 @@ class Index:
             if entry is None:
                 return None
             slot = entry.slots.pop(tier, None)
+            if entry.watched and slot is not None:
+                self.epoch += 1
             if not entry.slots and entry.pins == 0:
                 del self._entries[key]
             return slot
@@ -174,8 +185,11 @@ class Index:
                     continue
                 assert entry.pins > 0, f"unpin of an unpinned block {key.hex()[:8]}"
                 entry.pins -= 1
-                if entry.pins == 0 and not entry.slots:
-                    del self._entries[key]
+                if entry.pins == 0:
+                    if entry.watched:
+                        self.epoch += 1
+                    if not entry.slots:
+                        del self._entries[key]
 
     def is_pinned(self, key: BlockKey) -> bool:
         entry = self._entries.get(key)

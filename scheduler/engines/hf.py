@@ -64,6 +64,8 @@ class Prefill:
         plan: the plan followed (None without a manager).
         seconds: wall time of the prefill (the TTFT, without sampling).
         request_id: the request's id in the manager.
+        timings: seconds of the parts: `front_s` (front pass + its copy into the buffer), `suffix_s`
+            (the suffix pass with its per-layer waits).
     """
 
     logits: torch.Tensor
@@ -168,6 +170,7 @@ class HFEngine:
         if plan_fn is not None:
             plan = plan_fn(plan)
             if not 0 <= plan.split <= plan.restore_stop <= plan.num_matched_blocks:
+                manager.cancel(rid)
                 raise ConfigError(f"plan_fn: split {plan.split}, restore_stop {plan.restore_stop} outside "
                                   f"0 <= s <= r <= {plan.num_matched_blocks}")
         cap = max_restorable_blocks(n, T, self.min_suffix_tokens)

@@ -148,8 +148,9 @@ class SimExecutor:
 
     def submit(self, command: Command, now: float) -> float:
         """Schedules one command; returns the simulated time it completes."""
-        self.counters.commands[type(command).__name__] += 1
-        if isinstance(command, Move):
+        kind = type(command)
+        self.counters.commands[kind.__name__] += 1
+        if kind is Move:
             n = len(command.keys)
             if command.dst is TierName.DISK:
                 return self._occupy("disk-write", n, now, command.reason)
@@ -160,7 +161,7 @@ class SimExecutor:
             if command.src is TierName.GPU:
                 return self._occupy("d2h", n, now, command.reason)
             return self._occupy("gpu", n, now, command.reason)  # host -> host does not happen
-        if isinstance(command, Load):
+        if kind is Load:
             tiers = command.src_tiers
             n_gpu = tiers.count(TierName.GPU)
             n_disk = tiers.count(TierName.DISK)
@@ -169,10 +170,10 @@ class SimExecutor:
             return max(self._occupy("gpu", n_gpu, now, "load"),
                        self._occupy("h2d", n_host + n_disk, now, "load"),
                        self._occupy("disk-read", n_disk, now, "load"))
-        if isinstance(command, Save):
+        if kind is Save:
             link = "gpu" if command.dst is TierName.GPU else "d2h"
             return self._occupy(link, len(command.keys), now, "save")
-        assert isinstance(command, Evict), f"unknown command {command!r}"
+        assert kind is Evict, f"unknown command {command!r}"
         return now
 
 
@@ -227,11 +228,14 @@ class EngineSim:
         """Schedules commands in order; returns the latest completion time."""
         end = now
         pending = self.decider.pending if self.decider is not None else {}
+        submit, events, push = self.executor.submit, self._events, heapq.heappush
         for command in commands:
-            done = self.executor.submit(command, now)
-            end = max(end, done)
+            done = submit(command, now)
+            if done > end:
+                end = done
             if command.command_id in pending:
-                self._push(done, _COMPLETE, command)
+                self._seq += 1
+                push(events, (done, self._seq, _COMPLETE, command))
         return end
 
     def run(self) -> list[RequestRecord]:

@@ -20,8 +20,9 @@ pytest.importorskip("transformers")
 TINY = {"_name_or_path": "test/tiny-llama", "model_type": "llama", "num_hidden_layers": 2, "hidden_size": 64,
         "num_attention_heads": 4, "num_key_value_heads": 2, "intermediate_size": 128, "vocab_size": 256,
         "max_position_embeddings": 1024, "torch_dtype": "float32"}
-SMALL = Sweep(restore_blocks=(1, 2, 3, 4, 6), recompute_points=((0, 16), (0, 32), (0, 64), (64, 16), (64, 32),
-                                                                   (64, 64)), repeats=5, warmup=1, restore_samples=1)
+SMALL = Sweep(restore_blocks=(1, 2, 3, 4, 6),
+              recompute_points=((0, 16), (0, 32), (0, 64), (64, 16), (64, 32), (64, 64)),
+              repeats=5, warmup=1, restore_samples=1, disk_samples=1)
 
 
 @pytest.fixture(scope="module")
