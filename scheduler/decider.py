@@ -122,6 +122,7 @@ class Decider:
         self._below_of = {t: (self.tiers[i + 1] if i + 1 < len(self.tiers) else None) for i, t in enumerate(self.tiers)}
         self._above_of = {t: self.tiers[i - 1] for i, t in enumerate(self.tiers) if i}
         entries = self.index.entries
+        self.index.target = self.tiers[0]
 
         def pinned(key: BlockKey) -> bool:  # `Index.is_pinned` without the method call
             entry = entries.get(key)
@@ -310,11 +311,12 @@ class Decider:
     def _after_promote(self, completion: Completion, key: BlockKey, dst: TierName, slot: int) -> list[Command]:
         self.inflight_prefetch_bytes -= self._bytes_per_block
         entry = self.index.get(key)
-        self.index.unpin([key])
         if completion.ok and entry is not None and entry.slots:
             self.stats.prefetched_blocks += 1
             self._add(key, dst, slot, entry.depth, entry.parent)
+            self.index.unpin([key])  # after the add: a block landed in the target gives no new work
             return []
+        self.index.unpin([key])
         if dst in self.tables and self.tables[dst].slot_of(key) == slot and not self.index.holds(key, dst):
             self.tables[dst].free(key)
         if not completion.ok:

@@ -15,8 +15,9 @@ Invariants:
 - a block with pins > 0 is never chosen as a victim; protected blocks only when nothing else is left
   (the policy decides; the index only answers `is_pinned` / `is_protected`);
 - `epoch` moves on every change that can give a scanned request new work: a block gains its first tier
-  (a cached prefix may grow), or a block some scan has visited (`Entry.watched`) loses a tier or its last
-  pin. While it stays put, a request whose last scan found nothing to promote still has nothing;
+  (a cached prefix may grow), or a block some scan has visited (`Entry.watched`) leaves the prefetch
+  target tier (`target`; any tier while it is None), loses its last tier, or loses its last pin outside
+  the target. While it stays put, a request whose last scan found nothing to promote still has nothing;
 - all methods are thread-safe (one lock; callers that need several steps atomically hold `index.lock`).
 """
 
@@ -71,6 +72,7 @@ class Index:
         self._entries: dict[BlockKey, Entry] = {}
         self.entries = self._entries  # read-only view by contract (module docstring)
         self.epoch = 0
+        self.target: TierName | None = None  # the tier prefetch fills (the decider sets it)
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -154,7 +156,8 @@ class Index:
             if entry is None:
                 return None
             slot = entry.slots.pop(tier, None)
-            if entry.watched and slot is not None:
+            if entry.watched and slot is not None and (tier is self.target or not entry.slots
+                                                       or self.target is None):
                 self.epoch += 1
             if not entry.slots and entry.pins == 0:
                 del self._entries[key]
@@ -186,7 +189,7 @@ class Index:
                 assert entry.pins > 0, f"unpin of an unpinned block {key.hex()[:8]}"
                 entry.pins -= 1
                 if entry.pins == 0:
-                    if entry.watched:
+                    if entry.watched and (self.target is None or self.target not in entry.slots):
                         self.epoch += 1
                     if not entry.slots:
                         del self._entries[key]

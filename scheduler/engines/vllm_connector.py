@@ -37,11 +37,8 @@ How a request goes (see /work/notes/VLLM.md for vLLM's side of the contract):
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
-
-import numpy as np
 
 from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorBase_V1,
@@ -50,11 +47,8 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorWorkerMetadata,
 )
 
-from kvtier.tiers.commands import Command, Completion, Load, Move, Save
-from kvtier.tiers.errors import ConfigError, TransferTimeout
-from kvtier.tiers.keys import BlockKey, KeyChain
-from kvtier.tiers.spec import KVSpec
-from kvtier.tiers.tier import TierName
+from kvtier.tiers.commands import Command, Completion
+from kvtier.tiers.errors import ConfigError
 
 from ..config import OffloadConfig
 from .vllm_buffer import VllmKVBuffer, vllm_spec

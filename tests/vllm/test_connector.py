@@ -11,6 +11,7 @@ disk store cold, so the next restore comes from disk.
 
 from __future__ import annotations
 
+import itertools
 import json
 import time
 from collections.abc import Iterator
@@ -44,6 +45,7 @@ PROMPTS: dict[str, list[int]] = {
     "conc2": _PREFIX + random_prompt(90, seed=79),
 }
 COMMON = {"max_model_len": 2048, "kv_cache_gib": 0.5}
+_FLUSH_SEEDS = itertools.count(1000)
 
 
 class Engines:
@@ -95,7 +97,7 @@ def run(engine: VllmEngine, name: str) -> tuple[tuple[int, ...], int]:
 def drop_host(engine: VllmEngine) -> None:
     """Empties kvtier's host tier and reopens its disk store cold; a short request ships the order."""
     assert engine.llm.reset_prefix_cache(reset_connector=True)
-    engine.generate([random_prompt(16, seed=int(time.monotonic_ns() % 1000))], max_tokens=1)
+    engine.generate([random_prompt(16, seed=next(_FLUSH_SEEDS))], max_tokens=1)
 
 
 def test_restored_from_host_gives_the_same_output(engines: Engines) -> None:
