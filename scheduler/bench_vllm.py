@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import shutil
 import statistics
 import tempfile
 import time
@@ -59,16 +60,7 @@ def _med(values: list[float]) -> float:
 def run(args: argparse.Namespace) -> int:
     from kvtier.scheduler import benchutil as bu
     from kvtier.scheduler.engines.models import prepare_model
-    from kvtier.scheduler.engines.vllm_harness import (
-        EngineConfig,
-        VllmEngine,
-        example_connector,
-        kvtier_connector,
-        random_prompt,
-        vllm_available,
-    )
-    from kvtier.tiers.coldcache import resident_bytes
-    from kvtier.tiers.disk import DiskTier
+    from kvtier.scheduler.engines.vllm_harness import vllm_available
 
     if not vllm_available():
         raise SystemExit("kvtier bench vllm: vllm is not installed (the `vllm` extra)")
@@ -88,11 +80,29 @@ def run(args: argparse.Namespace) -> int:
     result: dict[str, Any] = {"machine": bu.machine(), "model": "smollm2-135m", "dtype": "float32",
                               "repeats": repeats, "sizes": list(sizes)}
 
+    try:
+        return _run(args, result, sizes, repeats, work, store, common, kv_extra)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _run(args: argparse.Namespace, result: dict[str, Any], sizes: tuple[int, ...], repeats: int, work: Path,
+         store: Path, common: dict[str, Any], kv_extra: dict[str, Any]) -> int:
+    from kvtier.scheduler import benchutil as bu
+    from kvtier.scheduler.engines.vllm_harness import (
+        EngineConfig,
+        VllmEngine,
+        example_connector,
+        kvtier_connector,
+        random_prompt,
+    )
+    from kvtier.tiers.coldcache import resident_bytes
+    from kvtier.tiers.disk import DiskTier
+
     began = time.perf_counter()
-    none = VllmEngine(EngineConfig(**common)).start()
-    kv = VllmEngine(EngineConfig(**common, **kvtier_connector(**kv_extra))).start()
-    ex = VllmEngine(EngineConfig(**common, **example_connector(work / "example_store"))).start()
-    result["startup_s"] = {"none": none.startup_s, "kvtier": kv.startup_s, "example": ex.startup_s}
+    none = VllmEngine(EngineConfig(**common))
+    kv = VllmEngine(EngineConfig(**common, **kvtier_connector(**kv_extra)))
+    ex = VllmEngine(EngineConfig(**common, **example_connector(work / "example_store")))
     flush_seed = [1000]
 
     def ttft(engine: VllmEngine, prompt: list[int]) -> float:
@@ -105,6 +115,9 @@ def run(args: argparse.Namespace) -> int:
         return resident_bytes(DiskTier.data_file_of(store))
 
     try:
+        for engine in (none, kv, ex):
+            engine.start()
+        result["startup_s"] = {"none": none.startup_s, "kvtier": kv.startup_s, "example": ex.startup_s}
         ttft_rows: dict[str, dict[str, Any]] = {}
         for size in sizes:
             prompt = random_prompt(size, seed=size)
@@ -178,9 +191,11 @@ def _multiturn(common: dict[str, Any], kv_extra: dict[str, Any], EngineConfig: A
     users = [[random_prompt(256, seed=2000 + 10 * s + t) for t in range(turns)] for s in range(6)]
     replies = [[random_prompt(32, seed=5000 + 10 * s + t) for t in range(turns)] for s in range(6)]
     times: dict[str, list[list[float]]] = {"vllm": [[] for _ in range(turns)], "kvtier": [[] for _ in range(turns)]}
-    alone = VllmEngine(EngineConfig(**mt)).start()
-    withkv = VllmEngine(EngineConfig(**mt, **kvtier_connector(**kv_extra))).start()
+    alone = VllmEngine(EngineConfig(**mt))
+    withkv = VllmEngine(EngineConfig(**mt, **kvtier_connector(**kv_extra)))
     try:
+        alone.start()
+        withkv.start()
         history = [list(s) for s in sessions]
         for t in range(turns):
             for s in range(6):
