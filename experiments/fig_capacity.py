@@ -107,7 +107,10 @@ def main() -> None:
     ax2.set_ylabel("TTFT (ms)")
     ax2.set_title(f"Simulated TTFT, first {SIM_REQUESTS:,} requests, load {TARGET_LOAD}\n"
                   f"(llama-3-8b, h100-sxm, gpu {GPU_BLOCKS} blocks, no disk)", fontsize=8)
-    ax2.legend(fontsize=6, ncol=2)
+    ax2.legend(fontsize=6, ncol=2, loc="center right")
+    for ax in (ax1, ax2):
+        ax.set_xticks(CAPACITIES, [f"{c:,}" for c in CAPACITIES])
+        ax.tick_params(axis="x", which="minor", bottom=False, labelbottom=False)
     fig.suptitle("Capacity sweep on the Mooncake conversation trace")
     fig.tight_layout()
     fig.savefig(out_path("fig_capacity.png"))

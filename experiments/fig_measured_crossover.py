@@ -3,8 +3,8 @@ cost model's prediction for the same points.
 
 Model: SmolLM2-135M-Instruct in fp32 (`kvtier models prepare smollm2-135m`), eager attention, 2 threads,
 64-token blocks. For each prefix length P in 512 ... 8192 tokens (the model's context is 8k):
-- recompute: a prefill of P random tokens (`hf_kv.prefill`); median of 2 up to 2k tokens, one run at 4k
-  and 8k (they take minutes on 2 shared cores);
+- recompute: a prefill of P random tokens (`hf_kv.prefill`); median of 2 up to 1k tokens, one run from 2k
+  to 8k (they take minutes on 2 shared cores);
 - restore from host: the first P tokens of KV loaded from a kvtier `HostTier` into an `HFKVBuffer` through
   `OffloadManager.load` (the real Transferer path), timed to `Loading.wait()`; median of 5 after a warm-up;
 - restore from disk, cold: the same load from a `DiskTier` (LMDB, no codec) whose data file was evicted
@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
 import statistics
 import sys
@@ -52,7 +53,7 @@ HOST_REPEATS, DISK_REPEATS = 5, 3
 
 
 def recompute_repeats(P: int) -> int:
-    return 2 if P <= 2048 else 1
+    return 2 if P <= 1024 else 1
 
 
 def timed_prefill(model: Any, ids: torch.Tensor) -> tuple[float, Any]:
@@ -64,7 +65,8 @@ def timed_prefill(model: Any, ids: torch.Tensor) -> tuple[float, Any]:
 
 def timed_load(manager: OffloadManager, ids: torch.Tensor, buffer: HFKVBuffer, rid: str) -> float:
     """Seconds to restore every cached block of `ids` into `buffer` (the plan forced to restore them all)."""
-    plan = manager.plan(rid, ids)
+    # one more token: a prompt's last token is always computed, so its own full blocks would not all match
+    plan = manager.plan(rid, torch.cat([ids, ids[:1]]))
     n = len(ids) // manager.spec.block_tokens
     if plan.num_matched_blocks != n:
         raise RuntimeError(f"{rid}: {plan.num_matched_blocks} of {n} blocks cached")
@@ -146,11 +148,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--profile", help="calibrated cost model JSON (default $KVTIER_PROFILE or /tmp/cal/profile.json)")
     parser.add_argument("--max-tokens", type=int, default=max(LENGTHS), help="longest prefix measured (quick runs)")
+    parser.add_argument("--replot", action="store_true", help="redraw the PNG and the findings from the saved JSON")
     args = parser.parse_args()
+    if args.replot:
+        saved = json.loads(out_path("fig_measured_crossover.json").read_text())
+        report(saved["rows"], saved["profile"], saved)
+        return
     lengths = tuple(P for P in LENGTHS if P <= args.max_tokens)
     if not lengths:
         raise SystemExit(f"--max-tokens: expected >= {LENGTHS[0]}, got {args.max_tokens}")
     start = time.perf_counter()
+    load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix=".kvtier-fig2-", dir=".") as root:
         rows, spec, extra = measure(lengths, root)
     model, source = load_cost_model(args.profile, spec)
@@ -165,21 +173,34 @@ def main() -> None:
         r["disk_speedup"] = round(r["recompute_s"] / r["disk_restore_s"], 1)
     flat = [{k: v for k, v in r.items() if not k.endswith("_all_s")} for r in rows]
     write_csv("fig_measured_crossover.csv", flat)
-    write_json("fig_measured_crossover.json", {"machine": machine(), "model": spec.model_id, "dtype": "float32",
-                                               "threads": 2, "block_tokens": spec.block_tokens,
-                                               "profile": source, "rows": rows, **extra,
-                                               "wall_s": round(time.perf_counter() - start, 1)})
+    saved = {"machine": machine(), "model": spec.model_id, "dtype": "float32", "threads": 2,
+             "block_tokens": spec.block_tokens, "profile": source, "rows": rows, **extra,
+             "load_avg_1min": [round(load_before, 2), round(os.getloadavg()[0], 2)],
+             "wall_s": round(time.perf_counter() - start, 1)}
+    write_json("fig_measured_crossover.json", saved)
+    report(rows, source, saved)
+
+
+def report(rows: list[dict[str, Any]], source: str, saved: dict[str, Any]) -> None:
+    """Draws the PNG and prints the findings line."""
     plot(rows, source)
     hi = rows[-1]
     span = lambda key: f"{min(r[key] for r in rows):.0f}x-{max(r[key] for r in rows):.0f}x"  # noqa: E731
-    err = lambda key, pred: max(abs(r[pred] / r[key] - 1) for r in rows)  # noqa: E731
-    print(f"findings: SmolLM2-135M fp32 on this CPU (2 threads), restore beats "
-          f"recompute at every length {rows[0]['tokens']}-{hi['tokens']}: host restore {span('host_speedup')} faster "
-          f"({hi['host_restore_s'] * 1e3:.0f} ms vs {hi['recompute_s']:.1f} s at {hi['tokens']}), cold disk "
-          f"{span('disk_speedup')} ({hi['disk_restore_s'] * 1e3:.0f} ms at {hi['tokens']}); "
-          f"the {Path(source).name} cost model is off by at most {err('recompute_s', 'pred_recompute_s'):.0%} "
-          f"(recompute), {err('host_restore_s', 'pred_host_s'):.0%} (host), {err('disk_restore_s', 'pred_disk_s'):.0%} "
-          f"(disk); recompute at 4k/8k measured once; run {time.perf_counter() - start:.0f} s.")
+
+    def ratio(key: str, pred: str) -> str:
+        vals = [r[key] / r[pred] for r in rows]
+        return f"{min(vals):.2f}-{max(vals):.2f}x"
+
+    once = [r["tokens"] for r in rows if r["recompute_runs"] == 1]
+    load = saved.get("load_avg_1min")
+    load_note = f", load avg {load[0]:.1f}" if load else ""
+    print(f"findings: SmolLM2-135M fp32 on this CPU (2 threads{load_note}), restore "
+          f"beats recompute at every length {rows[0]['tokens']}-{hi['tokens']}: host restore {span('host_speedup')} "
+          f"faster ({hi['host_restore_s'] * 1e3:.0f} ms vs {hi['recompute_s']:.1f} s at {hi['tokens']}), cold disk "
+          f"{span('disk_speedup')} ({hi['disk_restore_s'] * 1e3:.0f} ms at {hi['tokens']}); measured/predicted by "
+          f"{Path(source).name}: recompute {ratio('recompute_s', 'pred_recompute_s')}, host "
+          f"{ratio('host_restore_s', 'pred_host_s')}, disk {ratio('disk_restore_s', 'pred_disk_s')}; recompute "
+          f"measured once at {once or 'none'}; run {saved['wall_s']:.0f} s.")
 
 
 def plot(rows: list[dict[str, Any]], source: str) -> None:

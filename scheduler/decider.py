@@ -258,6 +258,8 @@ class Decider:
         Each window request's cached prefix is protected, then its blocks that are neither in the fastest
         tier nor pinned go one hop up, in prompt order, until the byte budget is spent (the round ends) or
         a destination tier has no room left for a promotion (that tier is skipped for the rest of the round).
+        A request whose last scan found nothing to promote is not scanned again until `Index.epoch` moves
+        (its answer cannot have changed; the effect is the same as scanning it).
         """
         target = self.tiers[0]
         bpb, budget = self._bytes_per_block, self.config.prefetch_budget_bytes

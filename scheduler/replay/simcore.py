@@ -129,14 +129,16 @@ class SimExecutor:
         self.counters = counters
         self.free_at = {link: 0.0 for link in LINKS}
         paths = {name: cost_model.path(name) for name in ("gpu", "host", "disk")}
-        #: (latency, seconds per block) of each link
         self.cost = {"gpu": paths["gpu"], "h2d": paths["host"], "d2h": paths["host"],
                      "disk-read": paths["disk"], "disk-write": paths["disk"]}
+        #: (latency, seconds per block) of each link: `PathCost.time_s` without its property per call
+        self._coefficients = {link: (cost.latency_s, cost.block_s) for link, cost in self.cost.items()}
 
     def _occupy(self, link: str, num_blocks: int, now: float, reason: str) -> float:
         if num_blocks <= 0:
             return now
-        duration = self.cost[link].time_s(num_blocks)
+        latency, per_block = self._coefficients[link]
+        duration = latency + num_blocks * per_block  # = self.cost[link].time_s(num_blocks)
         start = max(now, self.free_at[link])
         end = self.free_at[link] = start + duration
         counters = self.counters
