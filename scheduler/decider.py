@@ -526,6 +526,14 @@ class Decider:
                             completion.request_id, completion.error)
             return pending.on_done(completion)
 
+    def drop_tier(self, tier: TierName) -> int:
+        """Forgets every unpinned block's copy in `tier` (e.g. emptying the host tier); returns how many."""
+        with self.lock:
+            keys = [k for k in self.index.keys_in(tier) if not self.index.is_pinned(k)]
+            for key in keys:
+                self._drop(key, tier)
+            return len(keys)
+
     def rebuild_from_disk(self, keys: Sequence[BlockKey]) -> int:
         """Adds the disk store's listing after a restart; returns how many blocks."""
         with self.lock:

@@ -97,6 +97,22 @@ class Executor:
         with self._lock:
             self._done.append(completion)
 
+    def reopen_disk(self, evict: bool = True, timeout_s: float = 60.0) -> int:
+        """Closes the disk tier once queued work has run, optionally drops its file from the page cache
+        (a cold restore next, as benchmarks need), and reopens it. Returns the bytes still cached."""
+        from .coldcache import evict_file
+
+        disk = self.tiers.get(TierName.DISK)
+        if disk is None:
+            return 0
+        self.transfer.drain(timeout_s)
+        data_file = disk.data_file
+        disk.close()
+        left = evict_file(data_file) if evict else 0
+        fresh = disk.reopen()
+        self.tiers[TierName.DISK] = self.transfer.tiers[TierName.DISK] = fresh
+        return left
+
     def completions(self) -> list[Completion]:
         """The completions that arrived since the last call."""
         with self._lock:

@@ -324,6 +324,12 @@ class Transferer:
 
         return self._copies.submit(job, handle, PRIORITY_LOAD)
 
+    def drain(self, timeout_s: float = 60.0) -> None:
+        """Waits until every job queued so far on the copy and disk workers has run."""
+        self._copies.submit(_no_op).wait(timeout_s)
+        if self._disk is not None:
+            self._disk.submit(_no_op).wait(timeout_s)
+
     def close(self) -> None:
         """Finishes queued jobs and joins the workers (idempotent)."""
         if self._disk is not None:

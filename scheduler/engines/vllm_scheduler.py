@@ -211,12 +211,7 @@ class SchedulerSide:
 
     def reset(self) -> bool:
         """Empties the host tier (books first) and asks the worker to reopen its disk store cold."""
-        decider = self.decider
-        with decider.lock:
-            if TierName.HOST in decider.tables:
-                for key in list(decider.tables[TierName.HOST].keys()):
-                    if not decider.index.is_pinned(key):
-                        decider._drop(key, TierName.HOST)
+        self.decider.drop_tier(TierName.HOST)
         self.cold_reset = True
         return True
 

@@ -118,22 +118,9 @@ class WorkerSide:
 
     def _cold_reopen(self) -> None:
         """Closes the disk store, drops its pages from the page cache, reopens it (a cold restore next)."""
-        from kvtier.tiers.coldcache import evict_file
-        from kvtier.tiers.disk import DiskTier
-
-        executor = self.executor
-        disk = executor.tiers.get(TierName.DISK)
-        if disk is None:
+        if self.executor is None:
             return
-        transfer = executor.transfer
-        transfer._copies.submit(lambda: None).wait(self.timeout_s)
-        if transfer._disk is not None:
-            transfer._disk.submit(lambda: None).wait(self.timeout_s)
-        disk.close()
-        left = evict_file(disk.data_file)
-        fresh = DiskTier(**disk._args)
-        executor.tiers[TierName.DISK] = fresh
-        transfer.tiers[TierName.DISK] = fresh
+        left = self.executor.reopen_disk(evict=True, timeout_s=self.timeout_s)
         log.info("kvtier worker: disk store reopened cold (%d bytes still resident)", left)
 
     def close(self) -> None:
