@@ -133,19 +133,10 @@ def load_requests(args: argparse.Namespace) -> tuple[Any, str]:
 
 
 def _progress(enabled: bool):
-    if not enabled:
-        return None
-    start = time.perf_counter()
+    """The progress bar of long runs (None when off)."""
+    from kvtier.scheduler.replay.simreport import progress_bar
 
-    def show(done: int, total: int, label: str) -> None:
-        width = 24
-        filled = int(width * done / max(1, total))
-        sys.stderr.write(f"\r[{'#' * filled}{'.' * (width - filled)}] {done}/{total} {label:<32} "
-                         f"{time.perf_counter() - start:5.1f}s")
-        if done >= total:
-            sys.stderr.write("\n")
-        sys.stderr.flush()
-    return show
+    return progress_bar() if enabled else None
 
 
 def run_hit_only(args: argparse.Namespace) -> int:
