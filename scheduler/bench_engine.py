@@ -90,7 +90,6 @@ def run(args: argparse.Namespace) -> int:
 def _bench(model: Any, spec: Any, P: int, repeats: int, root: str, model_config: Any = None) -> dict[str, Any]:
     import torch
 
-    from kvtier.scheduler import benchutil as bu
     from kvtier.scheduler.config import OffloadConfig
     from kvtier.scheduler.engines.hf import HFEngine
     from kvtier.scheduler.engines.hf_kv import HFKVBuffer, max_restorable_blocks, prefill

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import itertools
 import logging
-import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field

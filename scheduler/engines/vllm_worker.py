@@ -24,7 +24,6 @@ from kvtier.tiers.commands import Completion, Load, Save
 from kvtier.tiers.errors import TransferTimeout
 from kvtier.tiers.executor import Executor
 from kvtier.tiers.spec import KVSpec
-from kvtier.tiers.tier import TierName
 from kvtier.tiers.worker import TransferHandle
 
 from ..config import OffloadConfig

@@ -9,7 +9,6 @@ from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
-import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -17,7 +16,7 @@ from hypothesis import strategies as st
 from kvtier.scheduler.config import OffloadConfig
 from kvtier.scheduler.manager import OffloadManager
 from kvtier.scheduler.replay.traces import TraceFormat, read_trace
-from kvtier.tiers.errors import KVTierError, TraceFormatError
+from kvtier.tiers.errors import TraceFormatError
 from kvtier.tiers.spec import KVSpec
 from kvtier.tiers.transfer import BlockKVBuffer
 
