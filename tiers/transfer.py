@@ -107,9 +107,15 @@ def slot_runs(src_slots: Sequence[int], dst_slots: Sequence[int] | None = None) 
 class Transferer:
     """Runs batched copies between the tiers it is given, on background workers.
 
+    Attributes:
+        DISK_LOAD_BATCH: disk blocks read per batch in a load (each batch is copied into the engine's
+            KV while the next is read).
+
     Args:
         tiers: the tiers by name (any of gpu, host, disk), all of one KVSpec.
     """
+
+    DISK_LOAD_BATCH = 4
 
     def __init__(self, tiers: Mapping[TierName, Tier]) -> None:
         if not tiers:
@@ -278,10 +284,11 @@ class Transferer:
         tiers = [TierName(t) for t in src_tiers]
         disk_idx = [i for i, t in enumerate(tiers) if t is TierName.DISK]
 
-        def copy_groups(failed: set[BlockKey]) -> list[BlockKey]:
-            # after a failed block nothing is delivered: the engine recomputes from the first failure
+        def copy_groups(failed: set[BlockKey], done: frozenset[int] = frozenset()) -> list[BlockKey]:
+            # after a failed block nothing is delivered: the engine recomputes from the first failure;
+            # blocks in `done` were already written whole (disk blocks, as their reads landed)
             usable = next((i for i, k in enumerate(keys) if k in failed), len(keys))
-            pieces = _runs_by_tier(tiers[:usable], src_slots[:usable])
+            pieces = [p for p in _runs_by_tier(tiers[:usable], src_slots[:usable]) if p[1] not in done]
             with self._on_stream():
                 for g, (lo, hi) in enumerate(groups):
                     for tier, first, s0, n in pieces:
@@ -294,12 +301,26 @@ class Transferer:
         if not disk_idx:
             return self._copies.submit(lambda: copy_groups(set()), handle, PRIORITY_LOAD)
 
+        def write_whole(batch: list[int]) -> None:
+            with self._on_stream():
+                for i in batch:
+                    src = self._pool(TierName.HOST).pool.blocks(src_slots[i], 1)
+                    buffer.write_blocks(dst_blocks[i:i + 1], src, (0, self.spec.num_layers))
+
         def read_then_copy() -> None:
+            # disk blocks are read in small batches, and each batch is copied into the engine's KV on the
+            # copy worker while the next one is read: the copy hides behind the read instead of following it
             try:
-                missed = self._read_disk([keys[i] for i in disk_idx], TierName.HOST, [src_slots[i] for i in disk_idx])
-                for i in disk_idx:
-                    tiers[i] = TierName.HOST
-                self._copies.submit(lambda: copy_groups(set(missed)), handle, PRIORITY_LOAD)
+                missed: set[BlockKey] = set()
+                for b in range(0, len(disk_idx), self.DISK_LOAD_BATCH):
+                    batch = disk_idx[b:b + self.DISK_LOAD_BATCH]
+                    missed.update(self._read_disk([keys[i] for i in batch], TierName.HOST,
+                                                  [src_slots[i] for i in batch]))
+                    landed = [i for i in batch if keys[i] not in missed]
+                    for i in batch:
+                        tiers[i] = TierName.HOST
+                    self._copies.submit(lambda ok=landed: write_whole(ok), TransferHandle(), PRIORITY_LOAD)
+                self._copies.submit(lambda: copy_groups(missed, frozenset(disk_idx)), handle, PRIORITY_LOAD)
             except BaseException as err:
                 handle.finish(keys, error=err)
 
