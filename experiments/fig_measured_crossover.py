@@ -205,7 +205,7 @@ def report(rows: list[dict[str, Any]], source: str, saved: dict[str, Any]) -> No
 
 def plot(rows: list[dict[str, Any]], source: str) -> None:
     plt = pyplot()
-    fig, ax = plt.subplots(figsize=(7.5, 5))
+    fig, ax = plt.subplots(figsize=(10, 5))
     P = [r["tokens"] for r in rows]
     series = (("recompute", "recompute_s", "pred_recompute_s", "builtin_recompute_s", "C3", "o"),
               ("restore from host", "host_restore_s", "pred_host_s", "builtin_host_s", "C0", "s"),
@@ -226,7 +226,7 @@ def plot(rows: list[dict[str, Any]], source: str) -> None:
     ax.set_xlabel("cached prefix length P (tokens)")
     ax.set_ylabel("seconds to make P tokens of KV ready")
     ax.set_title("SmolLM2-135M fp32, 2 CPU threads: restore vs recompute (labels: host / disk speed-up)", fontsize=8)
-    ax.legend(fontsize=6.5, loc="center right")
+    ax.legend(fontsize=6.5, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     fig.savefig(out_path("fig_measured_crossover.png"))
 
