@@ -30,6 +30,7 @@ is never returned by `victim`.
 
 from __future__ import annotations
 
+import heapq
 from abc import ABC, abstractmethod
 from typing import Any, Callable, ClassVar, Container, Hashable, Iterator, Sequence
 
@@ -51,6 +52,25 @@ def protector(protected: Protected) -> Callable[[Any], bool]:
 
 def _never(_key: Any) -> bool:
     return False
+
+
+def heap_victim(heap: list, is_stale: Callable[[tuple], bool], is_protected: Callable[[Any], bool]) -> Any:
+    """The key of the best entry of a lazy-deletion heap of `(priority, tiebreak, key)` that is neither
+    stale (popped for good) nor protected (set aside and pushed back), or None."""
+    skipped, found = [], None
+    while heap:
+        entry = heap[0]
+        if is_stale(entry):
+            heapq.heappop(heap)
+            continue
+        if is_protected(entry[2]):
+            skipped.append(heapq.heappop(heap))
+            continue
+        found = entry[2]
+        break
+    for entry in skipped:
+        heapq.heappush(heap, entry)
+    return found
 
 
 class Policy(ABC):

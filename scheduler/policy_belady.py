@@ -36,7 +36,7 @@ from typing import Iterator, Sequence
 
 from kvtier.tiers.errors import ConfigError
 
-from .policy_base import Key, Policy, Protected, protector
+from .policy_base import Key, Policy, Protected, heap_victim, protector
 
 #: the next use of a key that is never used again (farther than any real index)
 NEVER = float("inf")
@@ -355,21 +355,9 @@ class BeladyBypassPolicy(BeladyPolicy):
 
     def victim(self, protected: Protected = None, incoming: Key | None = None) -> Key | None:
         is_protected = protector(protected)
-        heap, state, kids = self._leaves, self._state, self._kids
-        skipped, found = [], None
-        while heap:
-            neg_next, _, key = heap[0]
-            if key not in state or kids[key] or state[key][0] != -neg_next:
-                heapq.heappop(heap)
-                continue
-            if is_protected(key):
-                skipped.append(heapq.heappop(heap))
-                continue
-            found = key
-            break
-        for entry in skipped:
-            heapq.heappush(heap, entry)
-        return found
+        state, kids = self._state, self._kids
+        return heap_victim(self._leaves, lambda e: e[2] not in state or kids[e[2]] or state[e[2]][0] != -e[0],
+                           is_protected)
 
     def remove(self, key: Key) -> None:
         del self._state[key]

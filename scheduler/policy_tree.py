@@ -23,7 +23,7 @@ import heapq
 import itertools
 from typing import Callable, Iterator
 
-from .policy_base import Key, Policy, Protected, protector
+from .policy_base import Key, Policy, Protected, heap_victim, protector
 
 #: value(key, depth) -> seconds saved per byte when the key is hit
 ValueFn = Callable[[Key, int], float]
@@ -86,22 +86,9 @@ class _LeafHeapPolicy(Policy):
 
     def victim(self, protected: Protected = None, incoming: Key | None = None) -> Key | None:
         is_protected = protector(protected)
-        heap, prio, children = self._heap, self._prio, self._children
-        skipped = []
-        found = None
-        while heap:
-            p, _, key = heap[0]
-            if prio.get(key) != p or children.get(key):
-                heapq.heappop(heap)  # stale: re-prioritised, removed, or no longer a leaf
-                continue
-            if is_protected(key):
-                skipped.append(heapq.heappop(heap))
-                continue
-            found = key
-            break
-        for entry in skipped:
-            heapq.heappush(heap, entry)
-        return found
+        prio, children = self._prio, self._children
+        # stale: re-prioritised, removed, or no longer a leaf
+        return heap_victim(self._heap, lambda e: prio.get(e[2]) != e[0] or children.get(e[2]), is_protected)
 
     def remove(self, key: Key) -> None:
         parent = self._parent.pop(key)
