@@ -45,9 +45,9 @@ import torch
 from . import diskenv
 from .codecs import Codec, get_codec
 from .diskformat import HEADER_BYTES, checksum, lmdb_key, pack_header_into
-from .diskread import check_value, scratch
+from .diskread import Destination, check_value, read_value_at, scratch
 from .diskwriter import DiskWriter
-from .errors import CapacityError, ClosedError, ConfigError, StoreError, StoreFullError
+from .errors import CapacityError, ClosedError, ConfigError, SpecMismatchError, StoreError, StoreFullError
 from .keys import BlockKey
 from .spec import KVSpec
 from .tier import Tier, TierName, format_size, parse_size
@@ -358,41 +358,82 @@ class DiskTier(Tier):
         target = out if out is not None else torch.empty(self.spec.bytes_per_block, dtype=torch.uint8)
         return target if self.get_many([key], [target])[0] else None
 
-    def get_many(self, keys: Sequence[BlockKey], outs: Sequence[torch.Tensor]) -> list[bool]:
-        """Reads blocks straight into `outs` (contiguous CPU tensors of one block each).
+    def get_many(self, keys: Sequence[BlockKey], outs: Sequence[torch.Tensor | Sequence[memoryview]],
+                 on_landed: Callable[[list[int]], None] | None = None, batch_blocks: int = 4) -> list[bool]:
+        """Reads blocks straight into `outs`: contiguous CPU tensors of one block each, or per block a list
+        of writable memory runs that take its payload in order (an engine's own KV memory).
+
+        Values are read in file order with `os.preadv` at their located offsets (one read continues the
+        last, so the kernel's readahead streams them: measured at the speed of a cold sequential read of a
+        file). `on_landed(indices)`, when given, is called after every `batch_blocks` values with the
+        indices (into `keys`) of those delivered, so a caller can use them while the rest is read.
 
         Returns:
             which blocks were delivered; a miss (absent, corrupt, foreign) leaves its `out` undefined.
+
+        Raises:
+            ConfigError: an output is not on the CPU, or `outs` and `keys` differ in length.
+            SpecMismatchError: an output does not hold exactly one block.
         """
         self._check_open()
         if len(keys) != len(outs):
             raise ConfigError(f"get_many: {len(keys)} keys but {len(outs)} outputs")
-        dsts = []
-        for out in outs:
-            if out.device.type != "cpu":
-                raise ConfigError(f"get_many: outputs must be CPU tensors, got one on {out.device}")
-            dsts.append(self.check_block(out, "out").numpy())
+        dsts = [self._destination(out) for out in outs]
         found, bad = [False] * len(keys), []
         env = self._env
+
+        def deliver(i: int, reason: str | None, length: int) -> None:
+            self._count(bytes_read=length)
+            found[i] = reason is None
+            if reason is not None:
+                bad.append((keys[i], reason))
+
         with env.txn() as txn:
-            for i, key in enumerate(keys):
-                # py-lmdb faults the whole value in as it returns it (with the GIL released, through the map's
-                # readahead); the check and the copy into `out` then read the page cache
-                view = txn.get(self._lk(key), db=env.blocks_db)
-                if view is None:
-                    continue
-                self._count(bytes_read=len(view))
-                reason = check_value(view, self._fp, key, dsts[i], self.spec.itemsize)
-                if reason is None:
-                    found[i] = True
+            cursor = txn.cursor(db=env.blocks_db)
+            located, through_map = [], []
+            for i, key in enumerate(keys):  # every lookup first: B-tree pages and first pages, then values
+                where = env.locate(cursor, self._lk(key))
+                if isinstance(where, tuple):
+                    located.append((*where, i))
+                elif where is not None:
+                    through_map.append(i)
+            located.sort()
+            env.forget_first_pages_of_cold(located)
+            landed: list[int] = []
+            for n, (offset, length, i) in enumerate(located, 1):
+                reason = read_value_at(env.fd, offset, length, self._fp, keys[i], dsts[i], self.spec.itemsize)
+                if reason == "short":  # the located offset was wrong: read it through LMDB instead
+                    through_map.append(i)
                 else:
-                    bad.append((key, reason))
+                    deliver(i, reason, length)
+                    landed += [i] if reason is None else []
+                if on_landed is not None and landed and (n % batch_blocks == 0 or n == len(located)):
+                    on_landed(landed)
+                    landed = []
+            for i in through_map:
+                view = txn.get(self._lk(keys[i]), db=env.blocks_db)
+                if view is not None:
+                    deliver(i, check_value(view, self._fp, keys[i], dsts[i], self.spec.itemsize), len(view))
+            if on_landed is not None and any(found[i] for i in through_map):
+                on_landed([i for i in through_map if found[i]])
         hits = sum(found)
         self._count(hits=hits, misses=len(keys) - hits, corrupt=sum(r == "corrupt" for _, r in bad),
                     foreign=sum(r == "foreign" for _, r in bad))
         if bad:
             self._remove_bad([k for k, _ in bad])
         return found
+
+    def _destination(self, out: torch.Tensor | Sequence[memoryview]) -> Destination:
+        if isinstance(out, torch.Tensor):
+            if out.device.type != "cpu":
+                raise ConfigError(f"get_many: outputs must be CPU tensors, got one on {out.device}")
+            return self.check_block(out, "out").numpy()
+        runs = list(out)
+        size = sum(r.nbytes for r in runs)
+        if size != self.spec.bytes_per_block or any(r.readonly or not r.c_contiguous for r in runs):
+            raise SpecMismatchError(f"out: memory runs of {size} bytes; expected {self.spec.bytes_per_block} "
+                                    f"writable contiguous bytes")
+        return [r.cast("B") if r.format != "B" else r for r in runs]
 
     def _remove_bad(self, keys: list[bytes]) -> None:
         """Deletes values that failed their checks, if they still fail (another writer may have replaced them)."""

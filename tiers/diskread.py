@@ -4,12 +4,15 @@ Primitives:
 - `read_value_at(fd, offset, value_len, fingerprint, key, out, itemsize)`: reads a value from data.mdb at a
   file offset (`SharedEnv.locate`) and checks it; the raw codec's payload lands in `out` with one
   `os.preadv` (header and payload in one call), a compressed payload is read into a per-thread scratch
-  buffer and decoded into `out`. Not the tier's read path: measured on this machine (virtio disk, 8 MiB
-  blocks, cold), it ran at 0.35-0.40 of a sequential read against 0.87-0.89 for copying from LMDB's map,
-  because LMDB's lookup touches each value's first page and the kernel then treats the preads as random.
-  Kept for stores on other file systems and for benchmarks.
+  buffer and decoded into `out`. The disk tier's read path: values read in file order this way stream
+  at the speed of a cold sequential read of a file, provided LMDB's map does no readahead of its own
+  (see `diskenv`: a fault in the map otherwise reads 8 MiB around it, synchronously, and the reads
+  that follow are no longer sequential to the kernel).
 - `check_value(src, fingerprint, key, out, itemsize)`: checks a whole value in memory (header, checksum)
   and decodes its payload into `out`.
+- `Destination`: `out` of both: one block's contiguous bytes, or a list of memory runs that together
+  take the payload in order (the raw codec's payload is then read straight into them, one `preadv`,
+  and checksummed run by run).
 - `scratch(size)`: a reused per-thread buffer (the raw codec's write path builds values in it too).
 
 Both return None when the block was delivered, else the reason it was not: "corrupt" (malformed header,
@@ -23,13 +26,20 @@ from __future__ import annotations
 import os
 import threading
 
+from typing import Sequence, Union
+
 import numpy as np
+import xxhash
 
 from .codecs import Codec, get_codec
 from .diskformat import HEADER_BYTES, check_header, checksum, decode_header
 from .errors import ConfigError, CorruptBlockError
 
 _local = threading.local()
+
+#: where a block's payload goes: a contiguous uint8 array of one block, or the block's payload bytes as
+#: writable memory runs in payload order (an engine's own KV memory, see `KVBuffer.block_memory`)
+Destination = Union[np.ndarray, Sequence[memoryview]]
 
 
 def scratch(size: int) -> memoryview:
@@ -47,7 +57,7 @@ def _head() -> memoryview:
     return head
 
 
-def check_value(src: memoryview | bytes, fingerprint: bytes, key: bytes, out: np.ndarray, itemsize: int) -> str | None:
+def check_value(src: memoryview | bytes, fingerprint: bytes, key: bytes, out: Destination, itemsize: int) -> str | None:
     """Checks a whole value (header then payload) and decodes its payload into `out`.
 
     Returns:
@@ -57,33 +67,43 @@ def check_value(src: memoryview | bytes, fingerprint: bytes, key: bytes, out: np
         header = decode_header(src[:HEADER_BYTES])
     except CorruptBlockError:
         return "corrupt"
-    reason = check_header(header, fingerprint, key, len(src), out.size)
+    runs = _runs(out)
+    reason = check_header(header, fingerprint, key, len(src), sum(len(r) for r in runs))
     if reason is not None:
         return reason
     payload = src[HEADER_BYTES:]
     if checksum(payload) != header.checksum:
         return "corrupt"
+    codec = get_codec(header.codec)
     try:
-        get_codec(header.codec).decode_into(payload, out, itemsize)
+        if isinstance(out, np.ndarray):
+            codec.decode_into(payload, out, itemsize)
+        elif not codec.compresses:
+            _scatter(payload, runs)
+        else:  # decoded whole, then spread over the runs
+            block = _block_scratch(sum(len(r) for r in runs))
+            codec.decode_into(payload, block, itemsize)
+            _scatter(block.data, runs)
     except (CorruptBlockError, ConfigError):
         return "corrupt"
     return None
 
 
-def read_value_at(fd: int, offset: int, value_len: int, fingerprint: bytes, key: bytes, out: np.ndarray,
+def read_value_at(fd: int, offset: int, value_len: int, fingerprint: bytes, key: bytes, out: Destination,
                   itemsize: int) -> str | None:
     """Reads the value of `value_len` bytes at `offset` of `fd` and checks it, decoding into `out`.
 
     Returns:
         None when delivered, else "corrupt", "foreign" or "short".
     """
-    raw_len = out.size
+    runs = _runs(out)
+    raw_len = sum(len(r) for r in runs)
     if value_len < HEADER_BYTES:
         return "corrupt"
     if value_len == HEADER_BYTES + raw_len:
         # the raw codec's fast path: header and payload in one preadv, the payload lands in `out`
         head = _head()
-        if os.preadv(fd, [head, out.data], offset) != value_len:
+        if os.preadv(fd, [head, *runs], offset) != value_len:
             return "short"
         try:
             header = decode_header(head)
@@ -93,9 +113,40 @@ def read_value_at(fd: int, offset: int, value_len: int, fingerprint: bytes, key:
             reason = check_header(header, fingerprint, key, value_len, raw_len)
             if reason is not None:
                 return reason
-            return None if checksum(out) == header.checksum else "corrupt"
+            return None if _checksum_runs(runs) == header.checksum else "corrupt"
         # a compressed payload exactly one block long: decode it from a copy below
     src = scratch(value_len)
     if os.preadv(fd, [src], offset) != value_len:
         return "short"
     return check_value(src, fingerprint, key, out, itemsize)
+
+
+def _runs(out: Destination) -> list[memoryview]:
+    return [out.data.cast("B")] if isinstance(out, np.ndarray) else list(out)
+
+
+def _checksum_runs(runs: Sequence[memoryview]) -> int:
+    """The checksum of the concatenated runs (equal to `checksum` of the same bytes in one piece)."""
+    if len(runs) == 1:
+        return checksum(runs[0])
+    state = xxhash.xxh3_64()
+    for run in runs:
+        state.update(run)
+    return state.intdigest()
+
+
+def _scatter(src: memoryview | bytes, runs: Sequence[memoryview]) -> None:
+    """Copies `src` over the runs in order (their lengths must add up to `len(src)`)."""
+    if len(src) != sum(len(r) for r in runs):
+        raise CorruptBlockError(f"payload of {len(src)} bytes, expected {sum(len(r) for r in runs)}")
+    pos = 0
+    for run in runs:
+        run[:] = src[pos:pos + len(run)]
+        pos += len(run)
+
+
+def _block_scratch(size: int) -> np.ndarray:
+    block = getattr(_local, "block", None)
+    if block is None or block.size < size:
+        block = _local.block = np.empty(size, dtype=np.uint8)
+    return block[:size]

@@ -31,7 +31,7 @@ import logging
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from typing import Mapping, Protocol, Sequence
+from typing import Callable, Mapping, Protocol, Sequence
 
 import numpy as np
 import torch
@@ -54,6 +54,12 @@ class KVBuffer(Protocol):
     Sources and destinations are typed tensors shaped `[n, hi - lo, kv_factor, num_kv_heads,
     block_tokens, head_dim]` (layers [lo, hi) of n blocks in the DESIGN.md layout), usually a view
     of consecutive pool slots, so an adapter can move a run of blocks with one copy per layer.
+
+    Optional: `block_memory(block) -> list[memoryview] | None`, the engine block's bytes as writable
+    memory runs in DESIGN.md payload order (CPU memory only). Where an adapter has it, a load reads
+    disk blocks straight into the engine's KV (`DiskTier.get_many` into the runs) instead of through
+    a host slot and a second copy; the host slot the decision half booked is filled from the engine's
+    KV afterwards, while the engine computes.
     """
 
     spec: KVSpec
@@ -109,8 +115,8 @@ class Transferer:
     """Runs batched copies between the tiers it is given, on background workers.
 
     Attributes:
-        DISK_LOAD_BATCH: disk blocks read per batch in a load (each batch is copied into the engine's
-            KV while the next is read).
+        DISK_LOAD_BATCH: disk blocks per batch in a load (each batch is copied into the engine's KV
+            while the next is read).
 
     Args:
         tiers: the tiers by name (any of gpu, host, disk), all of one KVSpec.
@@ -206,27 +212,38 @@ class Transferer:
             raise ConfigError("no disk tier was given to this Transferer")
         return self._disk
 
-    def _read_disk(self, keys: Sequence[BlockKey], dst: TierName, dst_slots: Sequence[int]) -> list[BlockKey]:
+    def _read_disk(self, keys: Sequence[BlockKey], dst: TierName, dst_slots: Sequence[int],
+                   on_landed: Callable[[list[int]], None] | None = None) -> list[BlockKey]:
+        """Reads blocks from disk into pool slots; returns the keys that missed.
+
+        First waits until copies queued before this read (a demotion snapshotting a slot about to be
+        filled) have read their source slots, and until in-flight disk writes of these keys have
+        committed. `on_landed(indices)` is called as batches of blocks arrive (see `DiskTier.get_many`).
+        """
         _check_len(keys, dst_slots, "dst_slots")
-        # fence: copies queued before this read (a demotion snapshotting the slot we are about to fill)
-        # must have read their source slots first
+        self._fence(keys)
+        disk, pool = self.tiers[TierName.DISK], self._pool(dst).pool
+        if pool.device.type == "cpu":
+            found = disk.get_many(keys, [pool.block(s) for s in dst_slots], on_landed, self.DISK_LOAD_BATCH)
+        else:  # CUDA destination: through one reused pinned staging block
+            staging = torch.empty(self.spec.bytes_per_block, dtype=torch.uint8, pin_memory=True)
+            found = []
+            for i, (key, slot) in enumerate(zip(keys, dst_slots)):
+                ok = disk.get(key, staging) is not None
+                if ok:
+                    pool.block(slot).copy_(staging)
+                    if on_landed is not None:
+                        on_landed([i])
+                found.append(ok)
+        return [k for k, ok in zip(keys, found) if not ok]
+
+    def _fence(self, keys: Sequence[BlockKey]) -> None:
+        """Waits for the copies queued so far and for in-flight disk writes of `keys` (see `_read_disk`)."""
         self._copies.submit(_no_op).wait(self.fence_timeout_s)
         with self._writing_lock:  # a block whose disk write is still in flight: read it once committed
             writes = {id(h): h for k in keys if (h := self._writing.get(k)) is not None}
         for h in writes.values():
             h.wait(self.fence_timeout_s) if not h.done() else None
-        disk, pool = self.tiers[TierName.DISK], self._pool(dst).pool
-        if pool.device.type == "cpu":
-            found = disk.get_many(keys, [pool.block(s) for s in dst_slots])
-        else:  # CUDA destination: through one reused pinned staging block
-            staging = torch.empty(self.spec.bytes_per_block, dtype=torch.uint8, pin_memory=True)
-            found = []
-            for key, slot in zip(keys, dst_slots):
-                ok = disk.get(key, staging) is not None
-                if ok:
-                    pool.block(slot).copy_(staging)
-                found.append(ok)
-        return [k for k, ok in zip(keys, found) if not ok]
 
     def _write_disk(self, keys: Sequence[BlockKey], src: TierName, src_slots: Sequence[int],
                     handle: TransferHandle) -> TransferHandle:
@@ -301,6 +318,32 @@ class Transferer:
 
         if not disk_idx:
             return self._copies.submit(lambda: copy_groups(set()), handle, PRIORITY_LOAD)
+        disk_keys = [keys[i] for i in disk_idx]
+        memory = _engine_memory(buffer, [dst_blocks[i] for i in disk_idx])
+        if memory is not None:
+            def read_direct() -> None:
+                # straight into the engine's KV; then, on the copy worker, the other tiers' blocks and the
+                # host copies of what was read (the slots the decision half booked), before the handle ends
+                try:
+                    self._fence(disk_keys)
+                    found = self.tiers[TierName.DISK].get_many(disk_keys, memory)
+                except BaseException as err:
+                    handle.finish(keys, error=err)
+                    return
+
+                def finish() -> list[BlockKey]:
+                    failed = copy_groups({k for k, ok in zip(disk_keys, found) if not ok}, frozenset(disk_idx))
+                    landed = [i for i, ok in zip(disk_idx, found) if ok]
+                    host = self._pool(TierName.HOST).pool
+                    for first, s0, _, n in slot_runs([src_slots[i] for i in landed]):
+                        buffer.read_blocks([dst_blocks[i] for i in landed[first:first + n]], host.blocks(s0, n),
+                                           (0, self.spec.num_layers))
+                    return failed
+
+                self._copies.submit(finish, handle, PRIORITY_LOAD)
+
+            self._disk_worker().submit(read_direct, TransferHandle(), priority)
+            return handle
 
         def write_whole(batch: list[int]) -> None:
             with self._on_stream():
@@ -309,18 +352,17 @@ class Transferer:
                     buffer.write_blocks(dst_blocks[i:i + 1], src, (0, self.spec.num_layers))
 
         def read_then_copy() -> None:
-            # disk blocks are read in small batches, and each batch is copied into the engine's KV on the
-            # copy worker while the next one is read: the copy hides behind the read instead of following it
+            # disk blocks are copied into the engine's KV on the copy worker in batches, as they land, while
+            # the rest is read: the copy hides behind the read instead of following it
             try:
-                missed: set[BlockKey] = set()
-                for b in range(0, len(disk_idx), self.DISK_LOAD_BATCH):
-                    batch = disk_idx[b:b + self.DISK_LOAD_BATCH]
-                    missed.update(self._read_disk([keys[i] for i in batch], TierName.HOST,
-                                                  [src_slots[i] for i in batch]))
-                    landed = [i for i in batch if keys[i] not in missed]
-                    for i in batch:
-                        tiers[i] = TierName.HOST
-                    self._copies.submit(lambda ok=landed: write_whole(ok), TransferHandle(), PRIORITY_LOAD)
+                def landed(batch: list[int]) -> None:
+                    whole = [disk_idx[j] for j in batch]
+                    self._copies.submit(lambda: write_whole(whole), TransferHandle(), PRIORITY_LOAD)
+
+                missed = set(self._read_disk([keys[i] for i in disk_idx], TierName.HOST,
+                                             [src_slots[i] for i in disk_idx], landed))
+                for i in disk_idx:
+                    tiers[i] = TierName.HOST
                 self._copies.submit(lambda: copy_groups(missed, frozenset(disk_idx)), handle, PRIORITY_LOAD)
             except BaseException as err:
                 handle.finish(keys, error=err)
@@ -460,6 +502,21 @@ def _memmove_all(chunks: Sequence[tuple[int, int, int]]) -> None:
     for d, s, n in chunks:
         for o in range(0, n, step):
             ctypes.memmove(d + o, s + o, min(step, n - o))
+
+
+def _engine_memory(buffer: KVBuffer, blocks: Sequence[int]) -> list[list[memoryview]] | None:
+    """The memory runs of `blocks` in an engine's KV (`KVBuffer.block_memory`), or None unless the
+    buffer offers them for every block."""
+    block_memory = getattr(buffer, "block_memory", None)
+    if block_memory is None:
+        return None
+    memory = []
+    for block in blocks:
+        runs = block_memory(block)
+        if runs is None:
+            return None
+        memory.append(runs)
+    return memory
 
 
 def _runs_by_tier(tiers: Sequence[TierName], slots: Sequence[int]) -> list[tuple[TierName, int, int, int]]:
