@@ -139,7 +139,9 @@ def _bench(model: Any, spec: Any, P: int, repeats: int, root: str, model_config:
     state: dict[str, Any] = {}
 
     def cold_disk(name: str) -> HFEngine:
-        """A fresh manager on a store whose data file is out of the page cache (nothing mapped)."""
+        """The engine on a fresh manager (an empty host tier) whose store's data file is out of the page cache
+        (nothing mapped). The engine itself, with its restore buffer, lives on from one repeat to the next, as
+        in a server: a cold page cache, not a cold process."""
         old = state.pop("disk_manager", None)
         if old is not None:
             old.close()
@@ -148,7 +150,9 @@ def _bench(model: Any, spec: Any, P: int, repeats: int, root: str, model_config:
         if left:
             raise RuntimeError(f"{data}: {left} bytes still resident after eviction; the cold figure would be warm")
         state["disk_manager"] = manager = OffloadManager(spec, disks[name], model_config=model_config)
-        return HFEngine(model, manager, store=False)
+        engine = state.setdefault(f"engine-{name}", HFEngine(model, manager, store=False))
+        engine.manager = manager
+        return engine
 
     def restore_only(engine: HFEngine) -> float:
         manager = engine.manager

@@ -22,7 +22,8 @@ Primitives:
   an F_BIGDATA value). `DiskTier`'s reads go through it.
 - `SharedEnv.file_offset(view)`: the offset in data.mdb of memory inside LMDB's map (found from the
   mapping's address in /proc/self/maps: LMDB's `map_addr` is 0 without MDB_FIXEDMAP), or None.
-- `SharedEnv.fd`: a read-only descriptor of data.mdb for `os.preadv` (its own file readahead state).
+- `SharedEnv.fd`: a read-only descriptor of data.mdb for `os.preadv` (its own file readahead state,
+  advised sequential).
 
 Invariants: the env is opened with LMDB's durable defaults (sync, metasync, lock, no writemap), so every
 committed write transaction survives a SIGKILL or a power cut; a store whose meta records another
@@ -110,6 +111,8 @@ class SharedEnv:
             self._check_version()
             self.data_file = os.path.join(path, "data.mdb")
             self.fd = os.open(self.data_file, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+            if hasattr(os, "posix_fadvise"):  # reads go in file order: a doubled readahead window (steadier here)
+                os.posix_fadvise(self.fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
         except lmdb.NotFoundError as err:
             self.env.close()
             raise StoreError(f"disk store {path!r} is not a kvtier store (no {BLOCKS_DB.decode()} database)") from err
