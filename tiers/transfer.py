@@ -7,7 +7,8 @@ Primitives:
   - `move(src, dst, keys, src_slots, dst_slots, ...)`: tier to tier, whole blocks (the fastest order)
     or layer-group order; disk reads go straight into the destination slots;
   - `load(keys, src_tiers, src_slots, buffer, dst_blocks, num_groups)`: tiers into the engine's KV in
-    layer-group order, so the engine's layer i waits only for the group holding layer i;
+    layer-group order, so the engine's layer i waits only for the group holding layer i; disk reads
+    land straight in the engine's KV when its buffer offers `block_memory`;
   - `save(buffer, src_blocks, keys, dst, dst_slots)`: the engine's KV into a pool tier.
 - `slot_runs(...)`: groups slot lists into runs of consecutive slots (one copy per run).
 
@@ -278,14 +279,17 @@ class Transferer:
     def load(self, keys: Sequence[BlockKey], src_tiers: Sequence[TierName], src_slots: Sequence[int],
              buffer: KVBuffer, dst_blocks: Sequence[int], *, num_groups: int = 4,
              priority: int = PRIORITY_LOAD, description: str = "") -> TransferHandle:
-        """Copies blocks from pool tiers (or disk, through host slots) into the engine's KV, layer group
-        by layer group.
+        """Copies blocks from pool tiers and disk into the engine's KV, layer group by layer group.
+
+        Disk blocks are read straight into the engine's KV where the buffer offers `block_memory` (then
+        copied into their host slots while the engine computes), otherwise into their host slots and
+        copied from there in batches as they land. Either way the handle completes after the host copies.
 
         Args:
             keys: the blocks, in prompt order.
             src_tiers: the tier each block is read from (gpu, host or disk).
-            src_slots: each block's slot in its tier; for a disk block, the host slot it is first read
-                into (which then holds a host copy).
+            src_slots: each block's slot in its tier; for a disk block, the host slot that receives a
+                copy of it (booked by the decision half).
             buffer: the engine's KV memory.
             dst_blocks: the engine's block index for each block.
             num_groups: layer groups; the handle completes them in order.
