@@ -7,7 +7,6 @@ Primitives:
 - `PoolTier`: a `Tier` over a `SlotPool` and a `SlotTable` (key -> slot).
 - `GpuTier`: the pool on the CUDA device; on CPU memory when there is no CUDA (same code).
 - `HostTier`: the pool in host memory, pinned when CUDA is present.
-- `cpu_buffer(nbytes)`: a large CPU byte buffer on transparent huge pages where the kernel allows it.
 
 Invariants: memory is allocated once at construction, never per block; a slot's bytes are this
 process's own memory guarded by the index, so reads are not checksummed (DESIGN.md).
@@ -15,9 +14,6 @@ process's own memory guarded by the index, so reads are not checksummed (DESIGN.
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
-import sys
 import threading
 from typing import Any
 
@@ -28,31 +24,6 @@ from .keys import BlockKey
 from .slots import SlotTable
 from .spec import KVSpec
 from .tier import Tier, TierName, format_size
-
-
-_HUGE_PAGE = 2 << 20
-_MADV_HUGEPAGE = 14
-
-
-def cpu_buffer(nbytes: int) -> torch.Tensor:
-    """A uint8 CPU tensor of `nbytes`, advised onto transparent huge pages (Linux) before first touch.
-
-    With THP in `madvise` mode (a common default) large buffers otherwise get 4 KiB pages: on this
-    project's machine a 512 MiB copy between huge-page buffers took 34 ms against 41 ms between
-    plain ones (fewer TLB misses). Best effort: where madvise is unavailable or refused, the buffer
-    is plain memory. Not for pinned memory (CUDA allocates that itself).
-    """
-    if sys.platform != "linux" or nbytes < 4 * _HUGE_PAGE:
-        return torch.empty(nbytes, dtype=torch.uint8)
-    base = torch.empty(nbytes + _HUGE_PAGE, dtype=torch.uint8)
-    start = -base.data_ptr() % _HUGE_PAGE
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
-        libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-        libc.madvise(base.data_ptr() + start, nbytes - nbytes % _HUGE_PAGE, _MADV_HUGEPAGE)
-    except (OSError, AttributeError):
-        pass
-    return base[start:start + nbytes]
 
 
 def cuda_available() -> bool:
@@ -78,11 +49,12 @@ class SlotPool:
         self.device = torch.device(device)
         self.pinned = bool(pin and self.device.type == "cpu" and cuda_available())
         try:
-            shape = (num_slots, spec.bytes_per_block)
-            if self.device.type == "cpu" and not self.pinned:
-                self.data = cpu_buffer(num_slots * spec.bytes_per_block).view(shape)
-            else:
-                self.data = torch.empty(shape, dtype=torch.uint8, device=self.device, pin_memory=self.pinned)
+            # plain pages, not transparent huge pages: a 512 MiB copy between madvise(MADV_HUGEPAGE) pools
+            # took 34 ms against 41 ms here, but allocating such a pool set off memory compaction that
+            # halved the speed of cold disk reads running at the same time (the engine benchmark, which
+            # opens a fresh manager per repeat, read its 94 MB in 55-62 ms without, 55-103 ms with)
+            self.data = torch.empty((num_slots, spec.bytes_per_block), dtype=torch.uint8, device=self.device,
+                                    pin_memory=self.pinned)
             if self.device.type == "cpu":
                 # fault every page in now, in order (the kernel can back it with huge pages), rather than
                 # on the first copy into each slot: first-touch faults in slot order cost ~3x a copy

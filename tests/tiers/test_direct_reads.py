@@ -1,5 +1,5 @@
-"""Disk reads straight into memory runs (an engine's own KV), the cold-value page handling, huge-page pools
-and the work-sharing copier: real LMDB stores, real tensors, real threads."""
+"""Disk reads straight into memory runs (an engine's own KV), the cold-value page handling and the
+work-sharing copier: real LMDB stores, real tensors, real threads."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from kvtier.tiers import coldcache
 from kvtier.tiers.codecs import Codec
 from kvtier.tiers.disk import DiskTier
 from kvtier.tiers.errors import SpecMismatchError
-from kvtier.tiers.pool import HostTier, cpu_buffer
+from kvtier.tiers.pool import HostTier
 from kvtier.tiers.spec import KVSpec
 from kvtier.tiers.tier import TierName
 from kvtier.tiers.transfer import ParallelCopier, Transferer
@@ -171,14 +171,6 @@ def test_cold_values_first_pages_are_dropped_warm_ones_kept(tmp_path):
         with env.txn() as txn:
             env.forget_first_pages_of_cold(located)  # warm now: nothing dropped
         assert coldcache.resident_bytes(data) == warm
-
-
-def test_cpu_buffer_is_one_writable_buffer_of_the_asked_size():
-    for nbytes in (1000, 9 << 20):
-        buf = cpu_buffer(nbytes)
-        assert buf.numel() == nbytes and buf.dtype == torch.uint8 and buf.is_contiguous()
-        buf.fill_(3)
-        assert int(buf.sum()) == 3 * nbytes
 
 
 def test_parallel_copier_moves_scattered_runs_exactly():
