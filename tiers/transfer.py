@@ -281,9 +281,10 @@ class Transferer:
              priority: int = PRIORITY_LOAD, description: str = "") -> TransferHandle:
         """Copies blocks from pool tiers and disk into the engine's KV, layer group by layer group.
 
-        Disk blocks are read straight into the engine's KV where the buffer offers `block_memory` (then
-        copied into their host slots while the engine computes), otherwise into their host slots and
-        copied from there in batches as they land. Either way the handle completes after the host copies.
+        Disk blocks are read straight into the engine's KV where the buffer offers `block_memory` (each
+        batch copied into its host slots while the next is read), otherwise into their host slots
+        (each batch copied into the engine's KV while the next is read). Either way the handle ends
+        after those copies.
 
         Args:
             keys: the blocks, in prompt order.
@@ -325,26 +326,27 @@ class Transferer:
         disk_keys = [keys[i] for i in disk_idx]
         memory = _engine_memory(buffer, [dst_blocks[i] for i in disk_idx])
         if memory is not None:
+            def fill_host(landed: list[int]) -> None:
+                host = self._pool(TierName.HOST).pool
+                for first, s0, _, n in slot_runs([src_slots[i] for i in landed]):
+                    buffer.read_blocks([dst_blocks[i] for i in landed[first:first + n]], host.blocks(s0, n),
+                                       (0, self.spec.num_layers))
+
             def read_direct() -> None:
-                # straight into the engine's KV; then, on the copy worker, the other tiers' blocks and the
-                # host copies of what was read (the slots the decision half booked), before the handle ends
+                # straight into the engine's KV; each batch is copied into its host slots (the ones the decision
+                # half booked) on the copy worker while the next is read (the CPU is idle during the read);
+                # then the other tiers' blocks, and the handle ends
                 try:
                     self._fence(disk_keys)
-                    found = self.tiers[TierName.DISK].get_many(disk_keys, memory)
+                    found = self.tiers[TierName.DISK].get_many(
+                        disk_keys, memory, lambda batch: self._copies.submit(
+                            lambda: fill_host([disk_idx[j] for j in batch]), TransferHandle(), PRIORITY_LOAD),
+                        self.DISK_LOAD_BATCH)
                 except BaseException as err:
                     handle.finish(keys, error=err)
                     return
-
-                def finish() -> list[BlockKey]:
-                    failed = copy_groups({k for k, ok in zip(disk_keys, found) if not ok}, frozenset(disk_idx))
-                    landed = [i for i, ok in zip(disk_idx, found) if ok]
-                    host = self._pool(TierName.HOST).pool
-                    for first, s0, _, n in slot_runs([src_slots[i] for i in landed]):
-                        buffer.read_blocks([dst_blocks[i] for i in landed[first:first + n]], host.blocks(s0, n),
-                                           (0, self.spec.num_layers))
-                    return failed
-
-                self._copies.submit(finish, handle, PRIORITY_LOAD)
+                missed = {k for k, ok in zip(disk_keys, found) if not ok}
+                self._copies.submit(lambda: copy_groups(missed, frozenset(disk_idx)), handle, PRIORITY_LOAD)
 
             self._disk_worker().submit(read_direct, TransferHandle(), priority)
             return handle

@@ -102,6 +102,21 @@ def test_restore_from_every_tier_is_bitwise_equal_to_recomputing(tiny_llama, tin
         assert manager.stats()["hit_blocks_by_tier"] == {tier.split("-")[0]: 6}
 
 
+def test_a_disk_restore_leaves_exact_host_copies_for_the_next_restore(tiny_llama, tiny_llama_spec, prompts,
+                                                                      expected, tmp_path):
+    """Disk blocks are read straight into the model's cache and copied into the host tier in the background;
+    the next prefill (same engine, same buffer) restores them from host, bitwise equal."""
+    model, spec = tiny_llama, tiny_llama_spec
+    first, second = prompts
+    with disk_only(model, spec, tmp_path, stored_by=store_prompt(first)) as manager:
+        engine = HFEngine(model, manager, store=False)
+        for tier in ("disk", "host"):
+            before = manager.stats()["hit_blocks_by_tier"].get(tier, 0)
+            out = engine.prefill(second, plan_fn=force(0, 6))
+            assert out.restored_tokens == 6 * T and torch.equal(out.logits, expected[0])
+            assert manager.stats()["hit_blocks_by_tier"].get(tier, 0) == before + 6
+
+
 @pytest.mark.parametrize("split,restore_stop", [(0, 6), (2, 6), (5, 6), (0, 3), (2, 4), (3, 3), (6, 6)])
 def test_every_split_is_bitwise_equal_to_recomputing(tiny_llama, tiny_llama_spec, prompts, expected,
                                                      split, restore_stop):
