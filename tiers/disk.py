@@ -389,24 +389,21 @@ class DiskTier(Tier):
                 bad.append((keys[i], reason))
 
         with env.txn() as txn:
-            cursor = txn.cursor(db=env.blocks_db)
             located, through_map = [], []
-            for i, key in enumerate(keys):  # every lookup first: B-tree pages and first pages, then values
-                where = env.locate(cursor, self._lk(key))
+            for i, where in enumerate(env.locate_many(txn, [self._lk(k) for k in keys])):
                 if isinstance(where, tuple):
                     located.append((*where, i))
                 elif where is not None:
                     through_map.append(i)
             located.sort()
-            env.forget_first_pages_of_cold(located)
             landed: list[int] = []
             for n, (offset, length, i) in enumerate(located, 1):
                 reason = read_value_at(env.fd, offset, length, self._fp, keys[i], dsts[i], self.spec.itemsize)
-                if reason == "short":  # the located offset was wrong: read it through LMDB instead
+                if reason is None:
+                    deliver(i, None, length)
+                    landed.append(i)
+                else:  # bad or misplaced: LMDB's own read of the value decides
                     through_map.append(i)
-                else:
-                    deliver(i, reason, length)
-                    landed += [i] if reason is None else []
                 if on_landed is not None and landed and (n % batch_blocks == 0 or n == len(located)):
                     on_landed(landed)
                     landed = []

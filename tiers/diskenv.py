@@ -13,13 +13,15 @@ Primitives:
 - `SharedEnv.txn(write)`: a transaction as a context manager (buffers=True: values are memoryviews into
   the map), counted so that a map resize waits until no transaction of this process is open.
 - `SharedEnv.grow(min_size)`: enlarges the map (LMDB requires no open transaction in the process).
-- `SharedEnv.locate(cursor, lmdb_key)` -> (file offset, length) of a value in data.mdb, `None` when the
-  key is absent, or `UNLOCATED` when the value cannot be located without reading it (then the caller
-  reads it through LMDB). Why: py-lmdb touches every page of a value it returns ("preload", one fault per
-  4 KiB, GIL released), so `txn.get` of an 8 MiB value reads all of it through the map; `cursor.set_key`
-  touches only the value's first page. The offset comes from the leaf node that the cursor's key points
-  into (LMDB 0.9 node layout: u16 lo, u16 hi, u16 flags, u16 ksize, key, then the overflow page number of
-  an F_BIGDATA value). `DiskTier`'s reads go through it.
+- `SharedEnv.locate_many(txn, lmdb_keys)` -> per key (file offset, length) of its value in data.mdb,
+  `None` when absent, or `UNLOCATED` when it cannot be located without reading it (then the caller reads
+  it through LMDB). Why: py-lmdb touches every page of a value it returns ("preload"), and even
+  `cursor.set_key` reads a value's first page; a value page cached ahead of a cold read stops the
+  kernel's readahead (the reads then ran at 0.6-0.8x of a sequential read here). So the lookup walks
+  `blocks_db`'s B-tree itself, from the root in its MDB_db record, through branch and leaf pages in the
+  map (LMDB 0.9 layout: 16-byte page header, u16 node offsets, nodes of u16 lo, u16 hi, u16 flags, u16
+  ksize, key, then a branch's child page number in lo|hi|flags or a big value's overflow page number),
+  checking every page it parses. `DiskTier`'s reads go through it.
 - `SharedEnv.file_offset(view)`: the offset in data.mdb of memory inside LMDB's map (found from the
   mapping's address in /proc/self/maps: LMDB's `map_addr` is 0 without MDB_FIXEDMAP), or None.
 - `SharedEnv.fd`: a read-only descriptor of data.mdb for `os.preadv` (its own file readahead state,
@@ -39,6 +41,7 @@ a caller reading at it: the value's header and checksum decide.
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import ctypes
 import logging
@@ -66,14 +69,13 @@ _WAIT_S = 60.0
 #: `locate` could not find a value's place without reading it
 UNLOCATED = "unlocated"
 _NODE = struct.Struct("<HHHH")  # LMDB 0.9 MDB_node header (little-endian): lo, hi, flags, ksize
+_PAGE_HEADER = struct.Struct("<QHHHH")  # MDB_page header: pgno, pad, flags, lower, upper (16 bytes)
+_DB = struct.Struct("<IHHQQQQQ")  # MDB_db record: pad, flags, depth, branch, leaf, overflow pages, entries, root
+_P_BRANCH, _P_LEAF = 0x01, 0x02
+_P_DIRTY_OR_KEEP = 0x10 | 0x8000  # P_DIRTY, P_KEEP: bookkeeping bits a committed page may carry
 _PGNO = struct.Struct("<Q")
 _F_BIGDATA = 0x01
 _PAGE_HEADER_BYTES = 16  # MDB_page header on 64-bit builds: the payload of an overflow page starts after it
-
-_MADV_DONTNEED = 4
-_LIBC = ctypes.CDLL(None, use_errno=True)
-_LIBC.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-_LIBC.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
 
 _registry: dict[str, "SharedEnv"] = {}
 _registry_lock = threading.Lock()
@@ -235,32 +237,80 @@ class SharedEnv:
             self._map_ranges = ranges
         return ranges
 
-    def locate(self, cursor: lmdb.Cursor, lk: bytes) -> tuple[int, int] | str | None:
-        """Where `lk`'s value lies in data.mdb, touching only its first page (see the module docstring).
+    def locate_many(self, txn: lmdb.Transaction, lks: Sequence[bytes]) -> list[tuple[int, int] | str | None]:
+        """Where the values of `lks` lie in data.mdb, found by walking `blocks_db`'s B-tree in the map
+        without touching any value (see the module docstring).
 
         Args:
-            cursor: a cursor on `blocks_db` of an open transaction (the result is valid while it is open).
-            lk: the LMDB key.
+            txn: an open transaction (the offsets are valid while it is open).
+            lks: LMDB keys.
 
         Returns:
-            (file offset, length); None when the key is absent; `UNLOCATED` when the value is stored inline
-            or the node does not look as expected (the caller then reads it through LMDB).
+            per key: (file offset, length); None when the key is absent; `UNLOCATED` when the tree does not
+            look as expected or the value is stored inline (the caller then reads it through LMDB).
         """
-        if not cursor.set_key(lk):
+        record = txn.get(BLOCKS_DB)  # the sub-database's MDB_db record in the main database
+        if record is None or len(record) != _DB.size:
+            return [UNLOCATED] * len(lks)
+        _, _, depth, _, _, _, entries, root = _DB.unpack(bytes(record))
+        if entries == 0:
+            return [None] * len(lks)
+        pages: dict[int, tuple[int, list[tuple[bytes, int, int, int]]] | None] = {}
+        return [self._find(root, depth, lk, pages) for lk in lks]
+
+    def _find(self, pgno: int, depth: int, lk: bytes,
+              pages: dict[int, tuple[int, list[tuple[bytes, int, int, int]]] | None]) -> tuple[int, int] | str | None:
+        """Descends from page `pgno` to `lk`'s leaf node (`depth` levels at most)."""
+        for _ in range(max(depth, 1)):
+            if pgno not in pages:
+                pages[pgno] = self._page_nodes(pgno)
+            parsed = pages[pgno]
+            if parsed is None:
+                return UNLOCATED
+            flags, nodes = parsed
+            keys = [n[0] for n in nodes]
+            if flags & _P_BRANCH:  # the child holding the last key <= lk (node 0's key is empty: below all)
+                i = max(bisect.bisect_right(keys, lk, 1) - 1, 0)
+                pgno = nodes[i][1]
+                continue
+            i = bisect.bisect_left(keys, lk)
+            if i == len(keys) or keys[i] != lk:
+                return None
+            _, value_pgno, size, node_flags = nodes[i]
+            if not node_flags & _F_BIGDATA:
+                return UNLOCATED
+            offset = value_pgno * self.page_size + _PAGE_HEADER_BYTES
+            return (offset, size) if offset + size <= os.fstat(self.fd).st_size else UNLOCATED
+        return UNLOCATED
+
+    def _page_nodes(self, pgno: int) -> tuple[int, list[tuple[bytes, int, int, int]]] | None:
+        """A branch or leaf page's nodes as (key, page number, data size, node flags), or None when the page
+        is not in the map or not a plain branch/leaf page (LMDB 0.9 layout: 16-byte header, u16 offsets of
+        the nodes, each node u16 lo, u16 hi, u16 flags, u16 key size, key, then a branch node's child in
+        lo|hi|flags or a big leaf value's overflow page number)."""
+        size = self.page_size
+        addr = self._map_address(pgno * size)
+        if addr is None or addr + size > self._map_end(addr):
             return None
-        key_view = cursor.key()
-        if self.file_offset(key_view, before=_NODE.size, after=_PGNO.size) is None:
-            return UNLOCATED
-        addr = np.frombuffer(key_view, dtype=np.uint8).ctypes.data
-        node = ctypes.string_at(addr - _NODE.size, _NODE.size + len(lk) + _PGNO.size)
-        lo, hi, flags, ksize = _NODE.unpack_from(node)
-        if ksize != len(lk) or not flags & _F_BIGDATA or node[_NODE.size:_NODE.size + ksize] != lk:
-            return UNLOCATED
-        size = lo | hi << 16
-        offset = _PGNO.unpack_from(node, _NODE.size + ksize)[0] * self.page_size + _PAGE_HEADER_BYTES
-        if offset + size > os.fstat(self.fd).st_size:
-            return UNLOCATED
-        return offset, size
+        page = ctypes.string_at(addr, size)
+        _, _, flags, lower, upper = _PAGE_HEADER.unpack_from(page)
+        branch, leaf = bool(flags & _P_BRANCH), bool(flags & _P_LEAF)
+        if flags & ~(_P_BRANCH | _P_LEAF | _P_DIRTY_OR_KEEP) or branch == leaf \
+                or not _PAGE_HEADER.size <= lower <= upper <= size:
+            return None
+        nodes = []
+        for off in struct.unpack_from(f"<{(lower - _PAGE_HEADER.size) // 2}H", page, _PAGE_HEADER.size):
+            if not upper <= off <= size - _NODE.size:
+                return None
+            lo, hi, node_flags, ksize = _NODE.unpack_from(page, off)
+            key = page[off + _NODE.size:off + _NODE.size + ksize]
+            if branch:
+                nodes.append((key, lo | hi << 16 | node_flags << 32, 0, 0))
+            elif node_flags & _F_BIGDATA:
+                nodes.append((key, _PGNO.unpack_from(page, off + _NODE.size + ksize)[0], lo | hi << 16, node_flags))
+            else:
+                nodes.append((key, 0, lo | hi << 16, node_flags))
+        return flags, nodes
 
     def file_offset(self, view: memoryview, before: int = 0, after: int = 0) -> int | None:
         """The offset in data.mdb of the first byte of `view` (memory of an open transaction), or None when
@@ -272,38 +322,17 @@ class SharedEnv:
                 return addr - lo + pgoff
         return None
 
-    def forget_first_pages_of_cold(self, located: Sequence[tuple[int, int, int]]) -> None:
-        """Drops from the page cache the first page of each cold value in `located` ((file offset, length,
-        _) from `locate`), so that reading the values streams.
-
-        `locate` faults each value's first page into the map (LMDB reads the overflow page's header). A
-        cold value whose first page is cached no longer streams: the kernel's readahead stops at the cached
-        page and starts over (measured on this project's machine: 94 MB of values read at 0.6-0.8x of a
-        cold sequential read this way, 0.95-1.0x with those pages dropped). A value is cold when its second
-        page is not in the page cache (`mincore` on the map); warm values keep their pages. The page is
-        unmapped from this process first (`MADV_DONTNEED`; the next access faults it in again): the kernel
-        does not drop a mapped page. Best effort: without `mincore` nothing is dropped.
-        """
-        page, vec = self.page_size, (ctypes.c_ubyte * 1)()
-        for offset, length, _ in located:
-            first = offset - offset % page
-            addr = self._map_address(first)
-            if addr is None or length <= 2 * page:
-                continue
-            if _LIBC.mincore(ctypes.c_void_p(addr + page), page, vec) != 0:
-                return
-            if vec[0] & 1:  # the value's second page is cached: warm
-                continue
-            _LIBC.madvise(ctypes.c_void_p(addr), page, _MADV_DONTNEED)
-            os.posix_fadvise(self.fd, first, page, os.POSIX_FADV_DONTNEED)
-
     def _map_address(self, file_offset: int) -> int | None:
-        """The address of `file_offset` of data.mdb in LMDB's map (page aligned), or None."""
+        """The address of `file_offset` of data.mdb in LMDB's map, or None."""
         for lo, hi, pgoff in self._ranges():
             addr = lo + file_offset - pgoff
             if lo <= addr < hi:
                 return addr
         return None
+
+    def _map_end(self, addr: int) -> int:
+        """The end of the mapping holding `addr`."""
+        return next((hi for lo, hi, _ in self._ranges() if lo <= addr < hi), 0)
 
     # -- lifetime ------------------------------------------------------------------------------------
 

@@ -406,20 +406,26 @@ def test_flush_waits_for_queued_saves(tier):
                                                              12 * SPEC.bytes_per_block, 12)
 
 
-def test_values_are_located_in_the_data_file(tier):
-    """The read path's offsets: `locate` finds where a value lies in data.mdb without reading it."""
-    tier.put(key(1), block(1))
+def test_values_are_located_in_the_data_file(store):
+    """The read path's offsets: `locate_many` walks the B-tree to where each value lies in data.mdb, for a
+    tree of several levels, without reading any value."""
+    n = 300  # several leaf pages and a branch level (~60 nodes of 32-byte keys per 4 KiB leaf)
+    tier = DiskTier(store, SPEC, n * SPEC.bytes_per_block)
+    tier.put_many([key(i) for i in range(n)], [block(i % 7) for i in range(n)])
     shared = diskenv.acquire(tier.path, 1 << 20, 1 << 20, readonly=True)  # shares the tier's open env
     try:
         with shared.txn() as txn:
-            cursor = txn.cursor(db=shared.blocks_db)
-            offset, length = shared.locate(cursor, lmdb_key(SPEC.fingerprint_bytes, key(1)))
-            assert length == HEADER_BYTES + SPEC.bytes_per_block
-            value = bytes(txn.get(lmdb_key(SPEC.fingerprint_bytes, key(1)), db=shared.blocks_db))
-            assert os.pread(shared.fd, length, offset) == value
-            assert shared.file_offset(txn.get(lmdb_key(SPEC.fingerprint_bytes, key(1)),
-                                              db=shared.blocks_db)) == offset
-            assert shared.locate(cursor, lmdb_key(SPEC.fingerprint_bytes, key(2))) is None
+            lks = [lmdb_key(SPEC.fingerprint_bytes, key(i)) for i in range(n)] + [lmdb_key(SPEC.fingerprint_bytes,
+                                                                                         key(n + 5))]
+            found = shared.locate_many(txn, lks)
+            assert found[-1] is None  # absent
+            for i in (0, 1, 57, 150, n - 1):
+                offset, length = found[i]
+                assert length == HEADER_BYTES + SPEC.bytes_per_block
+                view = txn.get(lks[i], db=shared.blocks_db)
+                assert os.pread(shared.fd, length, offset) == bytes(view)
+                assert shared.file_offset(view) == offset
+            offset, length = found[1]
             out = np.empty(SPEC.bytes_per_block, dtype=np.uint8)  # the pread path reads and checks it there
             assert read_value_at(shared.fd, offset, length, SPEC.fingerprint_bytes, key(1), out, 4) is None
             assert np.array_equal(out, block(1).view(torch.uint8).reshape(-1).numpy())
@@ -429,6 +435,7 @@ def test_values_are_located_in_the_data_file(tier):
     finally:
         shared.release()
     assert torch.equal(tier.get(key(1), empty()), block(1))  # the tier's env stays open
+    tier.close()
 
 
 @pytest.fixture
