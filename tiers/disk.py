@@ -8,10 +8,10 @@ Primitives:
   same transaction, so `keys()` (a prefix scan), `contains` and a put's overwrite check never read a
   block's pages (py-lmdb faults in every page of a value it returns, and positioning a cursor on a block
   touches its first page).
-- reads: `get(key, out)` / `get_many(keys, outs)` copy the payload straight into `out` (a contiguous CPU
-  uint8 buffer of one block, e.g. a host-pool slot) from LMDB's map, after checking header and checksum;
-  zstd payloads are decompressed straight into `out`. (`diskread.read_value_at`, an `os.preadv` from
-  data.mdb at the value's offset found without reading the value, was measured slower on this machine.)
+- reads: `get(key, out)` / `get_many(keys, outs)` locate the values through the B-tree
+  (`SharedEnv.locate_many`, no value page touched), then read them in file order with `os.preadv`
+  straight into `out` (a contiguous CPU buffer of one block, e.g. a host-pool slot, or an engine's
+  memory runs), checking header and checksum; zstd payloads are decompressed straight into `out`.
 - writes: `put` (one synchronous committed transaction) and `put_async(keys, blocks, on_commit)`: queued
   for the tier's background writer (`DiskWriter`), which puts up to `batch_max_blocks` blocks in one write
   transaction; the handle completes only after that transaction committed.

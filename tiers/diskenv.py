@@ -35,7 +35,7 @@ format version is never opened (`StoreFormatError`). The map is opened without r
 project's machine (virtio disk with an 8 MiB readahead window, 94 MB of values, cold): each fault in a
 map with readahead read 8 MiB around it synchronously, and reading values through the map ran at
 0.35-0.6 of a cold sequential read, with preads in file order at 0.9-1.0. A value read through the map
-(the rare fallback when `locate` fails) is faulted in page by page. A located offset is only a hint to
+(the rare fallback when `locate_many` fails) is faulted in page by page. A located offset is only a hint to
 a caller reading at it: the value's header and checksum decide.
 """
 
@@ -66,7 +66,7 @@ META_DB = b"kvtier-meta"
 INDEX_DB = b"kvtier-index"
 VERSION_KEY = b"format_version"
 _WAIT_S = 60.0
-#: `locate` could not find a value's place without reading it
+#: `locate_many` could not find a value's place without reading it
 UNLOCATED = "unlocated"
 _NODE = struct.Struct("<HHHH")  # LMDB 0.9 MDB_node header (little-endian): lo, hi, flags, ksize
 _PAGE_HEADER = struct.Struct("<QHHHH")  # MDB_page header: pgno, pad, flags, lower, upper (16 bytes)

@@ -2,7 +2,7 @@
 
 Primitives:
 - `read_value_at(fd, offset, value_len, fingerprint, key, out, itemsize)`: reads a value from data.mdb at a
-  file offset (`SharedEnv.locate`) and checks it; the raw codec's payload lands in `out` with one
+  file offset (`SharedEnv.locate_many`) and checks it; the raw codec's payload lands in `out` with one
   `os.preadv` (header and payload in one call), a compressed payload is read into a per-thread scratch
   buffer and decoded into `out`. The disk tier's read path: values read in file order this way stream
   at the speed of a cold sequential read of a file, provided LMDB's map does no readahead of its own
