@@ -289,6 +289,8 @@ class SharedEnv:
         the nodes, each node u16 lo, u16 hi, u16 flags, u16 key size, key, then a branch node's child in
         lo|hi|flags or a big leaf value's overflow page number)."""
         size = self.page_size
+        if (pgno + 1) * size > os.fstat(self.fd).st_size:  # past the file's end the map is not backed (SIGBUS)
+            return None
         addr = self._map_address(pgno * size)
         if addr is None or addr + size > self._map_end(addr):
             return None

@@ -3,6 +3,7 @@ work-sharing copier: real LMDB stores, real tensors, real threads."""
 
 from __future__ import annotations
 
+import os
 import random
 
 import numpy as np
@@ -191,3 +192,13 @@ def test_parallel_copier_moves_scattered_runs_exactly():
         copier.close()
     for i in range(len(sizes)):
         assert np.array_equal(dst[dst_offsets[i]:dst_offsets[i] + sizes[i]], src[offsets[i]:offsets[i] + sizes[i]])
+
+
+def test_a_page_number_past_the_file_is_never_touched(tmp_path):
+    """A damaged tree naming a page past data.mdb's end is unlocatable, never a read of unbacked map memory."""
+    with DiskTier(tmp_path / "s", SPEC, 4 * SPEC.bytes_per_block) as disk:
+        disk.put(key(0), block(0))
+        env = disk._env
+        pages = os.fstat(env.fd).st_size // env.page_size
+        assert env._page_nodes(pages + 10) is None
+        assert env._find(pages + 10, 3, disk._lk(key(0)), {}) == diskenv.UNLOCATED
