@@ -21,9 +21,8 @@ Primitives:
   `blocks_db`'s B-tree itself, from the root in its MDB_db record, through branch and leaf pages in the
   map (LMDB 0.9 layout: 16-byte page header, u16 node offsets, nodes of u16 lo, u16 hi, u16 flags, u16
   ksize, key, then a branch's child page number in lo|hi|flags or a big value's overflow page number),
-  checking every page it parses. `DiskTier`'s reads go through it.
-- `SharedEnv.file_offset(view)`: the offset in data.mdb of memory inside LMDB's map (found from the
-  mapping's address in /proc/self/maps: LMDB's `map_addr` is 0 without MDB_FIXEDMAP), or None.
+  checking every page it parses (the map's address comes from /proc/self/maps: LMDB's `map_addr` is 0
+  without MDB_FIXEDMAP). `DiskTier`'s reads go through it.
 - `SharedEnv.fd`: a read-only descriptor of data.mdb for `os.preadv` (its own file readahead state,
   advised sequential).
 
@@ -51,7 +50,6 @@ import threading
 from typing import Iterator, Sequence
 
 import lmdb
-import numpy as np
 
 from .diskformat import STORE_FORMAT_VERSION
 from .errors import StoreError, StoreFormatError
@@ -291,8 +289,8 @@ class SharedEnv:
         size = self.page_size
         if (pgno + 1) * size > os.fstat(self.fd).st_size:  # past the file's end the map is not backed (SIGBUS)
             return None
-        addr = self._map_address(pgno * size)
-        if addr is None or addr + size > self._map_end(addr):
+        addr = self._mapped(pgno * size, size)
+        if addr is None:
             return None
         page = ctypes.string_at(addr, size)
         _, _, flags, lower, upper = _PAGE_HEADER.unpack_from(page)
@@ -314,27 +312,14 @@ class SharedEnv:
                 nodes.append((key, 0, lo | hi << 16, node_flags))
         return flags, nodes
 
-    def file_offset(self, view: memoryview, before: int = 0, after: int = 0) -> int | None:
-        """The offset in data.mdb of the first byte of `view` (memory of an open transaction), or None when
-        `view` (widened by `before` and `after` bytes) does not lie inside LMDB's map."""
-        addr = np.frombuffer(view, dtype=np.uint8).ctypes.data
-        end = addr + len(view) + after
-        for lo, hi, pgoff in self._ranges():
-            if lo <= addr - before and end <= hi:
-                return addr - lo + pgoff
-        return None
-
-    def _map_address(self, file_offset: int) -> int | None:
-        """The address of `file_offset` of data.mdb in LMDB's map, or None."""
+    def _mapped(self, file_offset: int, size: int) -> int | None:
+        """The address of data.mdb's bytes [file_offset, file_offset + size) in LMDB's map, or None unless
+        all of them lie in it."""
         for lo, hi, pgoff in self._ranges():
             addr = lo + file_offset - pgoff
-            if lo <= addr < hi:
+            if lo <= addr and addr + size <= hi:
                 return addr
         return None
-
-    def _map_end(self, addr: int) -> int:
-        """The end of the mapping holding `addr`."""
-        return next((hi for lo, hi, _ in self._ranges() if lo <= addr < hi), 0)
 
     # -- lifetime ------------------------------------------------------------------------------------
 

@@ -424,14 +424,14 @@ def test_values_are_located_in_the_data_file(store):
                 assert length == HEADER_BYTES + SPEC.bytes_per_block
                 view = txn.get(lks[i], db=shared.blocks_db)
                 assert os.pread(shared.fd, length, offset) == bytes(view)
-                assert shared.file_offset(view) == offset
+                assert shared._mapped(offset, length) == np.frombuffer(view, dtype=np.uint8).ctypes.data
             offset, length = found[1]
             out = np.empty(SPEC.bytes_per_block, dtype=np.uint8)  # the pread path reads and checks it there
             assert read_value_at(shared.fd, offset, length, SPEC.fingerprint_bytes, key(1), out, 4) is None
             assert np.array_equal(out, block(1).view(torch.uint8).reshape(-1).numpy())
             assert read_value_at(shared.fd, offset, length, SPEC.fingerprint_bytes, key(2), out, 4) == "foreign"
             assert read_value_at(shared.fd, offset + 1, length, SPEC.fingerprint_bytes, key(1), out, 4) == "corrupt"
-            assert shared.file_offset(memoryview(bytes(100))) is None  # memory outside the map
+            assert shared._mapped(os.fstat(shared.fd).st_size + (1 << 40), 1) is None  # outside the map
     finally:
         shared.release()
     assert torch.equal(tier.get(key(1), empty()), block(1))  # the tier's env stays open
