@@ -42,11 +42,13 @@ _local = threading.local()
 Destination = Union[np.ndarray, Sequence[memoryview]]
 
 
-def scratch(size: int) -> memoryview:
-    """A per-thread buffer of at least `size` bytes (grown when needed), as a view of exactly `size`."""
-    buf = getattr(_local, "scratch", None)
+def scratch(size: int, name: str = "scratch") -> memoryview:
+    """A per-thread buffer of at least `size` bytes (grown when needed), as a view of exactly `size`;
+    `name` tells apart buffers in use at the same time."""
+    buf = getattr(_local, name, None)
     if buf is None or len(buf) < size:
-        buf = _local.scratch = bytearray(size)
+        buf = bytearray(size)
+        setattr(_local, name, buf)
     return memoryview(buf)[:size]
 
 
@@ -68,7 +70,8 @@ def check_value(src: memoryview | bytes, fingerprint: bytes, key: bytes, out: De
     except CorruptBlockError:
         return "corrupt"
     runs = _runs(out)
-    reason = check_header(header, fingerprint, key, len(src), sum(len(r) for r in runs))
+    raw_len = sum(len(r) for r in runs)
+    reason = check_header(header, fingerprint, key, len(src), raw_len)
     if reason is not None:
         return reason
     payload = src[HEADER_BYTES:]
@@ -81,7 +84,7 @@ def check_value(src: memoryview | bytes, fingerprint: bytes, key: bytes, out: De
         elif not codec.compresses:
             _scatter(payload, runs)
         else:  # decoded whole, then spread over the runs
-            block = _block_scratch(sum(len(r) for r in runs))
+            block = np.frombuffer(scratch(raw_len, "block"), dtype=np.uint8)  # `src` may be the "scratch" one
             codec.decode_into(payload, block, itemsize)
             _scatter(block.data, runs)
     except (CorruptBlockError, ConfigError):
@@ -144,9 +147,3 @@ def _scatter(src: memoryview | bytes, runs: Sequence[memoryview]) -> None:
         run[:] = src[pos:pos + len(run)]
         pos += len(run)
 
-
-def _block_scratch(size: int) -> np.ndarray:
-    block = getattr(_local, "block", None)
-    if block is None or block.size < size:
-        block = _local.block = np.empty(size, dtype=np.uint8)
-    return block[:size]

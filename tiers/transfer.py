@@ -60,7 +60,7 @@ class KVBuffer(Protocol):
     memory runs in DESIGN.md payload order (CPU memory only). Where an adapter has it, a load reads
     disk blocks straight into the engine's KV (`DiskTier.get_many` into the runs) instead of through
     a host slot and a second copy; the host slot the decision half booked is filled from the engine's
-    KV afterwards, while the engine computes.
+    KV batch by batch, while the rest is read.
     """
 
     spec: KVSpec
