@@ -27,8 +27,9 @@ from kvtier.scheduler.cli.replay import load_requests  # noqa: E402
 from kvtier.scheduler.replay import hitonly  # noqa: E402
 from kvtier.scheduler.replay.simreport import summarize  # noqa: E402
 from kvtier.scheduler.replay.simulate import SimSettings, prepare, simulate  # noqa: E402
+from kvtier.scheduler.replay.traces import MOONCAKE_TRACE  # noqa: E402
 
-TRACE = Path("/work/shared/traces/mooncake_conversation_trace.jsonl")
+TRACE = MOONCAKE_TRACE
 POLICIES = ["lru", "arc", "s3fifo", "suffix-arc"]
 CAPACITIES = [2000, 6000, 20000, 60000]
 SIM_REQUESTS = 3000  # a full-trace simulation takes 15-40 s here; 16 of them would not fit in minutes
@@ -37,11 +38,9 @@ TARGET_LOAD = 0.7
 
 
 def _trace_path() -> Path:
-    root = Path(__file__).resolve().parents[1]
-    for p in (root / "shared" / "traces" / TRACE.name, TRACE):
-        if p.exists():
-            return p
-    raise SystemExit(f"fig_capacity: trace not found: {TRACE} (the shared Mooncake conversation trace)")
+    if not TRACE.exists():
+        raise SystemExit(f"fig_capacity: trace not found: {TRACE} (the Mooncake conversation trace)")
+    return TRACE
 
 
 def main() -> None:

@@ -24,11 +24,13 @@ from common import out_path, pyplot, write_csv  # noqa: E402
 
 import torch  # noqa: E402
 
-from kvtier.scheduler.engines.hf_kv import HFKVBuffer, prefill, spec_for_model  # noqa: E402
+from kvtier.scheduler.engines.hf.kv import HFKVBuffer, spec_for_model  # noqa: E402
+
+from kvtier.scheduler.engines.hf.generate import prefill  # noqa: E402
 from kvtier.scheduler.engines.models import build_random_llama, prepare_model  # noqa: E402
 from kvtier.tiers.codecs import Codec  # noqa: E402
 from kvtier.tiers.coldcache import cold_sequential_read_s, evict_file, write_file  # noqa: E402
-from kvtier.tiers.diskbench import codec_figures  # noqa: E402
+from kvtier.tiers.disk.bench import codec_figures  # noqa: E402
 
 TOKENS = 1024
 

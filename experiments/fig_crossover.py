@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import out_path, pyplot, write_csv, write_json  # noqa: E402
 
-from kvtier.scheduler.costmodel import CostModel  # noqa: E402
+from kvtier.scheduler.cost.model import CostModel  # noqa: E402
 
 MODELS = [("llama-2-7b", 1, "MHA"), ("llama-3-8b", 1, "GQA"), ("llama-3-70b", 8, "GQA, TP=8"),
           ("qwen2.5-7b", 1, "GQA"), ("deepseek-v3", 8, "MLA, TP=8")]

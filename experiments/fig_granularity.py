@@ -22,7 +22,7 @@ from common import out_path, pyplot, write_csv  # noqa: E402
 
 import torch  # noqa: E402
 
-from kvtier.scheduler.benchutil import interleave, machine  # noqa: E402
+from kvtier.scheduler.bench.common import interleave, machine  # noqa: E402
 from kvtier.tiers.pool import GpuTier, HostTier  # noqa: E402
 from kvtier.tiers.spec import KVSpec  # noqa: E402
 from kvtier.tiers.transfer import Transferer  # noqa: E402

@@ -3,7 +3,7 @@ cost model's prediction for the same points.
 
 Model: SmolLM2-135M-Instruct in fp32 (`kvtier models prepare smollm2-135m`), eager attention, 2 threads,
 64-token blocks. For each prefix length P in 512 ... 8192 tokens (the model's context is 8k):
-- recompute: a prefill of P random tokens (`hf_kv.prefill`); median of 2 up to 1k tokens, one run from 2k
+- recompute: a prefill of P random tokens (`kv.prefill`); median of 2 up to 1k tokens, one run from 2k
   to 8k (they take minutes on 2 shared cores);
 - restore from host: the first P tokens of KV loaded from a kvtier `HostTier` into an `HFKVBuffer` through
   `OffloadManager.load` (the real Transferer path), timed to `Loading.wait()`; median of 5 after a warm-up;
@@ -39,14 +39,15 @@ from common import out_path, pyplot, write_csv, write_json  # noqa: E402
 
 import torch  # noqa: E402
 
-from kvtier.scheduler.benchutil import machine  # noqa: E402
+from kvtier.scheduler.bench.common import machine  # noqa: E402
 from kvtier.scheduler.config import OffloadConfig  # noqa: E402
-from kvtier.scheduler.costmodel import CostModel  # noqa: E402
-from kvtier.scheduler.engines.hf_kv import HFKVBuffer, prefill  # noqa: E402
+from kvtier.scheduler.cost.model import CostModel  # noqa: E402
+from kvtier.scheduler.engines.hf.kv import HFKVBuffer  # noqa: E402
+from kvtier.scheduler.engines.hf.generate import prefill  # noqa: E402
 from kvtier.scheduler.engines.models import prepare_model  # noqa: E402
 from kvtier.scheduler.manager import OffloadManager  # noqa: E402
 from kvtier.tiers import coldcache  # noqa: E402
-from kvtier.tiers.disk import DiskTier  # noqa: E402
+from kvtier.tiers.disk.store import DiskTier  # noqa: E402
 
 LENGTHS = (512, 1024, 2048, 4096, 8192)
 HOST_REPEATS, DISK_REPEATS = 5, 3

@@ -52,8 +52,8 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from kvtier.scheduler.config import OffloadConfig
-    from kvtier.scheduler.engines.hf import HFEngine
-    from kvtier.scheduler.engines.hf_kv import spec_for_model
+    from kvtier.scheduler.engines.hf.adapter import HFEngine
+    from kvtier.scheduler.engines.hf.kv import spec_for_model
     from kvtier.scheduler.engines.models import build_random_llama, prepared_model
     from kvtier.scheduler.manager import OffloadManager
 

@@ -39,9 +39,9 @@ from kvtier.tiers.slots import SlotTable
 from kvtier.tiers.spec import KVSpec
 from kvtier.tiers.tier import TierName
 
-from .config import OffloadConfig, WriteMode
-from .index import DISK_SLOT, Entry, Index
-from .policies import make_policy
+from kvtier.scheduler.config import OffloadConfig, WriteMode
+from kvtier.scheduler.index import DISK_SLOT, Entry, Index
+from kvtier.scheduler.policies import make_policy
 
 log = logging.getLogger(__name__)
 
@@ -164,7 +164,7 @@ class Decider:
         """The predicate of keys `_make_room` must not evict: pinned ones, and protected ones unless allowed."""
         return self._keep[allow_protected]
 
-    def _count_in(self, tier: TierName) -> int:
+    def count_in(self, tier: TierName) -> int:
         return len(self.tables[tier]) if tier in self.tables else len(self.policies[tier])
 
     def _capacity(self, tier: TierName) -> int:

@@ -28,13 +28,13 @@ from kvtier.tiers.executor import Executor
 from kvtier.tiers.keys import BlockKey, KeyChain
 from kvtier.tiers.spec import KVSpec
 from kvtier.tiers.tier import Tier, TierName
-from kvtier.tiers.transfer import KVBuffer
+from kvtier.tiers.kvbuffer import KVBuffer
 from kvtier.tiers.worker import TransferHandle
 
-from .config import OffloadConfig
-from .decider import Decider
-from .planner import Plan
-from .prefetcher import Prefetcher
+from kvtier.scheduler.config import OffloadConfig
+from kvtier.scheduler.decider import Decider
+from kvtier.scheduler.plan import Plan
+from kvtier.scheduler.prefetcher import Prefetcher
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +100,7 @@ class OffloadManager:
 
     def __init__(self, spec: KVSpec, config: OffloadConfig | None = None, *, cost_model: Any = None,
                  model_config: Any = None, tiers: dict[TierName, Tier] | None = None) -> None:
-        from .planner import Planner
+        from kvtier.scheduler.planner import Planner
 
         self.spec = spec
         self.config = config = config or OffloadConfig()
@@ -238,7 +238,7 @@ class OffloadManager:
         """Counters: hits per tier, restored and saved blocks, prefetch coverage, stall time, tier usage."""
         with self.decider.lock:
             s = asdict(self.decider.stats)
-            s["blocks_by_tier"] = {str(t): self.decider._count_in(t) for t in self.decider.tiers}
+            s["blocks_by_tier"] = {str(t): self.decider.count_in(t) for t in self.decider.tiers}
         s["prefetch_coverage"] = (s["prefetch_ready_blocks"] / s["restored_blocks"]) if s["restored_blocks"] else None
         s["stall_s"] = round(self._stall[0], 6)
         disk = self.tiers.get(TierName.DISK)
@@ -284,7 +284,7 @@ class OffloadManager:
 def build_tiers(spec: KVSpec, config: OffloadConfig) -> dict[TierName, Tier]:
     """The tiers a config asks for."""
     from kvtier.tiers.codecs import Codec
-    from kvtier.tiers.disk import DiskTier
+    from kvtier.tiers.disk.store import DiskTier
     from kvtier.tiers.pool import GpuTier, HostTier
 
     tiers: dict[TierName, Tier] = {}
@@ -306,7 +306,7 @@ def default_cost_model(spec: KVSpec, hardware: str | None, model_config: Any = N
     """
     from kvtier.tiers.spec import PRESETS
 
-    from .costmodel import CostModel
+    from kvtier.scheduler.cost.model import CostModel
 
     if model_config is None:
         model_config = next((dict(c) for c in PRESETS.values() if c["_name_or_path"] == spec.model_id), None)

@@ -66,7 +66,7 @@ def writer_main(path: str, cycle: int, seed: int) -> None:
     """The writer process: saves batches of blocks forever, acknowledging each committed block on stdout."""
     import torch
 
-    from kvtier.tiers.disk import DiskTier
+    from kvtier.tiers.disk.store import DiskTier
 
     rng = random.Random(seed)
     disk = DiskTier(path, SPEC, 1 << 34, batch_max_blocks=rng.choice([1, 4, 16]))
@@ -90,7 +90,7 @@ def writer_main(path: str, cycle: int, seed: int) -> None:
 def run_torture(kills: int, store: Path, seed: int = 0, max_wait_s: float = 0.3,
                 progress: Callable[[int, TortureResult], None] | None = None) -> TortureResult:
     """Runs `kills` kill cycles against the store at `store` (created if missing)."""
-    from kvtier.tiers.disk import DiskTier
+    from kvtier.tiers.disk.store import DiskTier
 
     rng = random.Random(seed)
     result = TortureResult()
@@ -189,8 +189,8 @@ def corrupt_store(store: Path, num: int, result: TortureResult, seed: int = 0) -
     import lmdb
     import torch
 
-    from kvtier.tiers.disk import DiskTier
-    from kvtier.tiers.diskenv import BLOCKS_DB
+    from kvtier.tiers.disk.store import DiskTier
+    from kvtier.tiers.disk.env import BLOCKS_DB
 
     rng = random.Random(seed)
     env = lmdb.open(str(store), max_dbs=8, map_size=max(2 * os.path.getsize(store / "data.mdb"), 1 << 30))

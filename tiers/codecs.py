@@ -28,7 +28,7 @@ from typing import ClassVar
 import numpy as np
 import zstandard
 
-from .errors import ConfigError, CorruptBlockError
+from kvtier.tiers.errors import ConfigError, CorruptBlockError
 
 Buffer = bytes | bytearray | memoryview
 

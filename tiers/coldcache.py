@@ -29,8 +29,8 @@ import time
 
 import numpy as np
 
-from . import diskenv
-from .errors import StoreError
+from kvtier.tiers.disk import env as diskenv
+from kvtier.tiers.errors import StoreError
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +45,7 @@ _PAGE = mmap.PAGESIZE
 
 def _check_not_open(path: str) -> None:
     real = os.path.realpath(path)
-    for store in list(diskenv._registry):
+    for store in diskenv.open_paths():
         if real == store or os.path.dirname(real) == store:
             raise StoreError(f"{path!r} belongs to disk store {store!r}, still open in this process; close every "
                              f"DiskTier on it before evicting (mapped pages cannot be evicted)")

@@ -17,8 +17,8 @@ from __future__ import annotations
 import itertools
 from dataclasses import dataclass, field
 
-from .keys import BlockKey
-from .tier import TierName
+from kvtier.tiers.keys import BlockKey
+from kvtier.tiers.tier import TierName
 
 _ids = itertools.count(1)
 

@@ -16,11 +16,12 @@ import logging
 import threading
 from typing import Callable, Mapping
 
-from .commands import Command, Completion, Evict, Load, Move, Save
-from .errors import ConfigError
-from .tier import Tier, TierName
-from .transfer import KVBuffer, Transferer
-from .worker import PRIORITY_LOAD, PRIORITY_PREFETCH, PRIORITY_SAVE, TransferHandle
+from kvtier.tiers.commands import Command, Completion, Evict, Load, Move, Save
+from kvtier.tiers.errors import ConfigError
+from kvtier.tiers.tier import Tier, TierName
+from kvtier.tiers.kvbuffer import KVBuffer
+from kvtier.tiers.transfer import Transferer
+from kvtier.tiers.worker import PRIORITY_LOAD, PRIORITY_PREFETCH, PRIORITY_SAVE, TransferHandle
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +101,7 @@ class Executor:
     def reopen_disk(self, evict: bool = True, timeout_s: float = 60.0) -> int:
         """Closes the disk tier once queued work has run, optionally drops its file from the page cache
         (a cold restore next, as benchmarks need), and reopens it. Returns the bytes still cached."""
-        from .coldcache import evict_file
+        from kvtier.tiers.coldcache import evict_file
 
         disk = self.tiers.get(TierName.DISK)
         if disk is None:

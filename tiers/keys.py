@@ -20,7 +20,7 @@ from typing import Any, NewType, Sequence
 
 import numpy as np
 
-from .errors import ConfigError
+from kvtier.tiers.errors import ConfigError
 
 BlockKey = NewType("BlockKey", bytes)
 

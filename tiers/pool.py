@@ -19,11 +19,11 @@ from typing import Any
 
 import torch
 
-from .errors import CapacityError, ConfigError, SpecMismatchError
-from .keys import BlockKey
-from .slots import SlotTable
-from .spec import KVSpec
-from .tier import Tier, TierName, format_size
+from kvtier.tiers.errors import CapacityError, ConfigError, SpecMismatchError
+from kvtier.tiers.keys import BlockKey
+from kvtier.tiers.slots import SlotTable
+from kvtier.tiers.spec import KVSpec
+from kvtier.tiers.tier import Tier, TierName, format_size
 
 
 def cuda_available() -> bool:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import heapq
 from typing import Hashable, Iterable, Sequence
 
-from .errors import ConfigError
+from kvtier.tiers.errors import ConfigError
 
 
 class SlotTable:

@@ -24,7 +24,7 @@ import json
 from dataclasses import dataclass, field, fields as dataclass_fields, replace
 from typing import Any, Mapping
 
-from .errors import ConfigError
+from kvtier.tiers.errors import ConfigError
 
 DEFAULT_LAYOUT = "layer-kv-head-token-dim/1"
 

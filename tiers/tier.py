@@ -20,10 +20,10 @@ import enum
 from abc import ABC, abstractmethod
 from typing import TYPE_CHECKING, Sequence
 
-from .errors import ConfigError, SpecMismatchError
-from .keys import BlockKey
-from .spec import KVSpec
-from .worker import PRIORITY_LOAD, PRIORITY_SAVE, TransferHandle, Worker
+from kvtier.tiers.errors import ConfigError, SpecMismatchError
+from kvtier.tiers.keys import BlockKey
+from kvtier.tiers.spec import KVSpec
+from kvtier.tiers.worker import PRIORITY_LOAD, PRIORITY_SAVE, TransferHandle, Worker
 
 if TYPE_CHECKING:
     import torch

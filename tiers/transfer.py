@@ -1,7 +1,7 @@
 """Batched transfers between tiers and between a tier and an engine's own KV memory.
 
 Primitives:
-- `KVBuffer`: the protocol an engine adapter implements for its KV memory.
+- `KVBuffer` (in `kvbuffer`): the protocol an engine adapter implements for its KV memory.
 - `Transferer`: executes a request's moves as one batched job on a background worker (and a CUDA
   stream when present), returning a `TransferHandle`:
   - `move(src, dst, keys, src_slots, dst_slots, ...)`: tier to tier, whole blocks (the fastest order)
@@ -10,7 +10,6 @@ Primitives:
     layer-group order, so the engine's layer i waits only for the group holding layer i; disk reads
     land straight in the engine's KV when its buffer offers `block_memory`;
   - `save(buffer, src_blocks, keys, dst, dst_slots)`: the engine's KV into a pool tier.
-- `slot_runs(...)`: groups slot lists into runs of consecutive slots (one copy per run).
 
 Invariants:
 - one copy per run of consecutive slots (per layer group in layer order), issued from one job, never
@@ -26,90 +25,22 @@ Invariants:
 
 from __future__ import annotations
 
-import ctypes
-import itertools
 import logging
 import os
 import threading
-from concurrent.futures import ThreadPoolExecutor
-from typing import Callable, Mapping, Protocol, Sequence
+from typing import Callable, Mapping, Sequence
 
-import numpy as np
 import torch
 
-from .errors import ConfigError
-from .keys import BlockKey
-from .pool import PoolTier, check_same_spec, cuda_available
-from .spec import KVSpec
-from .tier import Tier, TierName
-from .worker import PRIORITY_LOAD, TransferHandle, Worker
+from kvtier.tiers.errors import ConfigError
+from kvtier.tiers.keys import BlockKey
+from kvtier.tiers.pool import PoolTier, check_same_spec, cuda_available
+from kvtier.tiers.tier import Tier, TierName
+from kvtier.tiers.worker import PRIORITY_LOAD, TransferHandle, Worker
+from kvtier.tiers.copies import ParallelCopier, copy_tensor
+from kvtier.tiers.kvbuffer import KVBuffer, slot_runs
 
 log = logging.getLogger(__name__)
-
-
-class KVBuffer(Protocol):
-    """An engine's own KV memory as transfers see it; written by an engine adapter.
-
-    What an engine block index means is the engine's business: for transformers, block i of the
-    sequence (tokens [i*T, (i+1)*T)); for vLLM, a physical block id of its paged cache.
-    Sources and destinations are typed tensors shaped `[n, hi - lo, kv_factor, num_kv_heads,
-    block_tokens, head_dim]` (layers [lo, hi) of n blocks in the DESIGN.md layout), usually a view
-    of consecutive pool slots, so an adapter can move a run of blocks with one copy per layer.
-
-    Optional: `block_memory(block) -> list[memoryview] | None`, the engine block's bytes as writable
-    memory runs in DESIGN.md payload order (CPU memory only). Where an adapter has it, a load reads
-    disk blocks straight into the engine's KV (`DiskTier.get_many` into the runs) instead of through
-    a host slot and a second copy; the host slot the decision half booked is filled from the engine's
-    KV batch by batch, while the rest is read.
-    """
-
-    spec: KVSpec
-
-    def write_blocks(self, dst_blocks: Sequence[int], src: torch.Tensor, layers: tuple[int, int]) -> None:
-        """Copies layers [lo, hi) of `len(dst_blocks)` blocks from `src` into the engine's blocks."""
-
-    def read_blocks(self, src_blocks: Sequence[int], dst: torch.Tensor, layers: tuple[int, int]) -> None:
-        """Copies layers [lo, hi) of the engine's blocks `src_blocks` into `dst`."""
-
-
-class BlockKVBuffer:
-    """An engine KV memory made of whole blocks in the DESIGN.md layout: `[num_blocks, *spec.block_shape]`.
-
-    The simplest real `KVBuffer`: replay's `--real` mode and the benchmarks use it as the engine's
-    paged KV; an adapter for an engine with another layout implements the protocol itself.
-    """
-
-    def __init__(self, spec: KVSpec, num_blocks: int, device: torch.device | str = "cpu") -> None:
-        if num_blocks <= 0:
-            raise ConfigError(f"num_blocks: expected a positive int, got {num_blocks!r}")
-        self.spec = spec
-        self.data = torch.zeros((num_blocks, *spec.block_shape), dtype=spec.torch_dtype, device=device)
-
-    def write_blocks(self, dst_blocks: Sequence[int], src: torch.Tensor, layers: tuple[int, int]) -> None:
-        lo, hi = layers
-        for first, b0, _, n in slot_runs(dst_blocks):
-            copy_tensor(self.data[b0:b0 + n, lo:hi], src[first:first + n])
-
-    def read_blocks(self, src_blocks: Sequence[int], dst: torch.Tensor, layers: tuple[int, int]) -> None:
-        lo, hi = layers
-        for first, b0, _, n in slot_runs(src_blocks):
-            copy_tensor(dst[first:first + n], self.data[b0:b0 + n, lo:hi])
-
-
-def slot_runs(src_slots: Sequence[int], dst_slots: Sequence[int] | None = None) -> list[tuple[int, int, int, int]]:
-    """Splits parallel slot lists into runs where both advance by one.
-
-    Returns (index of the run's first entry, first src slot, first dst slot, count) per run; with no
-    `dst_slots`, only the source must be consecutive (dst = the entry index).
-    """
-    runs: list[tuple[int, int, int, int]] = []
-    dst = dst_slots if dst_slots is not None else range(len(src_slots))
-    start = 0
-    for i in range(1, len(src_slots) + 1):
-        if i == len(src_slots) or src_slots[i] != src_slots[i - 1] + 1 or dst[i] != dst[i - 1] + 1:
-            runs.append((start, src_slots[start], dst[start], i - start))
-            start = i
-    return runs
 
 
 class Transferer:
@@ -406,108 +337,6 @@ class Transferer:
             self._disk.close()
         self._copies.close()
         self._copier.close()
-
-
-#: memmove copies runs in pieces of at most this many bytes: glibc's memmove takes `rep movsb` below the
-#: L2 size on AMD CPUs and a vector loop above it; on this machine's EPYC (1 MiB L2) two threads copying
-#: 512 KiB pieces reached 1.01x of one 512 MiB `copy_`, 1 MiB and larger pieces 0.87-0.91x
-MEMMOVE_PIECE_BYTES = 512 << 10
-
-_INT_OF_SIZE = {1: "uint8", 2: "int16", 4: "int32", 8: "int64"}
-
-
-def memory_chunks(dst: torch.Tensor, src: torch.Tensor) -> list[tuple[int, int, int]] | None:
-    """(dst address, src address, bytes) of the contiguous runs of a CPU copy, or None when the views
-    are not made of contiguous rows along their first dimension (then numpy copies them)."""
-    if dst.shape != src.shape or dst.dtype != src.dtype:
-        raise ConfigError(f"copy: shapes/dtypes differ: {tuple(dst.shape)} {dst.dtype} vs {tuple(src.shape)} {src.dtype}")
-    if dst.is_contiguous() and src.is_contiguous():
-        return [(dst.data_ptr(), src.data_ptr(), dst.numel() * dst.element_size())]
-    if dst.dim() > 1 and dst[0].is_contiguous() and src[0].is_contiguous():
-        nbytes = dst[0].numel() * dst.element_size()
-        d_step, s_step = dst.stride(0) * dst.element_size(), src.stride(0) * src.element_size()
-        d_ptr, s_ptr = dst.data_ptr(), src.data_ptr()
-        return [(d_ptr + i * d_step, s_ptr + i * s_step, nbytes) for i in range(dst.shape[0])]
-    return None
-
-
-def copy_tensor(dst: torch.Tensor, src: torch.Tensor) -> None:
-    """Copies `src` into `dst` (same shape and dtype), single-threaded on CPU.
-
-    Between CPU tensors: one `memmove` per contiguous run (one per block for a slice of consecutive
-    blocks), or numpy's strided copy for other views; both release the GIL and use one thread, so a
-    copy overlapped with the model's own threads does not fight them for a parallel region (each
-    `copy_` is one, whose barrier stalls whenever a thread is descheduled: `copy_` per 2 MiB block fell
-    to 0.08-0.65x of one large copy on a busy 2-core machine). A device copy goes through `copy_`
-    (asynchronous on the current stream).
-    """
-    if dst.device.type != "cpu" or src.device.type != "cpu":
-        dst.copy_(src, non_blocking=True)
-        return
-    chunks = memory_chunks(dst, src)
-    if chunks is None:
-        as_int = getattr(torch, _INT_OF_SIZE[dst.element_size()])
-        np.copyto(dst.view(as_int).numpy(), src.view(as_int).numpy())
-        return
-    _memmove_all(chunks)
-
-
-class ParallelCopier:
-    """Copies a batch of memory runs on `num_threads` threads (this one included).
-
-    Tier-to-tier moves are pure memory bandwidth: one thread reached 0.6-0.7x of a 2-thread `copy_`
-    of the same bytes on a quiet 2-core machine. The batch is cut into pieces of at most `PIECE_BYTES`
-    that the threads take in turn from a shared counter, each with `memmove` (which releases the
-    GIL): a thread the OS deschedules for a while leaves its share to the others instead of holding
-    up the batch, as a fixed split by bytes does. Owned by a `Transferer`; `close()` joins the threads.
-    """
-
-    #: below this many bytes a batch is copied on the calling thread alone
-    MIN_PARALLEL_BYTES = 4 << 20
-    #: the most bytes one thread copies before taking the next piece (`MEMMOVE_PIECE_BYTES`)
-    PIECE_BYTES = MEMMOVE_PIECE_BYTES
-
-    def __init__(self, num_threads: int) -> None:
-        self.num_threads = max(1, num_threads)
-        self._pool = ThreadPoolExecutor(self.num_threads - 1, "kvtier-copy-helper") if self.num_threads > 1 else None
-
-    def copy(self, chunks: Sequence[tuple[int, int, int]]) -> None:
-        """Copies every (dst address, src address, bytes) run; the runs must not overlap each other.
-
-        Runs are copied in source-address order: scattered slots read in address order measured
-        0.95x of one large copy here, in slot-list order 0.83x.
-        """
-        chunks = sorted(chunks, key=lambda c: c[1])
-        total = sum(n for _, _, n in chunks)
-        if self._pool is None or total < self.MIN_PARALLEL_BYTES:
-            _memmove_all(chunks)
-            return
-        step = self.PIECE_BYTES
-        pieces = [(d + o, s + o, min(step, n - o)) for d, s, n in chunks for o in range(0, n, step)]
-        taken = itertools.count()  # next() on a count is atomic under the GIL
-
-        def work() -> None:
-            for i in iter(taken.__next__, None):
-                if i >= len(pieces):
-                    return
-                d, s, n = pieces[i]
-                ctypes.memmove(d, s, n)
-
-        futures = [self._pool.submit(work) for _ in range(self.num_threads - 1)]
-        work()
-        for future in futures:
-            future.result()
-
-    def close(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=True)
-
-
-def _memmove_all(chunks: Sequence[tuple[int, int, int]]) -> None:
-    step = MEMMOVE_PIECE_BYTES
-    for d, s, n in chunks:
-        for o in range(0, n, step):
-            ctypes.memmove(d + o, s + o, min(step, n - o))
 
 
 def _engine_memory(buffer: KVBuffer, blocks: Sequence[int]) -> list[list[memoryview]] | None:

@@ -21,7 +21,7 @@ import logging
 import threading
 from typing import Any, Callable, Sequence
 
-from .errors import ClosedError, TransferError, TransferTimeout
+from kvtier.tiers.errors import ClosedError, TransferError, TransferTimeout
 
 log = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """`kvtier bench tiers|scheduler|engine|replay|vllm`: the benchmarks behind the README's figures.
 
-Each benchmark lives in `kvtier.scheduler.bench_<name>` (imported only when run) with
+Each benchmark lives in `kvtier.scheduler.bench.<name>` (imported only when run) with
 `add_arguments(parser)` and `run(args) -> int`.
 """
 
@@ -20,7 +20,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         p.add_argument("--json", metavar="FILE", help="write every figure to FILE as JSON")
         p.add_argument("--quick", action="store_true", help="fewer repeats and smaller sizes (a smoke run)")
         try:
-            module = importlib.import_module(f"kvtier.scheduler.bench_{name}")
+            module = importlib.import_module(f"kvtier.scheduler.bench.{name}")
             module.add_arguments(p)
         except Exception as err:  # one broken benchmark must not break every other command
             p.set_defaults(run=_unavailable(name, err))

@@ -3,7 +3,7 @@
     kvtier calibrate --model smollm2-135m --out profile.json [--json FILE] [--quick] [--disk-dir D] [--repeats N]
     kvtier calibrate --check --profile profile.json [--json FILE] [--disk-dir D]
 
-The first form measures host restores, cold disk restores and prefills (see `kvtier.scheduler.calibrate`),
+The first form measures host restores, cold disk restores and prefills (see `kvtier.scheduler.cost.calibrate`),
 fits on half of the points, reports the errors on the other half and saves the fitted model (a profile JSON
 that `CostModel.load` and `OffloadConfig.hardware` read). `--check` measures a smaller sweep again and reports
 the saved model's errors (no target: the machine's load changes between runs).
@@ -60,8 +60,8 @@ def _check_out(path: str) -> Path:
 def run(args: argparse.Namespace) -> int:
     from kvtier.tiers.errors import ConfigError
 
-    from kvtier.scheduler import benchutil as bu
-    from kvtier.scheduler import calibrate as cal
+    from kvtier.scheduler.bench import common as bu
+    from kvtier.scheduler.cost import calibrate as cal
 
     if args.check:
         if not args.profile:
@@ -88,7 +88,7 @@ def run(args: argparse.Namespace) -> int:
         disk_root = tempfile.mkdtemp(prefix=".kvtier-calibrate-", dir=disk_root)
     try:
         if args.check:
-            from kvtier.scheduler.costmodel import CostModel
+            from kvtier.scheduler.cost.model import CostModel
 
             model = CostModel.load(args.profile)
             report = cal.check(model, sweep, disk_dir=disk_root, progress=_say)

@@ -50,8 +50,8 @@ _COLUMNS = (  # header, unit scale, format, source
 def run(args: argparse.Namespace) -> int:
     from kvtier.tiers.errors import ConfigError
 
-    from ..costmodel import CostModel
-    from ..hardware import list_profiles, load_profile
+    from kvtier.scheduler.cost.model import CostModel
+    from kvtier.scheduler.cost.hardware import list_profiles, load_profile
 
     if args.tokens <= 0:
         raise ConfigError(f"--tokens: expected a positive int, got {args.tokens}")

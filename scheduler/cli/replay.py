@@ -3,11 +3,12 @@
 Modes:
 - `--hit-only`: prefix hit ratios for each `--cache-blocks` capacity and `--policy`, with the
   infinite-cache and Belady bounds (`kvtier.scheduler.replay.hitonly`); seconds for a whole trace.
-- default: the discrete-event simulation (`kvtier.scheduler.replay.simulate.run_simulation`);
+- default: the discrete-event simulation (`kvtier.scheduler.cli.simulate.run_simulation`);
   `--real` runs the same trace through the real tiers.
 
 TRACE is a trace file (Mooncake JSONL, kvtier JSONL, Azure CSV, or `.gz` of one) or the name of a
-built-in workload (`chat`, `agents`, `docqa`: `--requests` of them with the seed of `--seed`);
+built-in workload (`chat`, `agents`, `docqa`: `--requests` of them with the seed of `--seed`), or `mooncake`
+(the public Mooncake conversation trace shipped in `experiments/traces/`);
 without TRACE, the `chat` workload.
 Exit status: 0 done, 2 bad input (the message names the file, line and what was wrong).
 Neither the hit-only nor the simulation path imports torch.
@@ -16,7 +17,6 @@ Neither the hit-only nor the simulation path imports torch.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import sys
@@ -47,16 +47,15 @@ def _ints(text: str, name: str) -> list[int]:
     return out
 
 
-#: the workload `kvtier replay` replays when no TRACE is given
-DEMO_WORKLOAD = "chat"
-DEMO_REQUESTS = 2000
+from kvtier.scheduler.cli.simulate import DEMO_REQUESTS, DEMO_WORKLOAD
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("replay", help="replay a request trace (hit-only, simulated, or through the real tiers)",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("trace", metavar="TRACE", nargs="?", default=None,
-                   help="trace file (.jsonl, .csv, .gz) or built-in workload: chat, agents, docqa (default: chat)")
+                   help="trace file (.jsonl, .csv, .gz), `mooncake` (the shipped Mooncake conversation trace) or a "
+                        "built-in workload: chat, agents, docqa (default: chat)")
     p.add_argument("--format", choices=("mooncake", "kvtier", "azure-csv"), default=None,
                    help="trace format (default: detected)")
     p.add_argument("--skip-bad", action="store_true", help="count and skip malformed records instead of failing")
@@ -109,12 +108,9 @@ def run(args: argparse.Namespace) -> int:
     """Dispatches: hit-only here, the simulation (and --real) to `replay.simulate`."""
     if args.hit_only:
         return run_hit_only(args)
-    if importlib.util.find_spec("kvtier.scheduler.replay.simulate") is None:
-        print("kvtier replay: the simulation mode is not built yet; use --hit-only", file=sys.stderr)
-        return 2
-    from kvtier.scheduler.replay import simulate
+    from kvtier.scheduler.cli.simulate import run_simulation
 
-    return int(simulate.run_simulation(args) or 0)
+    return run_simulation(args)
 
 
 def load_requests(args: argparse.Namespace) -> tuple[Any, str]:
@@ -124,6 +120,8 @@ def load_requests(args: argparse.Namespace) -> tuple[Any, str]:
     if args.trace is None:
         args.trace = DEMO_WORKLOAD
     path = Path(args.trace)
+    if args.trace == "mooncake" and not path.exists():
+        path = traces.MOONCAKE_TRACE
     if not path.exists() and args.trace in workloads.KINDS:
         reqs = workloads.generate(args.trace, args.requests or DEMO_REQUESTS, args.seed,
                                   block_tokens=args.block_tokens or workloads.DEFAULT_BLOCK_TOKENS)

@@ -23,7 +23,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from kvtier.scheduler.benchutil import write_json
+    from kvtier.scheduler.bench.common import write_json
     from kvtier.scheduler.torture import result_json, run_torture
     from kvtier.tiers.errors import ConfigError
 
@@ -45,7 +45,7 @@ def run(args: argparse.Namespace) -> int:
             from kvtier.scheduler.torture import corrupt_store
 
             # every damaged value is reported by the figures below, not one warning each
-            logging.getLogger("kvtier.tiers.disk").setLevel(logging.ERROR)
+            logging.getLogger("kvtier.tiers.disk.store").setLevel(logging.ERROR)
             corrupt_store(store, args.corruptions, result, seed=args.seed)
     finally:
         if show:

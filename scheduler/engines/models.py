@@ -96,7 +96,7 @@ class PreparedModel:
         """Loads the model with transformers on CPU, in eval mode.
 
         `eager` attention is the default because it keeps a restored prefix bitwise exact in float32
-        on CPU (see `kvtier.scheduler.engines.hf_kv`).
+        on CPU (see `kvtier.scheduler.engines.hf.kv`).
         """
         import torch
         from transformers import AutoModelForCausalLM

@@ -25,8 +25,8 @@ from typing import Callable, Hashable, Sequence
 
 from kvtier.tiers.errors import ConfigError
 
-from ..policies import PolicyName, make_policy, next_uses, policy_name
-from .traces import Request, block_weights
+from kvtier.scheduler.policies import PolicyName, make_policy, next_uses, policy_name
+from kvtier.scheduler.replay.traces import Request, block_weights
 
 #: progress(done, total, label)
 Progress = Callable[[int, int, str], None]

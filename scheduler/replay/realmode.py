@@ -25,17 +25,13 @@ Imports torch (the real tiers need it); the simulation path does not import this
 
 from __future__ import annotations
 
-import json
-import sys
 import tempfile
 import time
 from dataclasses import replace
-from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 
-from kvtier.tiers.errors import ConfigError
 from kvtier.tiers.keys import BlockKey
 from kvtier.tiers.spec import KVSpec, preset_config
 from kvtier.tiers.tier import format_size
@@ -58,28 +54,36 @@ def _pattern(key: BlockKey) -> float:
     return float(int.from_bytes(key[:4], "little") % 2039 + 1)
 
 
-def run_real(args: Any, trace: Any, name: str) -> int:
-    """`kvtier replay --real` (module docstring). Returns the exit status."""
+def run_real(workload: Any, settings: Any, spec: KVSpec, *, trace_name: str, trace_format: str,
+             transfer_profile: str = "cpu-this-machine", disk_path: str | None = None,
+             progress: Any = None) -> dict[str, Any]:
+    """Replays a prepared workload through a real `OffloadManager` (module docstring).
+
+    Args:
+        workload: from `replay.simulate.prepare`.
+        settings: a `SimSettings` whose capacities are in blocks of `spec`.
+        spec: the scaled KV geometry (`scaled_spec`).
+        transfer_profile: hardware profile that predicts this machine's transfers.
+        disk_path: the disk store's directory; a temporary one (removed after) when None.
+        progress: a progress callback or None.
+
+    Returns:
+        The report (JSON-ready); `corrupt_blocks` must be 0.
+    """
     from kvtier.scheduler.config import OffloadConfig
-    from kvtier.scheduler.costmodel import CostModel
+    from kvtier.scheduler.cost.model import CostModel
     from kvtier.scheduler.manager import OffloadManager
-    from kvtier.tiers.transfer import BlockKVBuffer
+    from kvtier.tiers.kvbuffer import BlockKVBuffer
 
-    from .simulate import SimSettings, capacities, prepare, settings_from_args
-    from .simreport import _dist_ms, progress_bar
+    from kvtier.scheduler.replay.simulate import capacities
+    from kvtier.scheduler.replay.simreport import dist_ms
 
-    settings: SimSettings = settings_from_args(args)
-    workload = prepare(trace.requests, replace(settings, hardware=settings.hardware))
     bt = workload.block_tokens
-    spec = scaled_spec(settings.model, bt)
-    settings = settings_from_args(args, spec.bytes_per_block)
     caps = capacities(workload, settings)
     compute = CostModel.from_profile(settings.hardware, settings.model, spec=spec)
-    transfer_profile = getattr(args, "transfer_profile", None) or "cpu-this-machine"
     transfers = CostModel.from_profile(transfer_profile, settings.model, spec=spec)
     cost_model = replace(transfers, recompute=compute.recompute)  # this machine's links, the model's compute
     own_dir = None
-    disk_path = getattr(args, "disk_path", None)
     if caps["disk"] and not disk_path:
         own_dir = tempfile.TemporaryDirectory(prefix="kvtier-replay-")
         disk_path = own_dir.name
@@ -90,8 +94,6 @@ def run_real(args: Any, trace: Any, name: str) -> int:
                            prefetch_window=settings.prefetch_window,
                            **({} if settings.prefetch_budget_bytes is None
                               else {"prefetch_budget_bytes": settings.prefetch_budget_bytes}))
-    quiet = bool(getattr(args, "quiet", False))
-    progress = progress_bar() if not quiet and sys.stderr.isatty() else None
     start = time.perf_counter()
     try:
         with OffloadManager(spec, config, cost_model=cost_model) as manager:
@@ -106,28 +108,20 @@ def run_real(args: Any, trace: Any, name: str) -> int:
     measured, predicted = np.array(result.pop("measured_load_s")), np.array(result.pop("predicted_load_s"))
     est, planned = np.array(result.pop("prefill_s")), np.array(result.pop("planned_prefill_s"))
     rel = np.abs(predicted - measured) / measured if measured.size else np.array([])
-    doc = {
-        "mode": "real", "trace": name, "format": trace.format.value, "requests": len(workload.requests),
+    return {
+        "mode": "real", "trace": trace_name, "format": trace_format, "requests": len(workload.requests),
         "model": settings.model, "hardware": settings.hardware, "transfer_profile": transfer_profile,
         "spec": spec.fields(), "bytes_per_block": bpb, "block_tokens": bt,
         "disk_path": None if own_dir is not None else disk_path,
         "capacities": {t: {"blocks": n, "bytes": n * bpb} for t, n in caps.items()},
         **result,
         "loads": int(measured.size),
-        "load_ms": {"measured": _dist_ms(measured), "predicted": _dist_ms(predicted)},
+        "load_ms": {"measured": dist_ms(measured), "predicted": dist_ms(predicted)},
         "load_median_abs_rel_error": round(float(np.median(rel)), 4) if rel.size else None,
         "load_total_s": {"measured": round(float(measured.sum()), 6), "predicted": round(float(predicted.sum()), 6)},
-        "ttft_ms": _dist_ms(est), "planned_prefill_ms": _dist_ms(planned),
+        "ttft_ms": dist_ms(est), "planned_prefill_ms": dist_ms(planned),
         "manager": stats, "seconds": round(seconds, 3),
     }
-    if not quiet:
-        print(real_table(doc))
-    if getattr(args, "json", None):
-        try:
-            Path(args.json).write_text(json.dumps(doc, indent=2, default=str) + "\n")
-        except OSError as err:
-            raise ConfigError(f"--json: cannot write {args.json} ({err.strerror})") from err
-    return 0 if result["corrupt_blocks"] == 0 else 1
 
 
 def _replay(manager: Any, requests: Sequence[Any], bt: int, spec: KVSpec, window: int, progress: Any,

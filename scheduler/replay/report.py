@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .hitonly import SweepResult
+from kvtier.scheduler.replay.hitonly import SweepResult
 
 RATIO_DIGITS = 6
 

@@ -43,8 +43,8 @@ from kvtier.tiers.commands import Command, Completion, Evict, Load, Move, Save
 from kvtier.tiers.keys import BlockKey
 from kvtier.tiers.tier import TierName
 
-from ..costmodel import CostModel
-from ..planner import Planner
+from kvtier.scheduler.cost.model import CostModel
+from kvtier.scheduler.planner import Planner
 
 #: progress(done, total, label)
 Progress = Callable[[int, int, str], None]

@@ -32,7 +32,7 @@ from kvtier.tiers.tier import format_size
 RATIO_DIGITS = 6
 
 
-def _dist_ms(values_s: np.ndarray) -> dict[str, float | None]:
+def dist_ms(values_s: np.ndarray) -> dict[str, float | None]:
     """p50 / p90 / p99 / mean in ms (None for no value: JSON has no NaN)."""
     values_s = np.asarray(values_s, dtype=float)
     if values_s.size == 0:
@@ -66,10 +66,10 @@ def summarize(sim: Any, workload: Any) -> dict[str, Any]:
         "hit_ratio_by_tier": {
             "blocks": {t: _ratio(n, c.blocks) for t, n in c.hit_blocks_by_tier.items()},
             "tokens": {t: _ratio(n, c.tokens) for t, n in c.hit_tokens_by_tier.items()}},
-        "ttft_ms": _dist_ms(first - arrival),
-        "queue_ms": _dist_ms(start - arrival),
-        "prefill_ms": _dist_ms(prefill),
-        "prefill_over_plan_ms": _dist_ms(prefill - planned),
+        "ttft_ms": dist_ms(first - arrival),
+        "queue_ms": dist_ms(start - arrival),
+        "prefill_ms": dist_ms(prefill),
+        "prefill_over_plan_ms": dist_ms(prefill - planned),
         "bytes_moved": dict(c.bytes_by_link),
         "bytes_moved_by_reason": dict(sorted(c.bytes_by_reason.items())),
         "link_busy_s": {k: round(v, 6) for k, v in c.busy_s_by_link.items()},

@@ -9,9 +9,6 @@ Primitives:
 - `simulate(workload, settings)` -> `Simulation`: one run; `run_all(...)` the run plus the same run's
   baselines (no cache, GPU-only prefix cache, offload without prefetch) and bounds (infinite cache and
   Belady, from `kvtier.scheduler.replay.hitonly`).
-- `run_simulation(args)`: the CLI entry point `kvtier.scheduler.cli.replay` dispatches to (with no trace:
-  the built-in demo workload); `add_simulation_arguments(parser)` (from `simargs`, which imports only
-  argparse) adds the flags this mode reads that the replay parser lacks.
 
 Defaults (printed in every report): llama-3-8b on h100-sxm; tiers that hold about 5% / 30% / 100% of the
 trace's unique blocks in gpu / host / disk; LRU; prefetch on; write-through; 16 running requests at most;
@@ -27,7 +24,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import time
 from dataclasses import asdict, dataclass, replace
 from typing import Any, Sequence
@@ -35,13 +31,12 @@ from typing import Any, Sequence
 from kvtier.tiers.errors import ConfigError
 from kvtier.tiers.keys import BlockKey, chain_keys, namespace, trace_key
 
-from ..config import OffloadConfig
-from ..costmodel import CostModel
-from ..decider import Decider
-from ..planner import Planner
-from .simargs import add_simulation_arguments  # noqa: F401 (re-exported for cli/replay.py)
-from .simcore import EngineSim, Progress, RequestRecord, SimCounters, SimRequest
-from .traces import Request, block_weights
+from kvtier.scheduler.config import OffloadConfig
+from kvtier.scheduler.cost.model import CostModel
+from kvtier.scheduler.decider import Decider
+from kvtier.scheduler.planner import Planner
+from kvtier.scheduler.replay.simcore import EngineSim, Progress, RequestRecord, SimCounters, SimRequest
+from kvtier.scheduler.replay.traces import Request, block_weights
 
 log = logging.getLogger(__name__)
 
@@ -253,7 +248,7 @@ def baseline_settings(settings: SimSettings, caps: dict[str, int]) -> dict[str, 
 
 def bounds(workload: Workload, caps: dict[str, int]) -> dict[str, Any]:
     """Infinite-cache and Belady hit ratios (the hit-only code's), at the hierarchy's and the gpu's size."""
-    from .hitonly import HitOnlyWorkload, infinite_ratio, run_policy
+    from kvtier.scheduler.replay.hitonly import HitOnlyWorkload, infinite_ratio, run_policy
 
     keys = [r.keys for r in workload.requests]
     total = float(sum(len(k) for k in keys))
@@ -279,7 +274,7 @@ _FORKED: dict[str, Any] = {}
 
 def _run_baselines(names: Sequence[str]) -> dict[str, Any]:
     """Runs baselines (and "bounds") on the workload stashed before a fork; returns their summaries."""
-    from .simreport import summarize
+    from kvtier.scheduler.replay.simreport import summarize
 
     workload, settings, caps = _FORKED["workload"], _FORKED["settings"], _FORKED["caps"]
     todo = baseline_settings(settings, caps)
@@ -326,122 +321,3 @@ def _start_methods() -> list[str]:
     import multiprocessing
 
     return multiprocessing.get_all_start_methods()
-
-
-# -- the CLI ----------------------------------------------------------------------------------------
-
-
-def _capacity_arg(args: Any, tier: str, bytes_per_block: int) -> int | None:
-    from kvtier.tiers.tier import parse_size
-
-    blocks = getattr(args, f"{tier}_blocks", None)
-    if blocks is not None:
-        return blocks
-    text = getattr(args, tier, None)
-    if text is None:
-        return None
-    text = str(text).strip()
-    if text.lower().endswith("b") and text[:-1].strip().isdigit():  # "2000b": blocks
-        return int(text[:-1])
-    size = parse_size(text, f"--{tier}")
-    if 0 < size < bytes_per_block:
-        raise ConfigError(f"--{tier}: {text} is smaller than one block ({bytes_per_block} bytes); expected 0 "
-                          f"(no {tier} tier) or at least one block")
-    return size // bytes_per_block
-
-
-def settings_from_args(args: Any, bytes_per_block: int | None = None) -> SimSettings:
-    """`SimSettings` from the parsed `kvtier replay` arguments (flags missing from `args` keep defaults)."""
-    from kvtier.tiers.tier import parse_size
-
-    scale_text = str(getattr(args, "time_scale", "auto") or "auto").strip().lower()
-    try:
-        time_scale = None if scale_text == "auto" else float(scale_text)
-    except ValueError:
-        raise ConfigError(f"--time-scale: {scale_text!r}; expected a number > 0 or 'auto'") from None
-    budget = getattr(args, "prefetch_budget", None)
-    policy = str(getattr(args, "policy", "lru") or "lru")
-    if "," in policy:
-        raise ConfigError(f"--policy: {policy!r}; simulation runs one policy (a list is for --hit-only)")
-    settings = SimSettings(
-        model=getattr(args, "model", "llama-3-8b") or "llama-3-8b",
-        hardware=getattr(args, "hardware", "h100-sxm") or "h100-sxm",
-        policy=policy, prefetch=bool(getattr(args, "prefetch", True)),
-        prefetch_window=int(getattr(args, "prefetch_window", 8)),
-        prefetch_budget_bytes=None if budget is None else parse_size(budget, "--prefetch-budget"),
-        write_mode=getattr(args, "write_mode", "write-through") or "write-through",
-        max_batch=int(getattr(args, "max_batch", 16) or 16), time_scale=time_scale,
-        block_tokens=getattr(args, "block_tokens", None))
-    if bytes_per_block is not None:
-        settings = replace(settings, **{f"{t}_blocks": _capacity_arg(args, t, bytes_per_block)
-                                        for t in ("gpu", "host", "disk")})
-    return settings
-
-
-def _load(args: Any) -> tuple[Any, str]:
-    """The trace (a file or a built-in workload) via the replay CLI's loader, or the demo workload."""
-    from kvtier.scheduler.cli import replay as replay_cli
-
-    if getattr(args, "trace", None) in (None, ""):
-        args.trace = DEMO_WORKLOAD
-        if getattr(args, "requests", None) is None:
-            args.requests = DEMO_REQUESTS
-    trace, name = replay_cli.load_requests(args)
-    limit = getattr(args, "max_requests", None)
-    if getattr(args, "real", False) and limit is None:
-        limit = DEFAULT_REAL_REQUESTS
-    if limit is not None:
-        if limit < 1:
-            raise ConfigError(f"--max-requests: {limit}; expected an int >= 1")
-        trace.requests = trace.requests[:limit]
-    return trace, name
-
-
-#: `kvtier replay` with no trace (the README's `make demo`): this built-in workload
-DEMO_WORKLOAD = "chat"
-DEMO_REQUESTS = 2000
-DEFAULT_REAL_REQUESTS = 500
-
-
-def run_simulation(args: Any) -> int:
-    """`kvtier replay [TRACE]` without --hit-only: simulation (or --real); prints the summary, writes
-    --json and --plot. Returns the exit status."""
-    import json
-    import sys
-    from pathlib import Path
-
-    from . import simreport
-
-    trace, name = _load(args)
-    if getattr(args, "real", False):
-        from .realmode import run_real
-
-        return run_real(args, trace, name)
-    settings = settings_from_args(args)
-    workload = prepare(trace.requests, settings)
-    settings = settings_from_args(args, workload.cost_model.spec.bytes_per_block)
-    quiet = bool(getattr(args, "quiet", False))
-    progress = simreport.progress_bar() if not quiet and sys.stderr.isatty() else None
-    plot = getattr(args, "plot", None)
-    if plot:
-        simreport.check_plotting()
-    jobs = getattr(args, "jobs", None)
-    jobs = min(2, os.cpu_count() or 1) if jobs is None else jobs
-    start = time.perf_counter()
-    main, baselines, found = run_all(workload, settings, with_baselines=bool(getattr(args, "baselines", True)),
-                                     jobs=jobs, progress=progress)
-    meta = {"trace": name, "format": trace.format.value, "skipped": trace.skipped}
-    doc = simreport.simulation_json(main, workload, baselines, found, meta, time.perf_counter() - start)
-    if trace.skipped and not quiet:
-        print(f"kvtier replay: skipped {trace.skipped} malformed record(s); first: {trace.errors[0]}",
-              file=sys.stderr)
-    if not quiet:
-        print(simreport.simulation_table(doc))
-    if getattr(args, "json", None):
-        try:
-            Path(args.json).write_text(json.dumps(doc, indent=2) + "\n")
-        except OSError as err:
-            raise ConfigError(f"--json: cannot write {args.json} ({err.strerror})") from err
-    if plot:
-        simreport.plot(main, doc, plot)
-    return 0

@@ -38,6 +38,9 @@ from kvtier.tiers.errors import TraceFormatError
 
 #: tokens per id of a Mooncake trace (and the kvtier format's default)
 MOONCAKE_BLOCK_TOKENS = 512
+#: the public Mooncake conversation trace shipped in the repository (`experiments/traces/`, Apache-2.0);
+#: `kvtier replay mooncake` replays it
+MOONCAKE_TRACE = Path(__file__).resolve().parents[2] / "experiments" / "traces" / "mooncake_conversation_trace.jsonl"
 
 
 class TraceFormat(str, Enum):

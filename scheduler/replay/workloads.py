@@ -24,7 +24,7 @@ from typing import Callable
 
 from kvtier.tiers.errors import ConfigError
 
-from .traces import Request
+from kvtier.scheduler.replay.traces import Request
 
 DEFAULT_BLOCK_TOKENS = 64
 KINDS = ("chat", "agents", "docqa")

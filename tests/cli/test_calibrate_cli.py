@@ -8,7 +8,7 @@ import math
 import pytest
 
 from kvtier.scheduler.cli import main
-from kvtier.scheduler.costmodel import CostModel
+from kvtier.scheduler.cost.model import CostModel
 
 TINY = {"_name_or_path": "test/tiny-llama", "model_type": "llama", "num_hidden_layers": 2, "hidden_size": 64,
         "num_attention_heads": 4, "num_key_value_heads": 2, "intermediate_size": 128, "vocab_size": 256,

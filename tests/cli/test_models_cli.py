@@ -92,7 +92,7 @@ def test_prepare_converts_the_packaged_gguf_once_into_a_plain_model(models_root,
     tokenizer, model = prepared.load_tokenizer(), prepared.load_model()
     assert getattr(model, "hf_quantizer", None) is None
     ids = tokenizer("The capital of France is", return_tensors="pt").input_ids
-    from kvtier.scheduler.engines.hf_kv import greedy_generate
+    from kvtier.scheduler.engines.hf.generate import greedy_generate
 
     start = time.perf_counter()
     text = tokenizer.decode(greedy_generate(model, ids[0], None, 4))

@@ -7,9 +7,9 @@ import json
 import pytest
 
 from kvtier.scheduler.cli import main
-from kvtier.scheduler.costfit import RecomputePoint, RestorePoint
-from kvtier.scheduler.costmodel import CostModel
-from kvtier.scheduler.hardware import dumps_profile, load_profile
+from kvtier.scheduler.cost.fit import RecomputePoint, RestorePoint, fit_model, predict
+from kvtier.scheduler.cost.model import CostModel
+from kvtier.scheduler.cost.hardware import dumps_profile, load_profile
 
 REQUIRED = ("h100-pcie5", "h100-sxm", "h200", "gh200", "a100-pcie4", "l4", "cpu-this-machine")
 
@@ -70,7 +70,7 @@ def test_bad_profile_file_names_the_file(tmp_path, capsys) -> None:
 
 def test_a_calibrated_profile_predicts_with_its_fitted_numbers(tmp_path, capsys) -> None:
     # what `kvtier calibrate --out` writes: the profile plus fitted coefficients for one model
-    fitted = CostModel.from_profile("cpu-this-machine", "smollm2-135m").fit(
+    fitted = fit_model(CostModel.from_profile("cpu-this-machine", "smollm2-135m"),
         [RestorePoint("host", n, 0.001 * n) for n in (1, 2, 4)]
         + [RecomputePoint(s, n, 0.002 * n) for s in (0, 64) for n in (64, 128)])
     fitted.save(tmp_path / "calibrated.json")

@@ -8,7 +8,7 @@ import json
 import pytest
 
 from kvtier.scheduler.cli import main
-from kvtier.scheduler.replay import simulate
+from kvtier.scheduler.cli import simulate
 
 
 def _mooncake(path, n=30):
@@ -107,19 +107,11 @@ def test_real_mode_moves_real_bytes(tmp_path):
     assert any(disk.iterdir())  # the LMDB store is really there
 
 
-def test_simulation_flags_added_to_the_replay_parser(tmp_path):
-    # the flags cli/replay.py does not define come from simargs.add_simulation_arguments
-    from kvtier.scheduler.replay.simargs import add_simulation_arguments
-
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--max-requests", type=int)  # already defined: left alone
-    add_simulation_arguments(parser)
-    ns = parser.parse_args(["--concurrency", "4", "--gpu-blocks", "7", "--no-baselines", "--write-mode",
-                            "write-back", "--max-requests", "10"])
+def test_simulation_flags_through_the_cli(tmp_path):
     trace = _mooncake(tmp_path / "t.jsonl")
     out = tmp_path / "r.json"
-    args = _args(trace=str(trace), json=str(out), **vars(ns))
-    assert simulate.run_simulation(args) == 0
+    assert main(["replay", str(trace), "--quiet", "--max-batch", "4", "--gpu", "7b", "--no-baselines",
+                 "--write-mode", "write-back", "--max-requests", "10", "--json", str(out)]) == 0
     doc = json.loads(out.read_text())
     assert doc["requests"] == 10 and doc["settings"]["max_batch"] == 4
     assert doc["capacities"]["gpu"]["blocks"] == 7 and doc["settings"]["write_mode"] == "write-back"

@@ -11,9 +11,9 @@ import torch
 
 from kvtier.scheduler.config import OffloadConfig
 from kvtier.scheduler.manager import OffloadManager
-from kvtier.tiers.disk import DiskTier
+from kvtier.tiers.disk.store import DiskTier
 from kvtier.tiers.spec import KVSpec
-from kvtier.tiers.transfer import BlockKVBuffer
+from kvtier.tiers.kvbuffer import BlockKVBuffer
 
 SPEC = KVSpec(model_id="test/exh", num_layers=2, num_kv_heads=1, head_dim=8, dtype="float32", block_tokens=4,
               weights_revision="random-0")
@@ -51,7 +51,7 @@ def test_full_pool_of_pinned_blocks_saves_nothing_and_evicts_nothing():
 
 WRITER = """
 import sys, torch
-from kvtier.tiers.disk import DiskTier
+from kvtier.tiers.disk.store import DiskTier
 from kvtier.tiers.spec import KVSpec
 spec = KVSpec(model_id="test/exh", num_layers=2, num_kv_heads=1, head_dim=8, dtype="float32", block_tokens=4,
               weights_revision="random-0")

@@ -18,7 +18,7 @@ from kvtier.scheduler.manager import OffloadManager
 from kvtier.scheduler.replay.traces import TraceFormat, read_trace
 from kvtier.tiers.errors import TraceFormatError
 from kvtier.tiers.spec import KVSpec
-from kvtier.tiers.transfer import BlockKVBuffer
+from kvtier.tiers.kvbuffer import BlockKVBuffer
 
 SPEC = KVSpec(model_id="test/prop", num_layers=2, num_kv_heads=1, head_dim=8, dtype="float32", block_tokens=4,
               weights_revision="random-0")

@@ -21,6 +21,6 @@ def tiny_llama():
 @pytest.fixture(scope="session")
 def tiny_llama_spec(tiny_llama):
     """Its KVSpec: 16-token blocks, weights_revision `random-0`."""
-    from kvtier.scheduler.engines.hf_kv import spec_for_model
+    from kvtier.scheduler.engines.hf.kv import spec_for_model
 
     return spec_for_model(tiny_llama, f"random-{TINY_SEED}", block_tokens=TINY_BLOCK_TOKENS)

@@ -16,7 +16,7 @@ from kvtier.tiers.commands import Completion, Evict, Load, Move, Save
 from kvtier.tiers.errors import ClosedError, ConfigError
 from kvtier.tiers.spec import KVSpec
 from kvtier.tiers.tier import TierName
-from kvtier.tiers.transfer import BlockKVBuffer
+from kvtier.tiers.kvbuffer import BlockKVBuffer
 
 MODEL = {"_name_or_path": "test/tiny", "num_hidden_layers": 4, "hidden_size": 32, "num_attention_heads": 4,
          "num_key_value_heads": 2, "intermediate_size": 64, "vocab_size": 256}
@@ -186,7 +186,7 @@ def test_corrupt_disk_block_is_a_failed_load_and_forgotten(spec, tmp_path):
         m.store("a", prompt, src).wait(10)
         m.flush()
     # flip one payload byte of the second block's value in place
-    from kvtier.tiers.diskenv import BLOCKS_DB
+    from kvtier.tiers.disk.env import BLOCKS_DB
 
     env = lmdb.open(str(tmp_path / "store"), max_dbs=8)
     flipped = 0

@@ -10,9 +10,12 @@ import time
 import numpy as np
 import pytest
 
-from kvtier.scheduler.costmodel import CostModel, PathCost, RecomputeCost
-from kvtier.scheduler.hardware import load_profile
-from kvtier.scheduler.planner import Plan, Planner
+from kvtier.scheduler.cost.model import CostModel
+
+from kvtier.scheduler.cost.parts import PathCost, RecomputeCost
+from kvtier.scheduler.cost.hardware import load_profile
+from kvtier.scheduler.plan import Plan
+from kvtier.scheduler.planner import Planner
 from kvtier.tiers.errors import ConfigError
 from kvtier.tiers.tier import TierName
 

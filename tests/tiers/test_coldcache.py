@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from kvtier.tiers.coldcache import cold_sequential_read_s, evict_file, resident_bytes, write_file
-from kvtier.tiers.disk import DiskTier
+from kvtier.tiers.disk.store import DiskTier
 from kvtier.tiers.errors import StoreError
 from kvtier.tiers.spec import KVSpec
 
@@ -46,7 +46,7 @@ def test_refuses_a_store_still_open(tmp_path):
 
 
 def test_cold_restore_benchmark_runs_small(tmp_path):
-    from kvtier.tiers.diskbench import codec_figures, cold_restore_vs_sequential, kv_like_blocks
+    from kvtier.tiers.disk.bench import codec_figures, cold_restore_vs_sequential, kv_like_blocks
 
     spec = SPEC.with_(dtype="bfloat16", num_layers=8)  # 16 KiB blocks
     figures = cold_restore_vs_sequential(tmp_path, spec, total_bytes=1 << 20, repeats=2, warmup=0)

@@ -11,7 +11,8 @@ from kvtier.tiers.errors import CapacityError, ConfigError, SpecMismatchError, T
 from kvtier.tiers.pool import GpuTier, HostTier
 from kvtier.tiers.slots import SlotTable
 from kvtier.tiers.tier import TierName, parse_size
-from kvtier.tiers.transfer import Transferer, slot_runs
+from kvtier.tiers.transfer import Transferer
+from kvtier.tiers.kvbuffer import slot_runs
 from kvtier.tiers.worker import TransferHandle, Worker
 
 

@@ -1,0 +1,231 @@
+"""`kvtier bench vllm`: TTFT of SmolLM2-135M in a real vLLM engine with kvtier, against recomputing and
+against vLLM's own ExampleConnector.
+
+In one run on this machine (fp32, vLLM's CPU backend, 128-token blocks), each TTFT the latency of a
+max_tokens=1 request, each figure the median of interleaved repeats (A, B, C, D, A, B, C, D, ...):
+- for prompts of 512, 2,048 and 3,072 tokens, vLLM's prefix caching off (vLLM cannot serve a repeat
+  itself): `none` (no connector: recompute), `kvtier_host` (restored from kvtier's host tier),
+  `kvtier_disk` (from its disk tier with a truly cold page cache: before each such repeat
+  `llm.reset_prefix_cache(reset_connector=True)` empties kvtier's host tier and makes its worker close
+  the LMDB store, evict data.mdb from the page cache and reopen it; a 16-token request ships that order,
+  outside the timer; the residency of data.mdb just before the timed request is recorded), and
+  `example` (vLLM's ExampleConnector restoring the same prompt from its safetensors files);
+- the miss overhead on unique 2,048-token prompts (nothing cached) for kvtier and ExampleConnector,
+  against no connector (per round: connector TTFT / none TTFT - 1; median over at least `MISS_REPEATS`
+  rounds, the arms' order rotating, `SETTLE_S` between requests so that one engine's background saves
+  do not land on another engine's timed request);
+- the multi-turn chat workload: 6 sessions, each a 1,024-token system prompt, 4 turns each adding
+  256 user tokens and a fixed 32-token scripted reply, turns round-robin over sessions, prefix caching
+  on, `num_gpu_blocks_override=48` (6,144 tokens, less than the sessions need: vLLM's own cache must
+  evict); vLLM alone vs vLLM + kvtier, each request run on one engine then the other (interleaved);
+  mean and p90 TTFT over turns 2-4.
+
+Every engine pins `VLLM_CPU_NUM_OF_RESERVED_CPU=1` (the harness's default) so all arms run on the
+same cores (see `harness.EngineConfig.reserved_cpus`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import shutil
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+SIZES = (512, 2048, 3072)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--repeats", type=int, default=3, help="interleaved repeats per figure (default 3)")
+    parser.add_argument("--sizes", default=",".join(map(str, SIZES)), help="prompt sizes in tokens (default "
+                        "512,2048,3072)")
+    parser.add_argument("--dir", default=None, help="directory for the stores (default: a temp dir under the "
+                        "current directory's file system)")
+    parser.add_argument("--skip-multiturn", action="store_true", help="leave out the multi-turn workload")
+
+
+def _p90(values: list[float]) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(0.9 * (len(ordered) - 1))))]
+
+
+def _med(values: list[float]) -> float:
+    return statistics.median(values)
+
+
+#: repeats of the miss-overhead figure at least (its spread between engine instances is a few percent)
+MISS_REPEATS = 6
+#: seconds between two requests of the miss-overhead figure (background work of the last one settles)
+SETTLE_S = 1.0
+
+
+def run(args: argparse.Namespace) -> int:
+    from kvtier.scheduler.bench import common as bu
+    from kvtier.scheduler.engines.models import prepare_model
+    from kvtier.scheduler.engines.vllm.harness import vllm_available
+
+    if not vllm_available():
+        raise SystemExit("kvtier bench vllm: vllm is not installed (the `vllm` extra)")
+    sizes = tuple(int(s) for s in args.sizes.split(","))
+    repeats = args.repeats
+    if args.quick:
+        sizes, repeats = (512, 2048), min(repeats, 2)
+    if repeats < 1:
+        raise SystemExit(f"kvtier bench vllm: --repeats must be >= 1, got {repeats}")
+    if "2048" not in map(str, sizes):
+        raise SystemExit("kvtier bench vllm: --sizes must include 2048 (the headline figures)")
+    model_dir = str(prepare_model("smollm2-135m").path)
+    work = Path(tempfile.mkdtemp(prefix="kvtier-bench-vllm-", dir=args.dir or os.getcwd()))
+    store = work / "kvtier_store"
+    common = {"model_dir": model_dir, "max_model_len": 4096, "kv_cache_gib": 0.5}
+    kv_extra = {"host_bytes": "1GiB", "disk_bytes": "4GiB", "disk_path": str(store)}
+    result: dict[str, Any] = {"machine": bu.machine(), "model": "smollm2-135m", "dtype": "float32",
+                              "repeats": repeats, "sizes": list(sizes)}
+
+    try:
+        return _run(args, result, sizes, repeats, work, store, common, kv_extra)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _run(args: argparse.Namespace, result: dict[str, Any], sizes: tuple[int, ...], repeats: int, work: Path,
+         store: Path, common: dict[str, Any], kv_extra: dict[str, Any]) -> int:
+    from kvtier.scheduler.bench import common as bu
+    from kvtier.scheduler.engines.vllm.harness import (
+        EngineConfig,
+        VllmEngine,
+        example_connector,
+        kvtier_connector,
+        random_prompt,
+    )
+    from kvtier.tiers.coldcache import resident_bytes
+    from kvtier.tiers.disk.store import DiskTier
+
+    began = time.perf_counter()
+    none = VllmEngine(EngineConfig(**common))
+    kv = VllmEngine(EngineConfig(**common, **kvtier_connector(**kv_extra)))
+    ex = VllmEngine(EngineConfig(**common, **example_connector(work / "example_store")))
+    flush_seed = [1000]
+
+    def ttft(engine: VllmEngine, prompt: list[int]) -> float:
+        return engine.time_request(prompt, max_tokens=1).latency_s
+
+    def make_cold() -> int:
+        assert kv.llm.reset_prefix_cache(reset_connector=True), "reset_prefix_cache refused"
+        flush_seed[0] += 1
+        kv.time_request(random_prompt(16, flush_seed[0]), max_tokens=1)  # ships the cold-reopen order
+        return resident_bytes(DiskTier.data_file_of(store))
+
+    try:
+        for engine in (none, kv, ex):
+            engine.start()
+        result["startup_s"] = {"none": none.startup_s, "kvtier": kv.startup_s, "example": ex.startup_s}
+        ttft_rows: dict[str, dict[str, Any]] = {}
+        for size in sizes:
+            prompt = random_prompt(size, seed=size)
+            outs = {name: eng.time_request(prompt, max_tokens=1).output_ids for name, eng in
+                    (("kvtier", kv), ("example", ex))}  # seeds both connectors' stores
+            samples: dict[str, list[float]] = {"none": [], "kvtier_host": [], "kvtier_disk": [], "example": []}
+            resident: list[int] = []
+            same_output = True
+            for _ in range(repeats):
+                samples["none"].append(ttft(none, prompt))
+                host = kv.time_request(prompt, max_tokens=1)
+                samples["kvtier_host"].append(host.latency_s)
+                resident.append(make_cold())
+                disk = kv.time_request(prompt, max_tokens=1)
+                samples["kvtier_disk"].append(disk.latency_s)
+                samples["example"].append(ttft(ex, prompt))
+                same_output &= host.output_ids == disk.output_ids == outs["kvtier"]
+            row = {f"{k}_s": round(_med(v), 4) for k, v in samples.items()}
+            row.update({f"{k}_samples_s": [round(x, 4) for x in v] for k, v in samples.items()})
+            row["host_speedup"] = round(_med([n / h for n, h in zip(samples["none"], samples["kvtier_host"])]), 3)
+            row["disk_speedup"] = round(_med([n / d for n, d in zip(samples["none"], samples["kvtier_disk"])]), 3)
+            row["vs_example_connector"] = round(_med([e / h for e, h in zip(samples["example"],
+                                                                            samples["kvtier_host"])]), 3)
+            row["example_speedup"] = round(_med([n / e for n, e in zip(samples["none"], samples["example"])]), 3)
+            row["disk_resident_bytes_before"] = resident
+            row["same_output"] = bool(same_output)
+            ttft_rows[str(size)] = row
+            log.info("ttft %d: %s", size, row)
+        result["ttft"] = ttft_rows
+        two = ttft_rows["2048"]
+        result["host_speedup_2k"] = two["host_speedup"]
+        result["disk_speedup_2k"] = two["disk_speedup"]
+        result["vs_example_connector_2k"] = two["vs_example_connector"]
+
+        # unique prompts; the arms' order rotates from repeat to repeat and each request starts after the
+        # previous engine's background work (kvtier's write-through of the last prompt, say) has settled,
+        # so no arm pays for another engine's saves on this 2-core machine
+        miss: dict[str, list[float]] = {"none": [], "kvtier": [], "example": []}
+        arms = [("none", none), ("kvtier", kv), ("example", ex)]
+        for r in range(max(repeats, MISS_REPEATS)):
+            for i, (name, eng) in enumerate(arms[r % 3:] + arms[:r % 3]):
+                time.sleep(SETTLE_S)
+                miss[name].append(ttft(eng, random_prompt(2048, seed=50_000 + 10 * r + i)))
+        over_kv = [k / n - 1 for k, n in zip(miss["kvtier"], miss["none"])]
+        over_ex = [e / n - 1 for e, n in zip(miss["example"], miss["none"])]
+        result["miss"] = {f"{k}_samples_s": [round(x, 4) for x in v] for k, v in miss.items()}
+        result["miss_overhead"] = round(_med(over_kv), 4)
+        result["miss_overhead_example"] = round(_med(over_ex), 4)
+    finally:
+        for engine in (none, kv, ex):
+            engine.close()
+
+    if not args.skip_multiturn:
+        result["multiturn"] = _multiturn(common, kv_extra | {"disk_path": str(work / "kvtier_mt_store")},
+                                         EngineConfig, VllmEngine, kvtier_connector, random_prompt)
+        result["multiturn_ttft_speedup"] = result["multiturn"]["speedup_mean"]
+    result["elapsed_s"] = round(time.perf_counter() - began, 1)
+
+    rows = [{"prompt": k, **{c: v[c] for c in ("none_s", "kvtier_host_s", "kvtier_disk_s", "example_s",
+                                                 "host_speedup", "disk_speedup", "vs_example_connector")}}
+            for k, v in result["ttft"].items()]
+    bu.print_table(rows, list(rows[0]), "TTFT (s), vLLM prefix caching off, median of interleaved repeats")
+    for key in ("host_speedup_2k", "disk_speedup_2k", "vs_example_connector_2k", "miss_overhead",
+                "miss_overhead_example", "multiturn_ttft_speedup"):
+        print(f"{key}: {result.get(key)}")
+    bu.write_json(args.json, result)
+    return 0
+
+
+def _multiturn(common: dict[str, Any], kv_extra: dict[str, Any], EngineConfig: Any, VllmEngine: Any,
+               kvtier_connector: Any, random_prompt: Any) -> dict[str, Any]:
+    """6 sessions x 4 turns round-robin on vLLM alone and vLLM + kvtier (prefix caching on, 48 blocks)."""
+    mt = dict(common, enable_prefix_caching=True, num_gpu_blocks_override=48)
+    sessions = [random_prompt(1024, seed=900 + s) for s in range(6)]
+    turns = 4
+    users = [[random_prompt(256, seed=2000 + 10 * s + t) for t in range(turns)] for s in range(6)]
+    replies = [[random_prompt(32, seed=5000 + 10 * s + t) for t in range(turns)] for s in range(6)]
+    times: dict[str, list[list[float]]] = {"vllm": [[] for _ in range(turns)], "kvtier": [[] for _ in range(turns)]}
+    alone = VllmEngine(EngineConfig(**mt))
+    withkv = VllmEngine(EngineConfig(**mt, **kvtier_connector(**kv_extra)))
+    try:
+        alone.start()
+        withkv.start()
+        history = [list(s) for s in sessions]
+        for t in range(turns):
+            for s in range(6):
+                prompt = history[s] + users[s][t]
+                times["vllm"][t].append(alone.time_request(prompt, max_tokens=1).latency_s)
+                times["kvtier"][t].append(withkv.time_request(prompt, max_tokens=1).latency_s)
+                history[s] = prompt + replies[s][t]
+    finally:
+        alone.close()
+        withkv.close()
+    later = {k: [x for turn in v[1:] for x in turn] for k, v in times.items()}
+    out: dict[str, Any] = {"sessions": 6, "turns": turns, "system_tokens": 1024, "user_tokens": 256,
+                           "reply_tokens": 32, "num_gpu_blocks_override": 48}
+    for k, v in later.items():
+        out[f"{k}_mean_s"] = round(statistics.fmean(v), 4)
+        out[f"{k}_p90_s"] = round(_p90(v), 4)
+        out[f"{k}_turn_means_s"] = [round(statistics.fmean(turn), 4) for turn in times[k]]
+    out["speedup_mean"] = round(out["vllm_mean_s"] / out["kvtier_mean_s"], 3)
+    out["speedup_p90"] = round(out["vllm_p90_s"] / out["kvtier_p90_s"], 3)
+    return out

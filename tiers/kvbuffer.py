@@ -1,0 +1,83 @@
+"""An engine's KV memory as transfers see it: the `KVBuffer` protocol and `BlockKVBuffer`.
+
+- `KVBuffer`: what an engine adapter implements (`write_blocks`, `read_blocks`, optionally `block_memory`);
+- `BlockKVBuffer`: the simplest real one, whole blocks in the block layout (replay `--real`, benchmarks);
+- `slot_runs(...)`: groups slot lists into runs of consecutive slots (one copy per run).
+"""
+
+from __future__ import annotations
+
+from typing import Protocol, Sequence
+
+import torch
+
+from kvtier.tiers.copies import copy_tensor
+from kvtier.tiers.errors import ConfigError
+from kvtier.tiers.spec import KVSpec
+
+
+class KVBuffer(Protocol):
+    """An engine's own KV memory as transfers see it; written by an engine adapter.
+
+    What an engine block index means is the engine's business: for transformers, block i of the
+    sequence (tokens [i*T, (i+1)*T)); for vLLM, a physical block id of its paged cache.
+    Sources and destinations are typed tensors shaped `[n, hi - lo, kv_factor, num_kv_heads,
+    block_tokens, head_dim]` (layers [lo, hi) of n blocks in the DESIGN.md layout), usually a view
+    of consecutive pool slots, so an adapter can move a run of blocks with one copy per layer.
+
+    Optional: `block_memory(block) -> list[memoryview] | None`, the engine block's bytes as writable
+    memory runs in DESIGN.md payload order (CPU memory only). Where an adapter has it, a load reads
+    disk blocks straight into the engine's KV (`DiskTier.get_many` into the runs) instead of through
+    a host slot and a second copy; the host slot the decision half booked is filled from the engine's
+    KV batch by batch, while the rest is read.
+    """
+
+    spec: KVSpec
+
+    def write_blocks(self, dst_blocks: Sequence[int], src: torch.Tensor, layers: tuple[int, int]) -> None:
+        """Copies layers [lo, hi) of `len(dst_blocks)` blocks from `src` into the engine's blocks."""
+
+    def read_blocks(self, src_blocks: Sequence[int], dst: torch.Tensor, layers: tuple[int, int]) -> None:
+        """Copies layers [lo, hi) of the engine's blocks `src_blocks` into `dst`."""
+
+
+class BlockKVBuffer:
+    """An engine KV memory made of whole blocks in the DESIGN.md layout: `[num_blocks, *spec.block_shape]`.
+
+    The simplest real `KVBuffer`: replay's `--real` mode and the benchmarks use it as the engine's
+    paged KV; an adapter for an engine with another layout implements the protocol itself.
+    """
+
+    def __init__(self, spec: KVSpec, num_blocks: int, device: torch.device | str = "cpu") -> None:
+        if num_blocks <= 0:
+            raise ConfigError(f"num_blocks: expected a positive int, got {num_blocks!r}")
+        self.spec = spec
+        self.data = torch.zeros((num_blocks, *spec.block_shape), dtype=spec.torch_dtype, device=device)
+
+    def write_blocks(self, dst_blocks: Sequence[int], src: torch.Tensor, layers: tuple[int, int]) -> None:
+        lo, hi = layers
+        for first, b0, _, n in slot_runs(dst_blocks):
+            copy_tensor(self.data[b0:b0 + n, lo:hi], src[first:first + n])
+
+    def read_blocks(self, src_blocks: Sequence[int], dst: torch.Tensor, layers: tuple[int, int]) -> None:
+        lo, hi = layers
+        for first, b0, _, n in slot_runs(src_blocks):
+            copy_tensor(dst[first:first + n], self.data[b0:b0 + n, lo:hi])
+
+
+def slot_runs(src_slots: Sequence[int], dst_slots: Sequence[int] | None = None) -> list[tuple[int, int, int, int]]:
+    """Splits parallel slot lists into runs where both advance by one.
+
+    Returns (index of the run's first entry, first src slot, first dst slot, count) per run; with no
+    `dst_slots`, only the source must be consecutive (dst = the entry index).
+    """
+    runs: list[tuple[int, int, int, int]] = []
+    dst = dst_slots if dst_slots is not None else range(len(src_slots))
+    start = 0
+    for i in range(1, len(src_slots) + 1):
+        if i == len(src_slots) or src_slots[i] != src_slots[i - 1] + 1 or dst[i] != dst[i - 1] + 1:
+            runs.append((start, src_slots[start], dst[start], i - start))
+            start = i
+    return runs
+
+
