@@ -8,7 +8,7 @@
     manager.store(rid, token_ids, kv_buffer)     # async save of the new full blocks
     manager.finish(rid)
 
-It holds both halves in one process (DESIGN.md "Two halves"): the `Decider` (books and decisions)
+It holds both halves in one process (docs/design.md "Two halves"): the `Decider` (books and decisions)
 and the `Executor` (tiers and copies). Every engine event becomes commands from the decider, which
 the executor runs; completions flow back to the decider, which may answer with follow-ups (a
 write-through to disk). A vLLM connector holds the same two halves on its two sides instead.

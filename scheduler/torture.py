@@ -1,7 +1,7 @@
 """Crash-consistency torture of the disk tier: kill a real writer process with SIGKILL, again and again.
 
 Each cycle starts a writer process that saves blocks through `DiskTier.put_async` and prints one
-`ack <key>` line per block after the transaction holding it has committed (DESIGN.md: acknowledged
+`ack <key>` line per block after the transaction holding it has committed (docs/design.md: acknowledged
 means durable). Once the writer has acknowledged at least one block, it is killed with SIGKILL at a
 random moment during its saves. The store is then reopened, and:
 - every acknowledged block must read back byte-exact (else `acknowledged_blocks_lost`);

@@ -1,6 +1,6 @@
 """Truly cold reads for benchmarks: evict a file from the page cache, prove it, and time the limit.
 
-DESIGN.md "Cold page cache": `posix_fadvise(DONTNEED)` does not evict pages that are still mapped, so a
+docs/design.md "Cold page cache": `posix_fadvise(DONTNEED)` does not evict pages that are still mapped, so a
 "cold" read of an LMDB file whose environment is still open reads from RAM. The caller must close every
 LMDB environment and mapping of the file first (every `DiskTier` on the store: `tier.close()`, or
 `tier.reopen()` after the eviction); `evict_file` refuses a store this process still has open.

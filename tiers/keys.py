@@ -6,7 +6,7 @@ Primitives:
 - `chain_keys(token_ids, block_tokens, namespace)`: the keys of every full block of a token sequence.
 - `KeyChain`: the same, bound to a spec and salt, with the root computed once.
 
-Invariants (DESIGN.md "Specifications", checked by test vectors):
+Invariants (docs/design.md "Specifications", checked by test vectors):
 - namespace = fingerprint (16 raw bytes) + b"\\0" + salt; root = blake2b-16(namespace);
 - key(i) = blake2b-16(key(i-1) + block i's token ids as little-endian int32);
 - equal keys mean an equal prefix (and an equal model and salt), so a lookup walks keys until the

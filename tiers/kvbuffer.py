@@ -22,11 +22,11 @@ class KVBuffer(Protocol):
     What an engine block index means is the engine's business: for transformers, block i of the
     sequence (tokens [i*T, (i+1)*T)); for vLLM, a physical block id of its paged cache.
     Sources and destinations are typed tensors shaped `[n, hi - lo, kv_factor, num_kv_heads,
-    block_tokens, head_dim]` (layers [lo, hi) of n blocks in the DESIGN.md layout), usually a view
+    block_tokens, head_dim]` (layers [lo, hi) of n blocks in the docs/design.md layout), usually a view
     of consecutive pool slots, so an adapter can move a run of blocks with one copy per layer.
 
     Optional: `block_memory(block) -> list[memoryview] | None`, the engine block's bytes as writable
-    memory runs in DESIGN.md payload order (CPU memory only). Where an adapter has it, a load reads
+    memory runs in docs/design.md payload order (CPU memory only). Where an adapter has it, a load reads
     disk blocks straight into the engine's KV (`DiskTier.get_many` into the runs) instead of through
     a host slot and a second copy; the host slot the decision half booked is filled from the engine's
     KV batch by batch, while the rest is read.
@@ -42,7 +42,7 @@ class KVBuffer(Protocol):
 
 
 class BlockKVBuffer:
-    """An engine KV memory made of whole blocks in the DESIGN.md layout: `[num_blocks, *spec.block_shape]`.
+    """An engine KV memory made of whole blocks in the docs/design.md layout: `[num_blocks, *spec.block_shape]`.
 
     The simplest real `KVBuffer`: replay's `--real` mode and the benchmarks use it as the engine's
     paged KV; an adapter for an engine with another layout implements the protocol itself.

@@ -9,7 +9,7 @@ Primitives:
 - `HostTier`: the pool in host memory, pinned when CUDA is present.
 
 Invariants: memory is allocated once at construction, never per block; a slot's bytes are this
-process's own memory guarded by the index, so reads are not checksummed (DESIGN.md).
+process's own memory guarded by the index, so reads are not checksummed (docs/design.md).
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 Primitives: `allocate(key)` / `allocate_many(keys)` (None when full), `free(key)`, `slot_of(key)`,
 `keys()`. The table keeps books only; it never touches bytes, so the decision half can keep it in
-one process while the pool's memory lives in another (DESIGN.md "Two halves").
+one process while the pool's memory lives in another (docs/design.md "Two halves").
 
 Invariants: a slot holds at most one key and a key at most one slot; free slots are handed out
 lowest first (a min-heap), so blocks saved together on a fresh pool get consecutive slots and move

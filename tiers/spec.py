@@ -9,7 +9,7 @@ Primitives:
   (the keys a Hugging Face `config.json` has), which the cost model also reads for FLOP counts.
 
 Invariants:
-- the fingerprint is blake2b-16 of the canonical JSON of all nine fields (DESIGN.md "Specifications"),
+- the fingerprint is blake2b-16 of the canonical JSON of all nine fields (docs/design.md "Specifications"),
   so two specs that differ in any field, weights included, never share stored KV;
 - a block is one contiguous buffer, layer-major: `[num_layers][kv_factor][num_kv_heads][block_tokens]
   [head_dim]` for the default layout, so one layer (or layer group) of a block is one contiguous slice.

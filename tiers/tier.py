@@ -8,7 +8,7 @@ Primitives:
 
 Invariants:
 - a block's payload is one contiguous uint8 buffer of `spec.bytes_per_block` bytes in the layer-major
-  layout (DESIGN.md "Block layout");
+  layout (docs/design.md "Block layout");
 - `get` returns None on a miss (a corrupt or foreign block is a miss too, never data);
 - `capacity_bytes` is never exceeded: a `put` into a full tier raises `CapacityError` (the scheduler's
   policies choose victims before putting).

@@ -1,6 +1,6 @@
 """Shared pieces of the benchmarks: interleaved repeats, ratios with spread, tables, JSON.
 
-DESIGN.md "How performance is judged": every figure is a ratio against a limit measured in the same
+docs/design.md "How performance is judged": every figure is a ratio against a limit measured in the same
 run; the measured path and its limit are interleaved (A, B, A, B, ...), each repeated several
 times, and the median ratio is reported with its spread.
 """

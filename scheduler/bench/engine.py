@@ -4,7 +4,7 @@ For a prompt of P + S tokens whose first P (2,048) are cached (S = 16 and 64), i
 the median of interleaved repeats (A, B, C, ..., A, B, C, ...):
 - `recompute`: the whole prompt computed (plain model);
 - `host`: the prefix restored from kvtier's host pool, the suffix computed with a per-layer wait;
-- `disk`, `disk_zstd`: restored from the disk tier with a truly cold page cache (DESIGN.md "Cold page
+- `disk`, `disk_zstd`: restored from the disk tier with a truly cold page cache (docs/design.md "Cold page
   cache": every manager and LMDB env on the store closed, data.mdb evicted, residency checked 0,
   then a fresh manager opened, outside the timer);
 - `ideal`: the S-token suffix computed on a cache that already holds the P tokens' KV (built before

@@ -131,10 +131,10 @@ def run(args: argparse.Namespace) -> int:
         "kvtier_jobs": jobs,
         "speed_ratio": round(ks_s / kv_s, 3),
         "explanation": ("FIFO is the same policy in both tools. kvcache-simulator's LRU evicts only leaves of the "
-                        "prefix tree (kvtier's prefix-aware); kvtier's lru is plain LRU over block ids (DESIGN.md). "
+                        "prefix tree (kvtier's prefix-aware); kvtier's lru is plain LRU over block ids (docs/design.md). "
                         "kvcache-simulator's optimal is prefix-tree Belady that may refuse to admit a block needed "
                         "no sooner than every evictable leaf, ties to the newest block (kvtier's belady-bypass); "
-                        "kvtier's belady must insert every block (DESIGN.md), a lower bound for caches that admit "
+                        "kvtier's belady must insert every block (docs/design.md), a lower bound for caches that admit "
                         "everything. With matched semantics the tools agree to max_abs_diff_matched."),
     }
     shutil.rmtree(tmp, ignore_errors=True)

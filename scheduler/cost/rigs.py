@@ -8,7 +8,7 @@ Primitives:
     as in a long-running cache; bytes not in a CPU cache) into the buffer, in layer groups, until the
     handle completes;
   - `disk(n, repeat)`: seconds of `Transferer.move(disk -> host)` of n blocks with a truly cold page cache
-    (DESIGN.md "Cold page cache"): every DiskTier on the store closed, `evict_file`, `resident_bytes == 0`
+    (docs/design.md "Cold page cache"): every DiskTier on the store closed, `evict_file`, `resident_bytes == 0`
     checked, the store reopened and the read-ahead of its opening dropped again (residency checked: only the
     pages LMDB maps itself stay), all untimed; then the read is timed until the handle completes.
 - `RecomputeRig(config, threads)`: a transformers causal LM built from the config with random weights,

@@ -4,7 +4,7 @@ Primitives:
 - `ARCPolicy`: Megiddo & Modha's Adaptive Replacement Cache (FAST 2003): T1 (seen once), T2 (seen
   at least twice), ghost lists B1/B2 of keys evicted from each, and a target size p of T1 that a
   ghost hit moves (B1 hit: p grows by max(1, |B2| // |B1|); B2 hit: p shrinks by max(1, |B1| // |B2|);
-  the integer quotient, as most implementations write it, reproduces DESIGN.md's reference figures).
+  the integer quotient, as most implementations write it, reproduces docs/design.md's reference figures).
   REPLACE evicts T1's oldest when |T1| > p (or |T1| == p and the incoming key is a B2 ghost), else
   T2's oldest. Ghost lists are bounded: |T1| + |B1| <= c and |T1| + |T2| + |B1| + |B2| <= 2c.
 - `S3FIFOPolicy`: Yang et al., "FIFO queues are all you need for cache eviction" (SOSP 2023): a

@@ -15,12 +15,12 @@ Primitives (all O(1) or O(log n) amortised per call):
 - `remove(key)`: the key left the cache (evicted or dropped); policies with ghost history remember it.
 - `__len__`, `__contains__`, `keys()`.
 
-`Policy.replay_request(keys)` is the hit-only step of DESIGN.md "Hit-ratio semantics", built on
+`Policy.replay_request(keys)` is the hit-only step of docs/design.md "Hit-ratio semantics", built on
 the primitives (a subclass may override it with a faster loop that keeps exactly the same effect):
 hits are the leading keys found; then every key is refreshed or inserted in prompt order, each
 insertion evicting `victim()` first when the cache is full. Nothing is protected here, so a request
 longer than the cache (or a FIFO-like policy) may push out its own earlier keys, as a real cache that
-fills while a long prompt streams in would; this reproduces DESIGN.md's reference ARC and S3-FIFO
+fills while a long prompt streams in would; this reproduces docs/design.md's reference ARC and S3-FIFO
 figures exactly. Belady, an offline bound, overrides the step and never evicts a key of the request
 being served.
 

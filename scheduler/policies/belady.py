@@ -6,7 +6,7 @@ Primitives:
   key stream ("event", classic MIN); `NEVER` when it is not used again. One backward pass.
 - `BeladyPolicy(capacity, requests)`: replays `requests` in order (its own `replay_request`),
   evicting the key whose next use is farthest in the future, ties to the least recently used, and
-  never a key of the request being served (DESIGN.md "Hit-ratio semantics").
+  never a key of the request being served (docs/design.md "Hit-ratio semantics").
 - `BeladyBypassPolicy` (in `policies.bypass`): the same with bypass, the exact optimum under the
   prefix rule.
 - `MinPolicy(capacity, requests)`: classic MIN at event granularity: the farthest next occurrence;

@@ -26,7 +26,7 @@ class BeladyBypassPolicy(BeladyPolicy):
     - a key is admitted only when its parent is cached and some evictable leaf is needed later
       than it (otherwise neither it nor the rest of its request is inserted: bypass).
     A cache allowed to refuse keys can do better than forced insertion, so this bounds admission
-    filters; DESIGN.md's `belady` inserts every key.
+    filters; docs/design.md's `belady` inserts every key.
     """
 
     name = "belady-bypass"

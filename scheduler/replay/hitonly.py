@@ -1,6 +1,6 @@
 """Hit-only replay: prefix hit ratios of a trace under each policy and capacity, with their bounds.
 
-Semantics (DESIGN.md "Hit-ratio semantics"): one trace id is one block; a request's hits are its
+Semantics (docs/design.md "Hit-ratio semantics"): one trace id is one block; a request's hits are its
 leading ids found in the cache, stopping at the first miss; then every id of the request is
 refreshed or inserted in prompt order (`Policy.replay_request`); the ratio is hits over all ids of
 the measured requests. `Weight.TOKENS` weights each block by its tokens (full blocks

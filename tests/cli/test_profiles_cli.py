@@ -21,7 +21,7 @@ def test_lists_every_profile_with_its_numbers(capsys) -> None:
         assert f"\n{name} " in out
     assert "TFLOP/s" in out and "link GB/s" in out and "recompute ms" in out
     h100 = next(line for line in out.splitlines() if line.startswith("h100-sxm "))
-    assert " 989 " in h100 and " 50 " in h100 and "267.8" in h100  # DESIGN.md's 267 ms for Llama-3-8B
+    assert " 989 " in h100 and " 50 " in h100 and "267.8" in h100  # docs/design.md's 267 ms for Llama-3-8B
 
 
 def test_json_output(tmp_path, capsys) -> None:

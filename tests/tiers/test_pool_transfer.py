@@ -25,7 +25,7 @@ def random_block(spec, seed: int) -> torch.Tensor:
 
 
 class Buffer:
-    """A minimal engine KV: one tensor of blocks in the DESIGN.md layout."""
+    """A minimal engine KV: one tensor of blocks in the docs/design.md layout."""
 
     def __init__(self, spec, num_blocks: int) -> None:
         self.spec = spec

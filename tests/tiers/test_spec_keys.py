@@ -1,4 +1,4 @@
-"""KVSpec and block keys: the DESIGN.md test vectors, presets, and bad input."""
+"""KVSpec and block keys: the docs/design.md test vectors, presets, and bad input."""
 
 from __future__ import annotations
 

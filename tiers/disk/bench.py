@@ -12,7 +12,7 @@ Primitives:
 - `filesystem_of(path)`: "device fstype mountpoint" of a path, to say where a figure was measured.
 
 Cold means: every DiskTier on the store closed (mapped pages cannot be evicted), `evict_file` on data.mdb,
-then `resident_bytes == 0` checked before each timed read (DESIGN.md "Cold page cache"). No function here
+then `resident_bytes == 0` checked before each timed read (docs/design.md "Cold page cache"). No function here
 prints; results are plain dicts for the CLI's table and JSON.
 """
 

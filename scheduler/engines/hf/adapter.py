@@ -6,7 +6,7 @@ Primitives:
   tokens, TTFT). With `manager=None` it is the plain model (the baseline).
 - `Prefill`, `Generation`: results (frozen dataclasses).
 
-What one prefill does (DESIGN.md "Data flow"):
+What one prefill does (docs/design.md "Data flow"):
 1. `manager.enqueue` + `manager.plan`: the matched prefix, the split s and the restore end r
    (a caller may adjust the plan: `plan_fn`);
 2. r is capped so that at least `min_suffix_tokens` tokens are computed (bitwise exactness in

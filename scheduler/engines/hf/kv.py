@@ -15,7 +15,7 @@ Primitives:
 
 Invariants:
 - a run of consecutive blocks moves as runs of `block_tokens x head_dim` contiguous elements on both
-  sides (the DESIGN.md layout has heads before tokens, as `DynamicLayer` does), never a transpose of
+  sides (the docs/design.md layout has heads before tokens, as `DynamicLayer` does), never a transpose of
   the inner dimensions: one `copy_` per run for a buffer from `allocate` (all its layers are one
   tensor), one per layer per K/V per run for a buffer wrapping a cache (`from_cache`). One call is
   both faster and steadier on a busy machine: each `copy_` is a parallel region whose threads must
@@ -70,7 +70,7 @@ def spec_for_model(model: Any, weights_revision: str, block_tokens: int = 64, *,
 
     Args:
         model: a transformers model (its `config` gives the geometry).
-        weights_revision: identity of the weights (DESIGN.md: 16 hex digits of the weight files'
+        weights_revision: identity of the weights (docs/design.md: 16 hex digits of the weight files'
             sha256, or `random-<seed>`).
         block_tokens: tokens per block.
         model_id: the model's name; defaults to the config's `_name_or_path`.
@@ -219,7 +219,7 @@ class HFKVBuffer:
                                 self._block_view(tensors[layer], b0, n))
 
     def block_memory(self, block: int) -> list[memoryview] | None:
-        """Block `block`'s bytes as writable memory runs in DESIGN.md payload order (layer, K/V, head:
+        """Block `block`'s bytes as writable memory runs in docs/design.md payload order (layer, K/V, head:
         `block_tokens x head_dim` elements each), so a disk read lands straight in this sequence's KV
         (`KVBuffer.block_memory`); None when the tensors are not contiguous CPU memory.
 

@@ -1,4 +1,4 @@
-"""CostModel, hardware profiles and the fit: DESIGN.md's worked numbers, formulas, JSON, validation."""
+"""CostModel, hardware profiles and the fit: docs/design.md's worked numbers, formulas, JSON, validation."""
 
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ def close(predicted_s: float, expected_ms: float, tolerance: float = 0.25) -> bo
     return abs(predicted_s * 1e3 - expected_ms) <= tolerance * expected_ms
 
 
-# -- DESIGN.md worked numbers (H100 SXM, bf16, 50% MFU, 8k prefix) ---------------------------------
+# -- docs/design.md worked numbers (H100 SXM, bf16, 50% MFU, 8k prefix) ---------------------------------
 
 
 @pytest.mark.parametrize("model, recompute_ms, host_ms, disk_ms", [
@@ -57,7 +57,7 @@ def test_llama3_70b_tp8_per_layer_kv_copies_cost_as_much_as_recompute() -> None:
                                 copy_granularity=CopyGranularity.LAYER_KV)
     blocks = PREFIX // 16
     host = cm.path("host")
-    assert blocks * host.copies_per_block == 81_920  # DESIGN.md: 82k copies for 8k tokens
+    assert blocks * host.copies_per_block == 81_920  # docs/design.md: 82k copies for 8k tokens
     ratio = cm.restore_s("host", blocks) / cm.recompute_s(0, PREFIX)
     assert 0.75 <= ratio <= 1.25
 

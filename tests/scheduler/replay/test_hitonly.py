@@ -1,4 +1,4 @@
-"""Hit-only replay: the DESIGN.md semantics on small traces with hand-computed answers, and the
+"""Hit-only replay: the docs/design.md semantics on small traces with hand-computed answers, and the
 shared-trace anchors."""
 
 from __future__ import annotations
@@ -81,7 +81,7 @@ def test_forked_sweep_matches_serial():
 
 
 def test_shared_trace_anchors():
-    """DESIGN.md's anchors: infinite, LRU and Belady on the shared trace (each within 0.0005)."""
+    """docs/design.md's anchors: infinite, LRU and Belady on the shared trace (each within 0.0005)."""
     work = HitOnlyWorkload.from_requests(read_trace(MOONCAKE_TRACE).requests)
     assert infinite_ratio(work) == pytest.approx(0.3664, abs=5e-4)
     for capacity, lru in ((2000, 0.0537), (6000, 0.1386), (20000, 0.2875)):
@@ -91,7 +91,7 @@ def test_shared_trace_anchors():
 
 @pytest.mark.slow
 def test_shared_trace_reference_policies_and_ours():
-    """ARC and S3-FIFO reproduce DESIGN.md's reference figures; suffix-arc beats the best of them."""
+    """ARC and S3-FIFO reproduce docs/design.md's reference figures; suffix-arc beats the best of them."""
     work = HitOnlyWorkload.from_requests(read_trace(MOONCAKE_TRACE).requests)
     reference = {"arc": (0.0713, 0.1539, 0.2892), "s3fifo": (0.0766, 0.1529, 0.2529)}
     for policy, figures in reference.items():

@@ -57,7 +57,7 @@ def engine_kv(num_blocks: int) -> HFKVBuffer:
 
 
 def as_block(buffer: HFKVBuffer, b: int) -> torch.Tensor:
-    """Engine block b in the DESIGN.md layout, read back with the adapter's own copy."""
+    """Engine block b in the docs/design.md layout, read back with the adapter's own copy."""
     out = torch.empty((1, *SPEC.block_shape))
     buffer.read_blocks([b], out, (0, SPEC.num_layers))
     return out[0]

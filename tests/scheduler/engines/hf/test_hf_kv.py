@@ -34,7 +34,7 @@ def tokens(n: int, seed: int = 1, vocab: int = 256) -> torch.Tensor:
 
 
 def blocks_of(cache, spec, num_blocks: int) -> torch.Tensor:
-    """The first `num_blocks` blocks of a finished prefill's cache, in the DESIGN.md block layout."""
+    """The first `num_blocks` blocks of a finished prefill's cache, in the docs/design.md block layout."""
     out = torch.empty((num_blocks, *spec.block_shape), dtype=spec.torch_dtype)
     if num_blocks:
         HFKVBuffer.from_cache(cache, spec).read_blocks(range(num_blocks), out, (0, spec.num_layers))
