@@ -37,6 +37,7 @@ from typing import Sequence
 
 import numpy as np
 
+from kvtier.tiers.codecs import Codec
 from kvtier.tiers.errors import ConfigError
 from kvtier.tiers.tier import TierName
 
@@ -54,17 +55,19 @@ class Planner:
 
     Args:
         cost_model: the model and machine.
-        disk_codec: "none" (disk blocks restore over the `disk` path) or "zstd" (`disk_zstd`).
+        disk_codec: the disk tier's codec: "none" restores over the `disk` path, a compressing one
+            ("zstd", "zstd-shuffle") over `disk_zstd`.
+
+        Raises:
+            ConfigError: an unknown codec.
 
     Raises:
         ConfigError: an unknown codec.
     """
 
-    def __init__(self, cost_model: CostModel, *, disk_codec: str = "none") -> None:
-        if disk_codec not in ("none", "zstd"):
-            raise ConfigError(f"disk_codec: {disk_codec!r} is unknown; expected 'none' or 'zstd'")
+    def __init__(self, cost_model: CostModel, *, disk_codec: Codec | str = Codec.NONE) -> None:
         self.cost_model = cost_model
-        self.disk_path = "disk_zstd" if disk_codec == "zstd" else "disk"
+        self.disk_path = "disk" if Codec.parse(disk_codec) is Codec.NONE else "disk_zstd"
         self._links: dict[int, tuple] = {}
 
     def _coefficients(self, block_tokens: int) -> tuple:

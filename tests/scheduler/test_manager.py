@@ -142,6 +142,20 @@ def test_write_through_survives_restart(spec, tmp_path):
         assert m3.lookup(prompt) == 0
 
 
+@pytest.mark.parametrize("codec", ["none", "zstd", "zstd-shuffle"])
+def test_every_codec_restores_from_disk_through_the_manager(spec, tmp_path, codec):
+    # store -> write-through to a disk store of this codec -> a new manager restores from disk, exact bytes
+    config = blocks_config(spec, host=4, disk=32, tmp_path=tmp_path, prefetch=False, codec=codec)
+    prompt, src = tokens(48, 7), engine_with_kv(spec, 3, 7)
+    with OffloadManager(spec, config, model_config=MODEL) as m:
+        m.store("a", prompt, src).wait(10)
+        m.flush()
+    with OffloadManager(spec, config, model_config=MODEL) as m2:
+        assert m2.decider.planner.disk_path == ("disk" if codec == "none" else "disk_zstd")
+        dst, good = force_restore(m2, "b", prompt, 3)
+        assert good == 3 and torch.equal(dst.data, src.data)
+
+
 def test_prefetch_promotes_queued_blocks_before_load(spec, tmp_path):
     config = blocks_config(spec, host=8, disk=32, tmp_path=tmp_path, prefetch=True)
     prompt, src = tokens(64, 4), engine_with_kv(spec, 4, 4)

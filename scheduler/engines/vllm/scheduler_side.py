@@ -60,8 +60,7 @@ class SchedulerSide:
         model_config = hf.to_dict() if hasattr(hf, "to_dict") else dict(hf)
         model_config.setdefault("_name_or_path", spec.model_id)
         cost_model = default_cost_model(spec, config.hardware, model_config)
-        codec = "zstd" if config.codec.startswith("zstd") else "none"
-        self.decider = Decider(spec, config, Planner(cost_model, disk_codec=codec))
+        self.decider = Decider(spec, config, Planner(cost_model, disk_codec=config.codec))
         self.reqs: dict[str, _Req] = {}
         self.outbox: list[Command] = []
         self.failed_blocks: list[int] = []

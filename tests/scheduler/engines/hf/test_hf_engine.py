@@ -1,7 +1,8 @@
 """The transformers serving loop with kvtier: exact restores across tiers and splits, misses, foreign KV,
 failed blocks, layer-wise overlap.
 
-Exactness: bitwise in float32 (tiny random Llama, eager attention, CPU); bfloat16 within
+Exactness: bitwise in float32 (tiny random Llama, eager attention, CPU) unless a split recomputes the
+front in a pass of its own (then within `SPLIT_LOGIT_ATOL`, same tokens); bfloat16 within
 `BF16_LOGIT_ATOL` of recomputing (observed: equal).
 """
 
@@ -30,6 +31,20 @@ T = 16
 #: bf16 logits may differ from recomputing by at most this (observed on this machine: 0.0, bitwise equal;
 #: the bound leaves room for other CPUs' bf16 kernels; logits have magnitude ~0.5)
 BF16_LOGIT_ATOL = 0.02
+
+
+#: with a separate front pass (0 < s < r) the front's KV comes from a shorter forward pass, whose GEMMs MKL
+#: blocks (and so rounds) differently from the whole-prompt pass: measured here at most 1e-7 on the tiny
+#: Llama (logits ~0.5) and 2.3e-5 on SmolLM2-135M (a 333-token prompt, s = 3, r = 4); greedy tokens equal
+SPLIT_LOGIT_ATOL = 1e-5
+
+
+def assert_restored_logits(logits: torch.Tensor, recomputed: torch.Tensor, *, front_pass: bool) -> None:
+    """Bitwise equal to recomputing, or within `SPLIT_LOGIT_ATOL` when the front had its own pass."""
+    if front_pass:
+        assert float((logits - recomputed).abs().max()) <= SPLIT_LOGIT_ATOL
+    else:
+        assert torch.equal(logits, recomputed)
 
 
 def tokens(n: int, seed: int = 1) -> torch.Tensor:
@@ -119,9 +134,10 @@ def test_a_disk_restore_leaves_exact_host_copies_for_the_next_restore(tiny_llama
 
 
 @pytest.mark.parametrize("split,restore_stop", [(0, 6), (2, 6), (5, 6), (0, 3), (2, 4), (3, 3), (6, 6)])
-def test_every_split_is_bitwise_equal_to_recomputing(tiny_llama, tiny_llama_spec, prompts, expected,
-                                                     split, restore_stop):
-    """Front [0, s) recomputed while [s, r) loads, then [r*T, n) computed."""
+def test_every_split_gives_the_recomputed_tokens(tiny_llama, tiny_llama_spec, prompts, expected,
+                                                 split, restore_stop):
+    """Front [0, s) recomputed while [s, r) loads, then [r*T, n) computed: the same greedy tokens; logits
+    bitwise equal without a separate front pass (s = 0 or r = s), within `SPLIT_LOGIT_ATOL` with one."""
     model, spec = tiny_llama, tiny_llama_spec
     with manager_for(model, spec) as manager:
         engine = HFEngine(model, manager)
@@ -129,8 +145,23 @@ def test_every_split_is_bitwise_equal_to_recomputing(tiny_llama, tiny_llama_spec
         out = engine.generate(prompts[1], 6, plan_fn=force(split, restore_stop))
         assert out.prefill.front_tokens == (split * T if restore_stop > split else 0)  # r == s: one plain pass
         assert out.prefill.restored_tokens == (restore_stop - split) * T
-        assert torch.equal(out.prefill.logits, expected[0])
+        assert_restored_logits(out.prefill.logits, expected[0], front_pass=0 < split < restore_stop)
         assert torch.equal(out.tokens, expected[1])
+
+
+@pytest.mark.parametrize("num_tokens", [7 * T + 3, 9 * T + 13, 12 * T + 1])
+def test_splits_at_several_prompt_lengths(tiny_llama, tiny_llama_spec, num_tokens):
+    """Splits at the front, middle and back of prompts of three lengths, against one recompute each."""
+    model, spec = tiny_llama, tiny_llama_spec
+    prompt = tokens(num_tokens, seed=num_tokens)
+    reference = prefill(model, prompt)[0]
+    k = (num_tokens - 16) // T  # the suffix keeps at least 16 computed tokens
+    with manager_for(model, spec) as manager:
+        engine = HFEngine(model, manager)
+        store_prompt(prompt)(engine)
+        for s, r in [(0, k), (1, 2), (k // 2, k), (k - 1, k), (2, k // 2 + 1)]:
+            logits = engine.prefill(prompt, plan_fn=force(s, r)).logits
+            assert_restored_logits(logits, reference, front_pass=0 < s < r)
 
 
 def test_planner_plan_restores_and_a_plan_out_of_range_is_refused(tiny_llama, tiny_llama_spec, prompts):
