@@ -76,6 +76,10 @@ class ARCPolicy(Policy):
             self._t2[key] = None
         else:
             self._t1[key] = None
+        self._trim_ghosts()
+
+    def _trim_ghosts(self) -> None:
+        """ARC's directory bounds: |T1| + |B1| <= c and all four lists <= 2c."""
         c = self.capacity
         while len(self._t1) + len(self._b1) > c and self._b1:
             self._b1.popitem(last=False)
@@ -235,22 +239,17 @@ class SuffixARCPolicy(ARCPolicy):
         self._chain(key, self._parents.get(key))
 
     def insert(self, key: Key, parent: Key | None = None) -> None:
-        if key in self._t1 or key in self._t2:
-            raise KeyError(f"{key!r} is already cached")
-        if key in self._b1 or key in self._b2:
-            self.p = self._adapted_p(key)
-            self._b1.pop(key, None)
-            self._b2.pop(key, None)
-            self._t2[key] = None
-        else:
-            self._t1[key] = None
+        super().insert(key, parent)
         self._parents[key] = parent
+        self._chain(key, parent)
+
+    def _trim_ghosts(self) -> None:
+        """Deep history: each ghost list remembers up to `history` x capacity keys."""
         limit = self.history * self.capacity
         while len(self._t1) + len(self._b1) > limit and self._b1:
             self._b1.popitem(last=False)
         while len(self._b2) > limit and self._b2:
             self._b2.popitem(last=False)
-        self._chain(key, parent)
 
     def remove(self, key: Key) -> None:
         super().remove(key)

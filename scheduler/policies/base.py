@@ -125,12 +125,7 @@ class Policy(ABC):
 
     def lookup(self, keys: Sequence[Key]) -> int:
         """How many leading keys are cached (stops at the first miss); changes nothing."""
-        n = 0
-        for key in keys:
-            if key not in self:
-                break
-            n += 1
-        return n
+        return leading_hits(self, keys)
 
     def replay_request(self, keys: Sequence[Key]) -> int:
         """One hit-only request (module docstring): returns its number of leading hits."""
@@ -151,3 +146,13 @@ class Policy(ABC):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(capacity={self.capacity}, size={len(self)})"
+
+
+def leading_hits(cached: Container[Key], keys: Sequence[Key]) -> int:
+    """How many leading `keys` are in `cached` (the prefix rule: stops at the first miss)."""
+    n = 0
+    for key in keys:
+        if key not in cached:
+            break
+        n += 1
+    return n

@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from typing import Iterator, Sequence
 
-from kvtier.scheduler.policies.base import Key, Policy, Protected, protector
+from kvtier.scheduler.policies.base import Key, Policy, Protected, leading_hits, protector
 
 
 class FIFOPolicy(Policy):
@@ -57,11 +57,7 @@ class FIFOPolicy(Policy):
 
     def replay_request(self, keys: Sequence[Key]) -> int:
         order = self._order
-        hits = 0
-        for key in keys:
-            if key not in order:
-                break
-            hits += 1
+        hits = leading_hits(order, keys)
         room = self.capacity - len(order)  # kept here: the loop runs once per key of the trace
         for key in keys[hits:]:
             if key not in order:
@@ -84,11 +80,7 @@ class LRUPolicy(FIFOPolicy):
     def replay_request(self, keys: Sequence[Key]) -> int:
         order = self._order
         capacity = self.capacity
-        hits = 0
-        for key in keys:
-            if key not in order:
-                break
-            hits += 1
+        hits = leading_hits(order, keys)
         move = order.move_to_end
         room = capacity - len(order)
         for key in keys:

@@ -96,6 +96,14 @@ class Trace:
     skipped: int = 0
     errors: list[str] = field(default_factory=list)  # the first few skipped lines' messages
 
+    def skip(self, err: TraceFormatError, skip_bad: bool) -> None:
+        """Counts a malformed record (keeping the first few messages), or raises `err` unless `skip_bad`."""
+        if not skip_bad:
+            raise err
+        self.skipped += 1
+        if len(self.errors) < 5:
+            self.errors.append(str(err))
+
 
 def block_weights(input_tokens: int, num_blocks: int, block_tokens: int) -> list[int]:
     """Tokens of each block: full blocks `block_tokens`, the last what is left (at least 1).
@@ -265,11 +273,7 @@ def _read_azure(f: IO[str], name: str, trace: Trace, skip_bad: bool, block_token
                 raise TraceFormatError(f"{where}: token counts must be ContextTokens >= 1 and "
                                        f"GeneratedTokens >= 0, got {counts[0]}, {counts[1]}")
         except TraceFormatError as err:
-            if not skip_bad:
-                raise
-            trace.skipped += 1
-            if len(trace.errors) < 5:
-                trace.errors.append(str(err))
+            trace.skip(err, skip_bad)
             continue
         t0 = t if t0 is None else t0
         n = -(-counts[0] // block_tokens)
@@ -362,11 +366,7 @@ def _read_jsonl(f: IO[str], name: str, trace: Trace, skip_bad: bool) -> None:
         try:
             requests.append(parse(_json_record(text, where), len(requests), number, where, t0))
         except TraceFormatError as err:
-            if not skip_bad:
-                raise
-            trace.skipped += 1
-            if len(trace.errors) < 5:
-                trace.errors.append(str(err))
+            trace.skip(err, skip_bad)
 
 
 def iter_lines(requests: list[Request]) -> Iterator[dict[str, Any]]:
