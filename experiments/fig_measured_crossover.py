@@ -124,7 +124,7 @@ def measure(lengths: tuple[int, ...], root: str) -> tuple[list[dict[str, Any]], 
     rows = []
     for P in lengths:
         buffer = HFKVBuffer.allocate(spec, P)
-        buffer._storage.zero_()  # fault the pages in: an engine reuses its restore buffer
+        buffer.storage.zero_()  # fault the pages in: an engine reuses its restore buffer
         timed_load(host, ids[:P], buffer, f"warm-{P}")
         host_s = [timed_load(host, ids[:P], buffer, f"host-{P}-{i}") for i in range(HOST_REPEATS)]
         disk_s = []

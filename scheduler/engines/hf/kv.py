@@ -109,13 +109,15 @@ class HFKVBuffer:
         spec: the model's KV geometry (`kv_factor` 2).
         keys: one tensor per layer, `[1, num_kv_heads, num_tokens, head_dim]`.
         values: the same for V.
+        storage: the one tensor `keys` and `values` are views of, when there is one (`allocate`).
 
     Raises:
         SpecMismatchError: a tensor's shape or dtype does not match `spec`, or the layers disagree
             on the number of tokens.
     """
 
-    def __init__(self, spec: KVSpec, keys: Sequence[torch.Tensor], values: Sequence[torch.Tensor]) -> None:
+    def __init__(self, spec: KVSpec, keys: Sequence[torch.Tensor], values: Sequence[torch.Tensor], *,
+                 storage: torch.Tensor | None = None) -> None:
         if spec.kv_factor != 2:
             raise ConfigError(f"HFKVBuffer: expected a spec with kv_factor 2 (K and V), got {spec.kv_factor}")
         if len(keys) != spec.num_layers or len(values) != spec.num_layers:
@@ -132,7 +134,8 @@ class HFKVBuffer:
         self.keys = list(keys)
         self.values = list(values)
         self.num_tokens = num_tokens
-        self._storage: torch.Tensor | None = None  # set by `allocate`: all layers in one tensor
+        #: all layers' K and V in one tensor (from `allocate`), or None when the tensors are separate
+        self.storage = storage
         self._flat: list[memoryview] | None = None  # byte views of K0, V0, K1, ... for `block_memory`
 
     # -- constructors ---------------------------------------------------------------------------
@@ -148,10 +151,8 @@ class HFKVBuffer:
             raise ConfigError(f"HFKVBuffer.allocate: num_tokens must be a positive int, got {num_tokens!r}")
         storage = torch.empty((spec.num_layers, 2, 1, spec.num_kv_heads, num_tokens, spec.head_dim),
                               dtype=spec.torch_dtype, device=device)
-        buffer = cls(spec, [storage[i, 0] for i in range(spec.num_layers)],
-                     [storage[i, 1] for i in range(spec.num_layers)])
-        buffer._storage = storage
-        return buffer
+        return cls(spec, [storage[i, 0] for i in range(spec.num_layers)],
+                   [storage[i, 1] for i in range(spec.num_layers)], storage=storage)
 
     @classmethod
     def from_cache(cls, cache: Any, spec: KVSpec) -> "HFKVBuffer":
@@ -198,7 +199,7 @@ class HFKVBuffer:
             ConfigError: a block index or the layer range is out of range.
         """
         for j0, b0, _, n in self._runs(dst_blocks, src, layers, "src"):
-            if self._storage is not None:  # one copy for all layers and K/V of the run
+            if self.storage is not None:  # one copy for all layers and K/V of the run
                 copy_tensor(self._storage_view(b0, n, layers), src[j0:j0 + n].permute(1, 2, 3, 0, 4, 5))
                 continue
             for layer in range(*layers):
@@ -210,7 +211,7 @@ class HFKVBuffer:
         """Copies layers [lo, hi) of this sequence's blocks `src_blocks` into `dst` (the reverse of
         `write_blocks`; `dst` is `[n, hi - lo, 2, num_kv_heads, T, head_dim]`)."""
         for j0, b0, _, n in self._runs(src_blocks, dst, layers, "dst"):
-            if self._storage is not None:
+            if self.storage is not None:
                 copy_tensor(dst[j0:j0 + n].permute(1, 2, 3, 0, 4, 5), self._storage_view(b0, n, layers))
                 continue
             for layer in range(*layers):
@@ -244,7 +245,7 @@ class HFKVBuffer:
         """Blocks [b0, b0+n) of layers [lo, hi) of the single allocation, as `[hi - lo, 2, heads, n, T,
         head_dim]` (a view)."""
         T = self.spec.block_tokens
-        return self._storage[layers[0]:layers[1], :, 0, :, b0 * T:(b0 + n) * T].unflatten(3, (n, T))
+        return self.storage[layers[0]:layers[1], :, 0, :, b0 * T:(b0 + n) * T].unflatten(3, (n, T))
 
     def _block_view(self, t: torch.Tensor, b0: int, n: int) -> torch.Tensor:
         """Tokens of blocks [b0, b0+n) of one layer's K or V as `[heads, n, T, head_dim]` (a view)."""
