@@ -33,7 +33,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
-from kvtier.tiers.commands import Command, Completion, Evict, Load, Move, Save
+from kvtier.tiers.commands import Command, Completion, Evict, Load, Move, MoveReason, Save
 from kvtier.tiers.keys import BlockKey
 from kvtier.tiers.slots import SlotTable
 from kvtier.tiers.spec import KVSpec
@@ -203,7 +203,7 @@ class Decider:
                 src_slot = entry.slots.get(tier)
                 self._add(key, below, dst_slot, entry.depth, entry.parent)
                 move = Move(tier, below, (key,), (src_slot,) if src_slot is not None and src_slot >= 0 else (),
-                            (dst_slot,) if dst_slot >= 0 else (), request_id, "demote")
+                            (dst_slot,) if dst_slot >= 0 else (), request_id, MoveReason.DEMOTE)
                 self._track(move, lambda c, k=key, t=below: self._after_demote(c, k, t))
                 out.append(move)
                 self.stats.demoted_blocks += 1
@@ -304,7 +304,7 @@ class Decider:
                 # recorded in `dst` when the bytes have landed; pinned meanwhile in its source
                 src_slot = slots[src]
                 move = Move(src, dst, (key,), (src_slot,) if src_slot >= 0 else (), (slot,),
-                            state.request_id, "prefetch")
+                            state.request_id, MoveReason.PREFETCH)
                 self.inflight_prefetch_bytes += bpb
                 self._track(move, lambda c, k=key, d=dst, s=slot: self._after_promote(c, k, d, s))
                 out.append(move)
@@ -500,7 +500,7 @@ class Decider:
             keys.append(key)
             slots.append(entry.slots[tier])
         if keys:
-            move = Move(tier, TierName.DISK, tuple(keys), tuple(slots), (), completion.request_id, "write-through")
+            move = Move(tier, TierName.DISK, tuple(keys), tuple(slots), (), completion.request_id, MoveReason.WRITE_THROUGH)
             self._track(move, lambda c, t=tier: self._after_write(c, t))
             out.append(move)
         return out

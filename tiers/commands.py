@@ -4,8 +4,8 @@ Small frozen dataclasses of plain data (keys, tier names, slot numbers, engine b
 pickle and can cross a process boundary (vLLM's connector metadata). The executor (`tiers/executor.py`)
 defines what each means; the scheduler creates them.
 
-- `Move`: copy blocks between two tiers (promote, demote, write-through to disk). Pools are addressed
-  by slot, the disk by key.
+- `Move`: copy blocks between two tiers (promote, demote, write-through to disk; why: `MoveReason`).
+  Pools are addressed by slot, the disk by key.
 - `Load`: copy blocks from tiers into the engine's KV, layer group by layer group.
 - `Save`: copy blocks from the engine's KV into a pool tier.
 - `Evict`: forget blocks in a tier (a pool slot becomes free; a disk value is deleted).
@@ -14,6 +14,7 @@ defines what each means; the scheduler creates them.
 
 from __future__ import annotations
 
+import enum
 import itertools
 from dataclasses import dataclass, field
 
@@ -28,6 +29,18 @@ def next_command_id() -> int:
     return next(_ids)
 
 
+class MoveReason(str, enum.Enum):
+    """Why blocks move between tiers (reports count bytes by reason; links order work by it)."""
+
+    PREFETCH = "prefetch"  # toward a queued request's restore
+    DEMOTE = "demote"  # evicted from a tier, copied to the one below
+    WRITE_THROUGH = "write-through"  # a new block's copy below, made at once
+    MOVE = "move"  # anything else (tests, tools)
+
+    def __str__(self) -> str:
+        return self.value
+
+
 @dataclass(frozen=True, slots=True)
 class Move:
     """Copy whole blocks from `src` to `dst` (slots for pools, empty for the disk)."""
@@ -38,7 +51,7 @@ class Move:
     src_slots: tuple[int, ...] = ()
     dst_slots: tuple[int, ...] = ()
     request_id: str | None = None
-    reason: str = "move"
+    reason: MoveReason = MoveReason.MOVE
     command_id: int = field(default_factory=next_command_id)
 
 

@@ -39,7 +39,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
-from kvtier.tiers.commands import Command, Completion, Evict, Load, Move, Save
+from kvtier.tiers.commands import Command, Completion, Evict, Load, Move, MoveReason, Save
 from kvtier.tiers.keys import BlockKey
 from kvtier.tiers.tier import TierName
 
@@ -145,7 +145,7 @@ class SimExecutor:
         moved = num_blocks * self.bytes_per_block
         counters.bytes_by_link[link] += moved
         counters.busy_s_by_link[link] += duration
-        counters.bytes_by_reason[reason] = counters.bytes_by_reason.get(reason, 0) + moved
+        counters.bytes_by_reason[str(reason)] = counters.bytes_by_reason.get(str(reason), 0) + moved
         return end
 
     def submit(self, command: Command, now: float) -> float:
@@ -262,7 +262,7 @@ class EngineSim:
                         self._submit(follow, t)
                     # only a landed promotion or load can give the prefetcher new work (it frees budget or
                     # stages blocks in host); saves and write-throughs land in tiers it does not promote from
-                    if type(command) is Load or (type(command) is Move and command.reason == "prefetch"):
+                    if type(command) is Load or (type(command) is Move and command.reason is MoveReason.PREFETCH):
                         self._prefetch_dirty = True
                 elif kind == _PREFILL_DONE:
                     self._prefill_done(payload, t)

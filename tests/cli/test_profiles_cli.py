@@ -7,7 +7,7 @@ import json
 import pytest
 
 from kvtier.scheduler.cli import main
-from kvtier.scheduler.cost.fit import RecomputePoint, RestorePoint, fit_model, predict
+from kvtier.scheduler.cost.fit import RecomputePoint, RestorePoint, fit_model
 from kvtier.scheduler.cost.model import CostModel
 from kvtier.scheduler.cost.hardware import dumps_profile, load_profile
 

@@ -12,7 +12,7 @@ import torch
 
 from kvtier.scheduler.config import OffloadConfig
 from kvtier.scheduler.manager import OffloadManager
-from kvtier.tiers.commands import Completion, Evict, Load, Move, Save
+from kvtier.tiers.commands import Completion, Evict, Load, Move, MoveReason, Save
 from kvtier.tiers.errors import ClosedError, ConfigError
 from kvtier.tiers.spec import KVSpec
 from kvtier.tiers.tier import TierName
@@ -259,7 +259,7 @@ def test_concurrent_requests_no_deadlock(spec, tmp_path):
 
 
 def test_commands_pickle():
-    commands = [Move("host", "disk", (b"k" * 16,), (1,), (), "r", "write-through"),
+    commands = [Move("host", "disk", (b"k" * 16,), (1,), (), "r", MoveReason.WRITE_THROUGH),
                 Load((b"k" * 16,), (TierName.HOST,), (1,), (0,), 4, "r"),
                 Save((b"k" * 16,), (0,), TierName.HOST, (3,), "r"), Evict(TierName.DISK, (b"k" * 16,)),
                 Completion(1, "r", (b"k" * 16,), ())]

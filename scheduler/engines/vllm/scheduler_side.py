@@ -24,7 +24,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from kvtier.tiers.commands import Command, Completion, Move
+from kvtier.tiers.commands import Command, Completion, Move, MoveReason
 from kvtier.tiers.keys import BlockKey, KeyChain
 from kvtier.tiers.spec import KVSpec
 from kvtier.tiers.tier import TierName
@@ -87,7 +87,7 @@ class SchedulerSide:
 
     def _ship(self, commands: Sequence[Command]) -> None:
         for command in commands:
-            if isinstance(command, Move) and command.reason == "prefetch":
+            if isinstance(command, Move) and command.reason is MoveReason.PREFETCH:
                 self.inflight[command.command_id] = command.keys
                 self.inflight_keys.update(command.keys)
             self.outbox.append(command)

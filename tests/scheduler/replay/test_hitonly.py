@@ -3,7 +3,6 @@ shared-trace anchors."""
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import pytest
 
