@@ -1,4 +1,4 @@
-"""`kvtier bench tiers|scheduler|engine|replay|vllm`: the benchmarks behind the README's figures.
+"""`kvtier bench tiers|scheduler|engine|replay|vllm`: the benchmarks behind docs/measurements.md.
 
 Each benchmark lives in `kvtier.scheduler.bench.<name>` (imported only when run) with
 `add_arguments(parser)` and `run(args) -> int`.
