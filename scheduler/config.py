@@ -16,6 +16,8 @@ from kvtier.tiers.codecs import Codec
 from kvtier.tiers.errors import ConfigError
 from kvtier.tiers.tier import parse_size
 
+from kvtier.scheduler.policies import ONLINE, policy_name
+
 
 class WriteMode(str, enum.Enum):
     """How saved blocks reach the disk."""
@@ -74,6 +76,9 @@ class OffloadConfig:
             Codec.parse(self.codec)
         except (KeyError, ValueError):
             raise ConfigError(f"codec: {self.codec!r}; expected one of none, zstd, zstd-shuffle") from None
+        if policy_name(self.policy) not in ONLINE:  # an unknown name raises here, naming the policies
+            raise ConfigError(f"policy: {self.policy!r} reads the future (replay only); a tier takes one of "
+                              f"{', '.join(p.value for p in ONLINE)}")
         if self.disk_bytes and not self.disk_path:
             raise ConfigError("disk_path: required when disk_bytes > 0")
         if self.gpu_bytes == 0 and self.host_bytes == 0:

@@ -274,6 +274,10 @@ def test_config_errors(spec, tmp_path):
         OffloadConfig(write_mode="sometimes")
     with pytest.raises(ConfigError, match="unknown key"):
         OffloadConfig.from_dict({"host_bytes": "1GiB", "hsot_bytes": 1})
+    with pytest.raises(ConfigError, match="policy: .*'suffix-arcz'"):
+        OffloadConfig(policy="suffix-arcz")  # checked where it enters, not when the manager starts
+    with pytest.raises(ConfigError, match="policy: 'belady' reads the future"):
+        OffloadConfig(policy="belady")
     toml = tmp_path / "kvtier.toml"
     toml.write_text('[kvtier]\nhost_bytes = "64MiB"\npolicy = "lru"\n')
     assert OffloadConfig.from_toml(toml).host_bytes == 64 << 20
