@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.setup-done
 PIP := $(BIN)/python -m pip --disable-pip-version-check
 
-.PHONY: setup demo test figures clean
+.PHONY: setup demo test figures bench gpu-check clean
 
 setup: $(STAMP)
 
@@ -27,6 +27,14 @@ demo: setup
 
 test: setup
 	$(BIN)/python -m pytest -q
+
+# every acceptance benchmark, RUNS separate runs each, with a busy loop on the other core; one JSON summary
+# (docs/benchmarks.md). ONLY=tiers,scheduler,calibrate,engine,replay[,vllm] picks some.
+RUNS ?= 3
+ONLY ?= tiers,scheduler,calibrate,engine,replay
+BENCH_JSON ?= bench-summary.json
+bench: setup
+	$(BIN)/kvtier bench all --runs $(RUNS) --only $(ONLY) --json $(BENCH_JSON)
 
 figures: setup
 	for f in experiments/fig_*.py; do $(BIN)/python $$f || exit 1; done

@@ -11,6 +11,12 @@ Invariants (docs/design.md "Specifications", checked by test vectors):
 - key(i) = blake2b-16(key(i-1) + block i's token ids as little-endian int32);
 - equal keys mean an equal prefix (and an equal model and salt), so a lookup walks keys until the
   first miss. Keys depend only on their inputs, never on `hash()` or the process.
+
+Speed: the chain runs in one C loop (`kvtier.tiers._chainhash`, an optional extension built at install)
+when it is present, else in a Python loop; both give the same keys (the tests check each against the
+vectors). `HASH_BACKEND` says which one this process uses. 128k tokens at 64-token blocks (2,048
+blake2b calls): ~1.0 ms of CPU in C against ~1.8 ms in Python here; the Python loop's time was mostly
+interpreter work per block (a slice, a concatenation, a hasher object, a digest).
 """
 
 from __future__ import annotations
@@ -22,9 +28,17 @@ import numpy as np
 
 from kvtier.tiers.errors import ConfigError
 
+try:
+    from ._chainhash import chain as _c_chain
+except ImportError:  # built without a C compiler: the Python loop below gives the same keys
+    _c_chain = None
+
 BlockKey = NewType("BlockKey", bytes)
 
 KEY_BYTES = 16
+
+#: which implementation `chain_keys` uses in this process: "c" or "python"
+HASH_BACKEND = "c" if _c_chain is not None else "python"
 
 
 def namespace(fingerprint: bytes | str, salt: bytes | str = b"") -> bytes:
@@ -72,15 +86,22 @@ def chain_keys(token_ids: Any, block_tokens: int, ns: bytes, *, parent: bytes | 
     """
     if block_tokens <= 0:
         raise ConfigError(f"block_tokens: expected a positive int, got {block_tokens!r}")
-    data = as_int32_le(token_ids).tobytes()
-    step = block_tokens * 4
-    num = len(data) // step
+    arr = as_int32_le(token_ids)
+    num = arr.size // block_tokens
     if max_blocks is not None:
-        num = min(num, max_blocks)
+        num = max(0, min(num, max_blocks))
     key = parent if parent is not None else blake2b(ns, digest_size=KEY_BYTES).digest()
+    if _c_chain is not None:
+        return _c_chain(arr, block_tokens * 4, key, num)
+    return python_chain(arr.tobytes(), block_tokens * 4, key, num)
+
+
+def python_chain(data: bytes, step: int, key: bytes, num: int) -> list[BlockKey]:
+    """`chain_keys`' loop in Python: the fallback where the C extension was not built, and the reference
+    the C loop is tested against."""
     keys: list[BlockKey] = []
     append = keys.append
-    # one blake2b call on (previous key + block bytes) per block: the fastest form measured here
+    # one blake2b call on (previous key + block bytes) per block: the fastest Python form measured here
     for block in [data[i * step:(i + 1) * step] for i in range(num)]:
         key = blake2b(key + block, digest_size=KEY_BYTES).digest()
         append(key)  # type: ignore[arg-type]

@@ -1,13 +1,21 @@
-"""Shared pieces of the benchmarks: interleaved repeats, ratios with spread, tables, JSON.
+"""Shared pieces of the benchmarks: interleaved repeats, ratios with spread, load, tables, JSON.
 
 docs/design.md "How performance is judged": every figure is a ratio against a limit measured in the same
 run; the measured path and its limit are interleaved (A, B, A, B, ...), each repeated several
 times, and the median ratio is reported with its spread.
+
+Every benchmark's JSON also carries (added by `write_json`):
+- `spread`: per headline figure, the median and the min-max of its repeats (`spread_of`), filled by
+  the benchmark through `note_spread`;
+- `load_avg`: the machine's 1/5/15-minute load averages when the run began (`begin_run`, called by
+  the CLI before a benchmark starts) and when it ended, and the CPU count: a figure read without the
+  load it was measured under says little on a shared machine.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import platform
 import statistics
 import sys
@@ -65,6 +73,44 @@ def median(values: Sequence[float]) -> float:
     return statistics.median(values)
 
 
+def spread_of(values: Sequence[float], digits: int = 4) -> dict[str, float]:
+    """{"median", "min", "max", "n"} of a figure's repeats (rounded to `digits` decimals)."""
+    vals = [float(v) for v in values]
+    if not vals:
+        raise ValueError("spread_of: no values")
+    return {"median": round(statistics.median(vals), digits), "min": round(min(vals), digits),
+            "max": round(max(vals), digits), "n": len(vals)}
+
+
+def note_spread(results: dict[str, Any], key: str, values: Sequence[float], digits: int = 4) -> None:
+    """Records the repeats of headline figure `key` in `results["spread"][key]` (see `spread_of`)."""
+    results.setdefault("spread", {})[key] = spread_of(values, digits)
+
+
+_RUN_LOAD: list[tuple[float, float, float]] = []
+
+
+def load_avg() -> tuple[float, float, float]:
+    """The machine's 1, 5 and 15-minute load averages (zeros where the OS has none)."""
+    try:
+        return tuple(round(x, 2) for x in os.getloadavg())  # type: ignore[return-value]
+    except OSError:
+        return (0.0, 0.0, 0.0)
+
+
+def begin_run() -> None:
+    """Marks the start of a benchmark run: `write_json` reports the load average then and at its end."""
+    _RUN_LOAD[:] = [load_avg()]
+
+
+def load_report() -> dict[str, Any]:
+    """The load averages at the run's start (when `begin_run` was called) and now, with the CPU count."""
+    report: dict[str, Any] = {"end": list(load_avg()), "cpus": os.cpu_count()}
+    if _RUN_LOAD:
+        report["start"] = list(_RUN_LOAD[0])
+    return report
+
+
 def machine() -> dict[str, Any]:
     """What the figures were measured on."""
     info: dict[str, Any] = {"host": platform.node(), "cpu": platform.processor() or platform.machine(),
@@ -106,6 +152,7 @@ def _fmt(value: Any) -> str:
 
 
 def write_json(path: str | Path | None, data: Mapping[str, Any]) -> None:
-    """Writes `data` as indented JSON when a path is given."""
+    """Writes `data` as indented JSON when a path is given, with the run's `load_avg` (`load_report`)."""
     if path:
+        data = {**data, "load_avg": data.get("load_avg") or load_report()}
         Path(path).write_text(json.dumps(data, indent=2, default=str) + "\n")

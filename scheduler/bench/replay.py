@@ -130,6 +130,9 @@ def run(args: argparse.Namespace) -> int:
         "kvtier_runs_s": [round(t, 3) for t in times["kvtier"]],
         "kvtier_jobs": jobs,
         "speed_ratio": round(ks_s / kv_s, 3),
+        "spread": {"speed_ratio": bu.spread_of([k / v for k, v in zip(times["kvcache-simulator"], times["kvtier"])], 3),
+                   "kvtier_s": bu.spread_of(times["kvtier"], 3),
+                   "kvcache_simulator_s": bu.spread_of(times["kvcache-simulator"], 3)},
         "explanation": ("FIFO is the same policy in both tools. kvcache-simulator's LRU evicts only leaves of the "
                         "prefix tree (kvtier's prefix-aware); kvtier's lru is plain LRU over block ids (docs/design.md). "
                         "kvcache-simulator's optimal is prefix-tree Belady that may refuse to admit a block needed "

@@ -32,7 +32,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--profile", default="h100-sxm", help="hardware profile of the cost model (default h100-sxm)")
 
 
-def _median_ms(fn: Callable[[], Any], repeats: int, warmup: int = 5) -> tuple[float, float, float]:
+def _median_ms(fn: Callable[[], Any], repeats: int, warmup: int = 5) -> tuple[float, float, float, float]:
+    """(median, min, p90, max) of `repeats` timed calls, in ms."""
     for _ in range(warmup):
         fn()
     times = []
@@ -41,7 +42,8 @@ def _median_ms(fn: Callable[[], Any], repeats: int, warmup: int = 5) -> tuple[fl
         fn()
         times.append(time.perf_counter() - start)
     times.sort()
-    return (statistics.median(times) * 1e3, times[0] * 1e3, times[int(0.9 * (len(times) - 1))] * 1e3)
+    return (statistics.median(times) * 1e3, times[0] * 1e3, times[int(0.9 * (len(times) - 1))] * 1e3,
+            times[-1] * 1e3)
 
 
 def build(index_blocks: int, request_blocks: int, block_tokens: int, model: str, profile: str,
@@ -111,21 +113,24 @@ def run(args: argparse.Namespace) -> int:
         "plan_ms": _median_ms(lambda: planner.plan(tiers, n), args.repeats),
         "lookup_then_plan_ms": _median_ms(lambda: (decider.lookup(keys), decider.plan("bench")), args.repeats),
     }
-    results: dict[str, Any] = {name: round(med, 4) for name, (med, _, _) in figures.items()}
+    results: dict[str, Any] = {name: round(med, 4) for name, (med, *_) in figures.items()}
     results.update({
         "target_ms": TARGET_MS, "index_blocks": len(decider.index), "request_tokens": n,
         "request_blocks": request_blocks, "block_tokens": args.block_tokens, "matched_blocks": len(entries),
         "repeats": args.repeats, "model": args.model, "profile": args.profile, "setup_s": round(setup_s, 2),
-        "spread_ms": {name: {"min": round(lo, 4), "p90": round(hi, 4)} for name, (_, lo, hi) in figures.items()},
+        "spread_ms": {name: {"min": round(lo, 4), "p90": round(hi, 4), "max": round(top, 4)}
+                      for name, (_, lo, hi, top) in figures.items()},
+        "spread": {name: {"median": round(med, 4), "min": round(lo, 4), "max": round(top, 4), "n": args.repeats}
+                   for name, (med, lo, _, top) in figures.items()},
         "plan": {"split": plan.split, "restore_stop": plan.restore_stop, "total_s": plan.total_s,
                  "recompute_all_s": plan.recompute_all_s, "restored_by_tier":
                  {str(t): c for t, c in plan.restored_by_tier}},
         "hashing": "not included (keys computed at enqueue; see `kvtier bench tiers` hash_128k_ms)",
         "machine": bu.machine(),
     })
-    rows = [{"figure": name, "median_ms": results[name], "min_ms": results["spread_ms"][name]["min"],
-             "p90_ms": results["spread_ms"][name]["p90"]} for name in figures]
-    bu.print_table(rows, ["figure", "median_ms", "min_ms", "p90_ms"],
+    rows = [{"figure": name, "median_ms": results[name], **{f"{k}_ms": v for k, v in results["spread_ms"][name].items()}}
+            for name in figures]
+    bu.print_table(rows, ["figure", "median_ms", "min_ms", "p90_ms", "max_ms"],
                    f"kvtier bench scheduler: {request_blocks} keys ({n} tokens) against {len(decider.index)} "
                    f"indexed blocks, {args.repeats} repeats (target lookup_plan_ms <= {TARGET_MS})")
     print(f"\nsetup {setup_s:.1f} s; plan: {plan.explain().splitlines()[0] if plan.explain() else ''}")

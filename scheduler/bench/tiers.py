@@ -34,6 +34,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from kvtier.scheduler.bench import common as bu
+    from kvtier.tiers.keys import HASH_BACKEND
     from kvtier.tiers.spec import KVSpec
 
     if args.quick:
@@ -48,27 +49,39 @@ def run(args: argparse.Namespace) -> int:
         rows = _memory_rows(spec, args.mib, args.repeats)
         results["rows"] += rows
         by = {r["path"]: r for r in rows}
-        results[f"host_to_gpu_ratio{_suffix(block_tokens)}"] = by["host->gpu"]["ratio"]
-        results[f"gpu_to_host_ratio{_suffix(block_tokens)}"] = by["gpu->host"]["ratio"]
+        _headline(results, f"host_to_gpu_ratio{_suffix(block_tokens)}", by["host->gpu"])
+        _headline(results, f"gpu_to_host_ratio{_suffix(block_tokens)}", by["gpu->host"])
         if block_tokens == 64:
-            results["host_to_gpu_ratio_layerwise"] = by["host->gpu layer-groups(4)"]["ratio"]
+            _headline(results, "host_to_gpu_ratio_layerwise", by["host->gpu layer-groups(4)"])
     for block_tokens in BLOCK_SIZES if not args.no_disk else ():
         row = _disk_row(base.with_(block_tokens=block_tokens), args.mib, args.repeats, args.dir)
         results["rows"].append(row)
-        results[f"disk_read_ratio{_suffix(block_tokens)}"] = row["ratio"]
+        _headline(results, f"disk_read_ratio{_suffix(block_tokens)}", row)
     results["compression"] = _compression_rows(base.with_(block_tokens=64), min(args.mib, 64))
     results["hash"] = _hash_rows(args.repeats)
-    results["hash_128k_ms"] = next(r["ms"] for r in results["hash"] if r["block_tokens"] == 64)
+    results["hash_backend"] = HASH_BACKEND
+    hash64 = next(r for r in results["hash"] if r["block_tokens"] == 64)
+    results["hash_128k_ms"] = hash64["ms"]
+    results.setdefault("spread", {})["hash_128k_ms"] = {"median": hash64["ms"], "min": hash64["min_ms"],
+                                                        "max": hash64["max_ms"], "n": hash64["repeats"]}
 
     bu.print_table(results["rows"], ["block_tokens", "path", "ratio", "ratio_min", "ratio_max", "path_ms",
                                      "limit_ms", "limit"], "kvtier bench tiers: path vs limit (ratio = limit time / path time)")
     print()
     bu.print_table(results["compression"], ["codec", "ratio", "decode_gbps", "encode_gbps", "data"], "compression")
     print()
-    bu.print_table(results["hash"], ["block_tokens", "ms"], "hashing 128k tokens (median)")
+    bu.print_table(results["hash"], ["block_tokens", "ms", "min_ms", "max_ms"],
+                   f"hashing 128k tokens (median of {results['hash'][0]['repeats']}; {HASH_BACKEND} loop)")
     print(f"\nmachine: {results['machine']}")
     bu.write_json(args.json, results)
     return 0
+
+
+def _headline(results: dict[str, Any], key: str, row: dict[str, Any]) -> None:
+    """Sets headline figure `key` from a ratio row, with the row's spread in `results["spread"]`."""
+    results[key] = row["ratio"]
+    results.setdefault("spread", {})[key] = {"median": row["ratio"], "min": row["ratio_min"],
+                                             "max": row["ratio_max"], "n": row.get("repeats")}
 
 
 def _suffix(block_tokens: int) -> str:
@@ -127,7 +140,7 @@ def _memory_rows(spec, mib: int, repeats: int) -> list[dict[str, Any]]:
                         ("host->gpu layer-groups(4)", "limit h2d")):
         r = bu.ratio(times[limit], times[path])
         rows.append({"block_tokens": spec.block_tokens, "path": path, "limit": "one copy_ of the whole pool",
-                     "blocks": n, **r.as_dict()})
+                     "blocks": n, "repeats": repeats, **r.as_dict()})
     return rows
 
 
@@ -140,7 +153,8 @@ def _disk_row(spec, mib: int, repeats: int, where: str | None) -> dict[str, Any]
             "ratio_min": round(fig["ratio_min"], 4), "ratio_max": round(fig["ratio_max"], 4),
             "path_ms": round(statistics.median(fig["restore_s"]) * 1e3, 3),
             "limit_ms": round(statistics.median(fig["sequential_s"]) * 1e3, 3),
-            "resident_at_open_bytes": fig["resident_at_open_bytes"], "filesystem": fig["filesystem"]}
+            "resident_at_open_bytes": fig["resident_at_open_bytes"], "filesystem": fig["filesystem"],
+            "repeats": len(fig["restore_s"])}
 
 
 def _compression_rows(spec, mib: int) -> list[dict[str, Any]]:
@@ -176,5 +190,7 @@ def _hash_rows(repeats: int) -> list[dict[str, Any]]:
             t0 = time.perf_counter()
             chain.keys(tokens)
             times.append(time.perf_counter() - t0)
-        rows.append({"block_tokens": block_tokens, "ms": round(bu.median(times) * 1e3, 3)})
+        rows.append({"block_tokens": block_tokens, "ms": round(bu.median(times) * 1e3, 3),
+                     "min_ms": round(min(times) * 1e3, 3), "max_ms": round(max(times) * 1e3, 3),
+                     "repeats": len(times)})
     return rows

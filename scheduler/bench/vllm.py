@@ -156,6 +156,10 @@ def _run(args: argparse.Namespace, result: dict[str, Any], sizes: tuple[int, ...
             log.info("ttft %d: %s", size, row)
         result["ttft"] = ttft_rows
         two = ttft_rows["2048"]
+        s2 = {k: v for k, v in two.items() if k.endswith("_samples_s")}
+        for key, num, den in (("host_speedup_2k", "none", "kvtier_host"), ("disk_speedup_2k", "none", "kvtier_disk"),
+                              ("vs_example_connector_2k", "example", "kvtier_host")):
+            bu.note_spread(result, key, [n / d for n, d in zip(s2[f"{num}_samples_s"], s2[f"{den}_samples_s"])], 3)
         result["host_speedup_2k"] = two["host_speedup"]
         result["disk_speedup_2k"] = two["disk_speedup"]
         result["vs_example_connector_2k"] = two["vs_example_connector"]
@@ -173,6 +177,7 @@ def _run(args: argparse.Namespace, result: dict[str, Any], sizes: tuple[int, ...
         over_ex = [e / n - 1 for e, n in zip(miss["example"], miss["none"])]
         result["miss"] = {f"{k}_samples_s": [round(x, 4) for x in v] for k, v in miss.items()}
         result["miss_overhead"] = round(_med(over_kv), 4)
+        bu.note_spread(result, "miss_overhead", over_kv)
         result["miss_overhead_example"] = round(_med(over_ex), 4)
     finally:
         for engine in (none, kv, ex):
@@ -182,6 +187,10 @@ def _run(args: argparse.Namespace, result: dict[str, Any], sizes: tuple[int, ...
         result["multiturn"] = _multiturn(common, kv_extra | {"disk_path": str(work / "kvtier_mt_store")},
                                          EngineConfig, VllmEngine, kvtier_connector, random_prompt)
         result["multiturn_ttft_speedup"] = result["multiturn"]["speedup_mean"]
+        # one figure of means over 18 requests an arm: its spread is that of the per-turn mean ratios
+        mt_turns = result["multiturn"]
+        bu.note_spread(result, "multiturn_ttft_speedup", [v / k for v, k in zip(mt_turns["vllm_turn_means_s"][1:],
+                                                                                mt_turns["kvtier_turn_means_s"][1:])], 3)
     result["elapsed_s"] = round(time.perf_counter() - began, 1)
 
     rows = [{"prompt": k, **{c: v[c] for c in ("none_s", "kvtier_host_s", "kvtier_disk_s", "example_s",

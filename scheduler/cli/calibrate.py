@@ -63,6 +63,7 @@ def run(args: argparse.Namespace) -> int:
     from kvtier.scheduler.bench import common as bu
     from kvtier.scheduler.cost import calibrate as cal
 
+    bu.begin_run()
     if args.check:
         if not args.profile:
             raise ConfigError("--check needs --profile PROFILE.json (written by `kvtier calibrate --out`)")
@@ -120,7 +121,9 @@ def run(args: argparse.Namespace) -> int:
     print()
     for part, coeffs in report["coefficients"].items():
         print(f"{part}: " + ", ".join(f"{k}={v:.4g}" for k, v in coeffs.items()))
-    print(f"wall {report['wall_s']} s; machine: {report['machine']}")
+    load = bu.load_report()
+    print(f"wall {report['wall_s']} s; machine: {report['machine']}; load average (1/5/15 min): "
+          f"start {load.get('start')}, end {load['end']}")
     if not args.check:
         print(f"profile written to {report['profile_path']}")
     bu.write_json(args.json, report)

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from kvtier.tiers.errors import ConfigError
-from kvtier.tiers.keys import KeyChain, chain_keys, namespace, root_key, trace_key
+from kvtier.tiers import keys as keys_module
+from kvtier.tiers.keys import KeyChain, as_int32_le, chain_keys, namespace, python_chain, root_key, trace_key
 from kvtier.tiers.spec import PRESETS, KVSpec
 
 SMOL = {"block_tokens": 64, "dtype": "float32", "head_dim": 64, "kv_factor": 2,
@@ -30,6 +31,35 @@ def test_key_test_vectors():
     assert root_key(ns).hex() == "da80946292315c26fcd8facb5ee3b925"
     keys = chain_keys(np.arange(128), 64, ns)
     assert [k.hex() for k in keys] == ["edd3e409619fd1b163025ee56326cb54", "4cfcaf4af41ddb2cf4a358a40de9ce9f"]
+
+
+def test_python_loop_gives_the_test_vectors():
+    # the fallback used where the C extension is not built: the same keys
+    ns = namespace("40c1012bee2c65fd2ace503353cb9b02")
+    data = as_int32_le(np.arange(128)).tobytes()
+    assert [k.hex() for k in python_chain(data, 64 * 4, root_key(ns), 2)] == [
+        "edd3e409619fd1b163025ee56326cb54", "4cfcaf4af41ddb2cf4a358a40de9ce9f"]
+
+
+@pytest.mark.parametrize("block_tokens", [1, 3, 16, 27, 28, 29, 32, 60, 64, 256, 1000])
+def test_backend_matches_python_loop(block_tokens):
+    # block sizes around BLAKE2b's 128-byte chunk (the 16-byte parent plus 112 bytes = 28 tokens fill the
+    # first chunk exactly) and a parent other than the root
+    tokens = np.random.default_rng(block_tokens).integers(0, 2**31 - 1, 4000)
+    ns = namespace(bytes(range(16)), salt="t")
+    parent = root_key(b"another parent")
+    want = python_chain(as_int32_le(tokens).tobytes(), block_tokens * 4, parent, len(tokens) // block_tokens)
+    assert chain_keys(tokens, block_tokens, ns, parent=parent) == want
+    assert chain_keys(tokens, block_tokens, ns, parent=parent, max_blocks=3) == want[:3]
+    assert chain_keys(tokens[: block_tokens - 1], block_tokens, ns) == []
+
+
+def test_c_backend_is_built_where_a_compiler_is():
+    import shutil
+
+    if shutil.which("cc") is None and shutil.which("gcc") is None:
+        pytest.skip("no C compiler: the Python loop is the backend")
+    assert keys_module.HASH_BACKEND == "c"
 
 
 def test_keys_same_for_numpy_torch_and_list():
