@@ -360,9 +360,8 @@ class Decider:
                 if state is None:
                     raise KeyError(f"unknown request {request_id!r}")
                 keys, num_tokens = state.keys, state.num_tokens
-            entries = self.index.lookup(keys)
-            tiers = [e.best_tier for e in entries]
-        return self.planner.plan(tiers, num_tokens if num_tokens is not None else len(keys) * self.spec.block_tokens)
+            codes = self.index.prefix_codes(keys)
+        return self.planner.plan(codes, num_tokens if num_tokens is not None else len(keys) * self.spec.block_tokens)
 
     def start_load(self, request_id: str, keys: Sequence[BlockKey], first: int, stop: int,
                    dst_blocks: Sequence[int]) -> Load | None:

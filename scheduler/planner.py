@@ -119,19 +119,25 @@ class Planner:
         rest = num_tokens - t
         suffix = rest * (a + b * (t + rest / 2)) + f0                 # compute [r, n); rest >= 1 always
 
-        used = []
+        used, first_of_count = [], []
         for link_codes, latency, per_block in links:
             mask = codes == link_codes[0] if len(link_codes) == 1 else codes >= link_codes[0]
             cnt = np.zeros(k + 1, dtype=np.int64)
             np.cumsum(mask, out=cnt[1:])
             if cnt[-1]:
                 used.append((cnt, latency, per_block))
+                # the first i with cnt[i] == cnt[r], for every r: searchsorted(cnt, cnt) by a gather (cnt
+                # steps up by one after each of the link's blocks)
+                starts = np.empty(int(cnt[-1]) + 1, dtype=np.int64)
+                starts[0] = 0
+                starts[1:] = np.flatnonzero(mask) + 1
+                first_of_count.append(starts[cnt])
         r_all = np.arange(k + 1)
         if used:
             s_star = np.zeros(k + 1, dtype=np.int64)
-            for cnt, latency, per_block in used:
+            for (cnt, latency, per_block), first in zip(used, first_of_count):
                 crossing = np.searchsorted(front + per_block * cnt, latency + per_block * cnt, side="left")
-                np.maximum(s_star, np.minimum(crossing, np.searchsorted(cnt, cnt, side="left")), out=s_star)
+                np.maximum(s_star, np.minimum(crossing, first), out=s_star)
             s_prev = np.maximum(s_star - 1, 0)
             best_front = np.minimum(_overlap(front, used, s_star, r_all), _overlap(front, used, s_prev, r_all))
         else:

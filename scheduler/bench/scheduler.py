@@ -2,11 +2,13 @@
 
 What is timed (keys already computed at enqueue; hashing is the foundation's figure, not in this one):
 - `lookup_plan_ms`: `Decider.plan(request_id)` of an enqueued request: the index prefix walk over its
-  2,048 keys (64 tokens per block) and the planner's restore-vs-recompute choice over the matched tiers:
-  the path `OffloadManager.plan(request_id)` takes. Median of repeats.
-- the parts, for diagnosis: `lookup_ms` (`Decider.lookup(keys)`), `tiers_ms` (the matched entries' best
-  tiers), `plan_ms` (`Planner.plan(tiers, num_tokens)` alone) and `lookup_then_plan_ms`
-  (`Decider.lookup` then `Decider.plan`, as an engine that asks for the hit length first calls them).
+  2,048 keys (64 tokens per block) giving each matched block's fastest tier as a code
+  (`Index.prefix_codes`), and the planner's restore-vs-recompute choice over them: the path
+  `OffloadManager.plan(request_id)` takes. Median of repeats, with min, p90 and max.
+- the parts, for diagnosis: `lookup_ms` (`Decider.lookup(keys)`: the entries), `codes_ms`
+  (`Index.prefix_codes(keys)`), `plan_ms` (`Planner.plan(codes, num_tokens)` alone) and
+  `lookup_then_plan_ms` (`Decider.lookup` then `Decider.plan`, as an engine that asks for the hit length
+  first calls them).
 
 Setup (not timed): an index of `--index-blocks` entries spread over gpu, host and disk (the request's
 blocks: a quarter gpu, a quarter host, half disk, interleaved in runs), built with `Index.add`.
@@ -103,14 +105,14 @@ def run(args: argparse.Namespace) -> int:
     decider.enqueue("bench", keys, n)
     planner = decider.planner
     entries = decider.lookup(keys)
-    tiers = [e.best_tier for e in entries]
+    codes = decider.index.prefix_codes(keys)
     plan = decider.plan("bench")
 
     figures = {
         "lookup_plan_ms": _median_ms(lambda: decider.plan("bench"), args.repeats),
         "lookup_ms": _median_ms(lambda: decider.lookup(keys), args.repeats),
-        "tiers_ms": _median_ms(lambda: [e.best_tier for e in entries], args.repeats),
-        "plan_ms": _median_ms(lambda: planner.plan(tiers, n), args.repeats),
+        "codes_ms": _median_ms(lambda: decider.index.prefix_codes(keys), args.repeats),
+        "plan_ms": _median_ms(lambda: planner.plan(codes, n), args.repeats),
         "lookup_then_plan_ms": _median_ms(lambda: (decider.lookup(keys), decider.plan("bench")), args.repeats),
     }
     results: dict[str, Any] = {name: round(med, 4) for name, (med, *_) in figures.items()}
