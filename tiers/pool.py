@@ -109,7 +109,15 @@ class PoolTier(Tier):
             slot = self.table.allocate(key)
         if slot is None:
             raise CapacityError(f"{self.name} tier is full ({self.num_slots} blocks)")
-        self.pool.block(slot).copy_(flat, non_blocking=self.pool.pinned or flat.is_pinned())
+        dst = self.pool.block(slot)
+        # a blocking copy: a non-blocking one into pinned host memory returned before the bytes had landed
+        # (a `get` or a disk write right after read stale bytes), and one from a pinned block let the caller
+        # reuse its block while the copy still read it
+        dst.copy_(flat)
+        if dst.device.type == "cuda" or flat.device.type == "cuda":
+            # device-side copies are queued on the caller's stream even when "blocking": wait, so that a
+            # transfer on kvtier's own stream never reads the slot before it is written
+            torch.cuda.current_stream(dst.device if dst.device.type == "cuda" else flat.device).synchronize()
 
     def get(self, key: BlockKey, out: torch.Tensor | None = None) -> torch.Tensor | None:
         slot = self.table.slot_of(key)

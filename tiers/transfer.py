@@ -20,7 +20,10 @@ Invariants:
   writer takes them; disk reads run on their own worker by priority (loads before prefetches), each
   after a fence on the copy worker, so they never fill a slot an earlier copy has yet to read;
 - a block that fails (a disk miss or a corrupt value) is listed in `handle.failed`, never delivered:
-  in a load, layer groups still complete, and the engine recomputes from the first failed block.
+  in a load, layer groups still complete, and the engine recomputes from the first failed block;
+- on CUDA, a job's copies run on the transfer stream after everything queued on the submitting
+  thread's stream before the submission (an event, `_submitted`), and a layer group is reported done
+  only after the stream has finished its copies.
 """
 
 from __future__ import annotations
@@ -80,8 +83,27 @@ class Transferer:
             raise ConfigError(f"tier {name!r}: expected a gpu or host pool among {sorted(map(str, self.tiers))}")
         return tier
 
-    def _on_stream(self):
-        return torch.cuda.stream(self._stream) if self._stream is not None else _nullcontext()
+    def _submitted(self) -> "torch.cuda.Event | None":
+        """An event recorded on the submitting thread's current CUDA stream (None without CUDA).
+
+        The transfer stream waits on it before a job's copies (`_on_stream(after=...)`), so they are
+        ordered after every kernel queued before the submission: a save must not read KV the model's
+        pass is still writing, a load must not overwrite engine blocks a kernel is still reading (the
+        transfer stream is a non-blocking stream: nothing orders it against the engine's otherwise).
+        """
+        if self._stream is None:
+            return None
+        event = torch.cuda.Event()
+        event.record(torch.cuda.current_stream(self._stream.device))
+        return event
+
+    def _on_stream(self, after: "torch.cuda.Event | None" = None):
+        """The transfer stream as the current stream (waiting first on `after`); a no-op without CUDA."""
+        if self._stream is None:
+            return _nullcontext()
+        if after is not None:
+            self._stream.wait_event(after)
+        return torch.cuda.stream(self._stream)
 
     def _sync(self) -> None:
         if self._stream is not None:
@@ -112,13 +134,14 @@ class Transferer:
         _check_len(keys, src_slots, "src_slots")
         _check_len(keys, dst_slots, "dst_slots")
         src_pool, dst_pool = self._pool(src).pool, self._pool(dst).pool
+        submitted = self._submitted()
 
         def job() -> None:
             runs = slot_runs(src_slots, dst_slots)
             on_cpu = src_pool.device.type == "cpu" and dst_pool.device.type == "cpu"
             bpb, lb = self.spec.bytes_per_block, self.spec.layer_bytes
             s_base, d_base = src_pool.data.data_ptr(), dst_pool.data.data_ptr()
-            with self._on_stream():
+            with self._on_stream(submitted):
                 for g, (lo, hi) in enumerate(groups):
                     if on_cpu:  # addresses by arithmetic (no tensor views), one batch over the copier's threads
                         if len(groups) == 1:
@@ -237,13 +260,14 @@ class Transferer:
             return handle
         tiers = [TierName(t) for t in src_tiers]
         disk_idx = [i for i, t in enumerate(tiers) if t is TierName.DISK]
+        submitted = self._submitted()
 
         def copy_groups(failed: set[BlockKey], done: frozenset[int] = frozenset()) -> list[BlockKey]:
             # after a failed block nothing is delivered: the engine recomputes from the first failure;
             # blocks in `done` were already written whole (disk blocks, as their reads landed)
             usable = next((i for i, k in enumerate(keys) if k in failed), len(keys))
             pieces = [p for p in _runs_by_tier(tiers[:usable], src_slots[:usable]) if p[1] not in done]
-            with self._on_stream():
+            with self._on_stream(submitted):
                 for g, (lo, hi) in enumerate(groups):
                     for tier, first, s0, n in pieces:
                         src = self._pool(tier).pool.blocks(s0, n)[:, lo:hi]
@@ -283,7 +307,7 @@ class Transferer:
             return handle
 
         def write_whole(batch: list[int]) -> None:
-            with self._on_stream():
+            with self._on_stream(submitted):
                 for i in batch:
                     src = self._pool(TierName.HOST).pool.blocks(src_slots[i], 1)
                     buffer.write_blocks(dst_blocks[i:i + 1], src, (0, self.spec.num_layers))
@@ -316,9 +340,10 @@ class Transferer:
         check_same_spec(self.spec, buffer.spec, "save")
         pool = self._pool(dst).pool
         handle = TransferHandle(keys, None, description or f"save x{len(keys)} -> {dst}")
+        submitted = self._submitted()
 
         def job() -> None:
-            with self._on_stream():
+            with self._on_stream(submitted):
                 for first, d0, _, n in slot_runs(dst_slots):
                     buffer.read_blocks(src_blocks[first:first + n], pool.blocks(d0, n), (0, self.spec.num_layers))
                 self._sync()

@@ -135,7 +135,8 @@ class HFEngine:
         concatenated copies that `DynamicLayer.update` made, never this buffer."""
         if self._scratch is None or self._scratch.num_tokens < num_tokens:
             self._scratch = None
-            self._scratch = HFKVBuffer.allocate(self.spec, num_tokens)
+            # on the model's device: a model on CUDA reads its restored KV there (a CPU buffer failed there)
+            self._scratch = HFKVBuffer.allocate(self.spec, num_tokens, device=_model_device(self.model))
         return self._scratch
 
     # -- prefill ---------------------------------------------------------------------------------
@@ -282,3 +283,12 @@ class HFEngine:
 
 #: the issue's name for the serving loop
 KVTierGenerator = HFEngine
+
+
+def _model_device(model: Any) -> torch.device:
+    """Where a model's weights live (CPU for a model without parameters)."""
+    device = getattr(model, "device", None)
+    if device is not None:
+        return torch.device(device)
+    first = next(iter(model.parameters()), None)
+    return first.device if first is not None else torch.device("cpu")
