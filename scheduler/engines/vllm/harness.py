@@ -80,6 +80,9 @@ class EngineConfig:
         dtype: the model and KV dtype.
         enforce_eager: no torch.compile (start-up stays ~20 s instead of minutes).
         seed: the engine's seed.
+        gpu_memory_utilization: on CUDA, the share of the GPU's memory this engine may take (vLLM's
+            default, 0.9, leaves no room for a second engine on the same GPU; the benchmarks run several
+            side by side); None keeps vLLM's default. Ignored by vLLM's CPU backend.
         quiet: raise vLLM's log level to WARNING (set in the environment before vLLM is imported).
         reserved_cpus: CPU cores vLLM keeps free of the worker's OpenMP threads
             (`VLLM_CPU_NUM_OF_RESERVED_CPU`). vLLM reserves one per worker for its busy-polling
@@ -107,6 +110,7 @@ class EngineConfig:
     seed: int = 0
     quiet: bool = True
     reserved_cpus: int | None = 1
+    gpu_memory_utilization: float | None = None
 
     def __post_init__(self) -> None:
         if not (Path(self.model_dir) / "config.json").is_file():
@@ -125,6 +129,8 @@ class EngineConfig:
                               f"{', '.join(_FAILURE_POLICIES)}")
         if self.reserved_cpus is not None and self.reserved_cpus < 0:
             raise ConfigError(f"reserved_cpus: {self.reserved_cpus} must be 0 or more (or None)")
+        if self.gpu_memory_utilization is not None and not 0 < self.gpu_memory_utilization <= 1:
+            raise ConfigError(f"gpu_memory_utilization: {self.gpu_memory_utilization} must be in (0, 1]")
         if self.kv_connector_module_path is not None and self.kv_connector is None:
             raise ConfigError("kv_connector_module_path is set but kv_connector is not; name the class too")
 
@@ -137,6 +143,8 @@ class EngineConfig:
         }
         if self.num_gpu_blocks_override is not None:
             kwargs["num_gpu_blocks_override"] = self.num_gpu_blocks_override
+        if self.gpu_memory_utilization is not None:
+            kwargs["gpu_memory_utilization"] = self.gpu_memory_utilization
         if self.block_tokens is not None:
             kwargs["block_size"] = self.block_tokens
         if self.max_num_batched_tokens is not None:
@@ -161,6 +169,13 @@ def example_connector(storage_path: str | os.PathLike[str]) -> dict[str, Any]:
     """
     return {"kv_connector": "ExampleConnector", "kv_connector_module_path": None,
             "kv_connector_extra_config": {"shared_storage_path": str(storage_path)}}
+
+
+def offloading_connector(cpu_bytes: int) -> dict[str, Any]:
+    """`EngineConfig` fields for vLLM's own `OffloadingConnector` (CUDA/XPU only) with `cpu_bytes` of host
+    memory: what `--kv-offloading-size` with the native backend configures."""
+    return {"kv_connector": "OffloadingConnector", "kv_connector_module_path": None,
+            "kv_connector_extra_config": {"cpu_bytes_to_use": int(cpu_bytes)}}
 
 
 def kvtier_connector(**extra: Any) -> dict[str, Any]:
