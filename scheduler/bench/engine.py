@@ -50,6 +50,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "a smoke test of the harness, not a figure)")
     parser.add_argument("--dir", default=None, help="directory for the disk stores and the cold-read file "
                         "(default: a temp dir under the current directory's file system)")
+    parser.add_argument("--device", default="cpu", help="where the model and its KV live: cpu (default) or "
+                        "cuda (kvtier's host pool is then pinned and restores cross PCIe)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -64,6 +66,9 @@ def run(args: argparse.Namespace) -> int:
         raise SystemExit(f"kvtier bench engine: --repeats >= 1 and --prefix-tokens >= 64 expected, got "
                          f"{args.repeats} and {args.prefix_tokens}")
     torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("kvtier bench engine: --device cuda, but torch sees no CUDA device")
     if args.model == "tiny-random":
         from kvtier.scheduler.engines.hf.kv import spec_for_model
         from kvtier.scheduler.engines.models import build_random_llama
@@ -75,13 +80,14 @@ def run(args: argparse.Namespace) -> int:
         prepared = prepare_model("smollm2-135m")
         model, spec = prepared.load_model(), prepared.spec
         model_id, revision, model_config = prepared.model_id, prepared.weights_revision, None
+    model = model.to(device)
     root = tempfile.mkdtemp(prefix=".kvtier-bench-engine-", dir=args.dir or os.getcwd())
     try:
-        results = _bench(model, spec, args.prefix_tokens, args.repeats, root, model_config)
+        results = _bench(model, spec, args.prefix_tokens, args.repeats, root, model_config, device)
     finally:
         shutil.rmtree(root, ignore_errors=True)
     results = {"machine": bu.machine(), "model": model_id, "weights_revision": revision,
-               "dtype": "float32", "threads": args.threads, "repeats": args.repeats, **results}
+               "dtype": "float32", "threads": args.threads, "repeats": args.repeats, "device": str(device), **results}
     bu.print_table(results["rows"], ["suffix", "path", "ttft_ms", "ttft_min_ms", "ttft_max_ms", "speedup",
                                      "efficiency"], title=f"kvtier bench engine: {model_id} fp32, "
                    f"{args.threads} threads, {args.prefix_tokens}-token cached prefix")
@@ -94,7 +100,8 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _bench(model: Any, spec: Any, P: int, repeats: int, root: str, model_config: Any = None) -> dict[str, Any]:
+def _bench(model: Any, spec: Any, P: int, repeats: int, root: str, model_config: Any = None,
+           device: Any = "cpu") -> dict[str, Any]:
     import torch
 
     from kvtier.scheduler.config import OffloadConfig
@@ -115,7 +122,7 @@ def _bench(model: Any, spec: Any, P: int, repeats: int, root: str, model_config:
 
     _, prefix_cache = prefill(model, prefix)
     prefix_kv = HFKVBuffer.from_cache(prefix_cache, spec)
-    ideal_kv = HFKVBuffer.allocate(spec, P)
+    ideal_kv = HFKVBuffer.allocate(spec, P, device=device)
     for layer in range(spec.num_layers):
         ideal_kv.keys[layer].copy_(prefix_kv.keys[layer])
         ideal_kv.values[layer].copy_(prefix_kv.values[layer])
@@ -164,7 +171,7 @@ def _bench(model: Any, spec: Any, P: int, repeats: int, root: str, model_config:
 
     def restore_only(engine: HFEngine) -> float:
         manager = engine.manager
-        buffer = HFKVBuffer.allocate(spec, P) if "restore_buffer" not in state else state["restore_buffer"]
+        buffer = HFKVBuffer.allocate(spec, P, device) if "restore_buffer" not in state else state["restore_buffer"]
         state["restore_buffer"] = buffer
         prompt = torch.cat([prefix, suffixes[SUFFIXES[0]]])
         rid = f"restore-only-{time.perf_counter_ns()}"

@@ -14,6 +14,9 @@ max_tokens=1 request, each figure the median of interleaved repeats (A, B, C, D,
   against no connector (per round: connector TTFT / none TTFT - 1; median over at least `MISS_REPEATS`
   rounds, the arms' order rotating, `SETTLE_S` between requests so that one engine's background saves
   do not land on another engine's timed request);
+- on CUDA (vLLM's CUDA build), `offloading`: vLLM's own `OffloadingConnector` (host memory, CUDA-only)
+  restoring the same prompt, a fourth arm beside the others (`vs_offloading_connector` = its TTFT /
+  kvtier host's); every engine then takes a fifth of the GPU's memory;
 - the multi-turn chat workload: 6 sessions, each a 1,024-token system prompt, 4 turns each adding
   256 user tokens and a fixed 32-token scripted reply, turns round-robin over sessions, prefix caching
   on, `num_gpu_blocks_override=48` (6,144 tokens, less than the sessions need: vLLM's own cache must
@@ -48,6 +51,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dir", default=None, help="directory for the stores (default: a temp dir under the "
                         "current directory's file system)")
     parser.add_argument("--skip-multiturn", action="store_true", help="leave out the multi-turn workload")
+
+
+def _cuda_available() -> bool:
+    """Whether torch sees a CUDA device (then vLLM runs its CUDA build's engines)."""
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def _p90(values: list[float]) -> float:
@@ -102,15 +112,23 @@ def _run(args: argparse.Namespace, result: dict[str, Any], sizes: tuple[int, ...
         VllmEngine,
         example_connector,
         kvtier_connector,
+        offloading_connector,
         random_prompt,
     )
     from kvtier.tiers.coldcache import resident_bytes
     from kvtier.tiers.disk.store import DiskTier
 
     began = time.perf_counter()
+    on_cuda = _cuda_available()
+    if on_cuda:  # several engines side by side on one GPU
+        common = {**common, "gpu_memory_utilization": 0.2, "reserved_cpus": None}
+    result["device"] = "cuda" if on_cuda else "cpu"
     none = VllmEngine(EngineConfig(**common))
     kv = VllmEngine(EngineConfig(**common, **kvtier_connector(**kv_extra)))
     ex = VllmEngine(EngineConfig(**common, **example_connector(work / "example_store")))
+    # vLLM's own offloading connector runs on CUDA/XPU only: an arm where the GPU is there
+    off = VllmEngine(EngineConfig(**common, **offloading_connector(1 << 30))) if on_cuda else None
+    engines = [e for e in (none, kv, ex, off) if e is not None]
     flush_seed = [1000]
 
     def ttft(engine: VllmEngine, prompt: list[int]) -> float:
@@ -123,15 +141,19 @@ def _run(args: argparse.Namespace, result: dict[str, Any], sizes: tuple[int, ...
         return resident_bytes(DiskTier.data_file_of(store))
 
     try:
-        for engine in (none, kv, ex):
+        for engine in engines:
             engine.start()
         result["startup_s"] = {"none": none.startup_s, "kvtier": kv.startup_s, "example": ex.startup_s}
+        if off is not None:
+            result["startup_s"]["offloading"] = off.startup_s
         ttft_rows: dict[str, dict[str, Any]] = {}
         for size in sizes:
             prompt = random_prompt(size, seed=size)
-            outs = {name: eng.time_request(prompt, max_tokens=1).output_ids for name, eng in
-                    (("kvtier", kv), ("example", ex))}  # seeds both connectors' stores
+            seeded = [("kvtier", kv), ("example", ex)] + ([("offloading", off)] if off is not None else [])
+            outs = {name: eng.time_request(prompt, max_tokens=1).output_ids for name, eng in seeded}  # seeds the stores
             samples: dict[str, list[float]] = {"none": [], "kvtier_host": [], "kvtier_disk": [], "example": []}
+            if off is not None:
+                samples["offloading"] = []
             resident: list[int] = []
             same_output = True
             for _ in range(repeats):
@@ -142,6 +164,8 @@ def _run(args: argparse.Namespace, result: dict[str, Any], sizes: tuple[int, ...
                 disk = kv.time_request(prompt, max_tokens=1)
                 samples["kvtier_disk"].append(disk.latency_s)
                 samples["example"].append(ttft(ex, prompt))
+                if off is not None:
+                    samples["offloading"].append(ttft(off, prompt))
                 same_output &= host.output_ids == disk.output_ids == outs["kvtier"]
             row = {f"{k}_s": round(_med(v), 4) for k, v in samples.items()}
             row.update({f"{k}_samples_s": [round(x, 4) for x in v] for k, v in samples.items()})
@@ -150,6 +174,9 @@ def _run(args: argparse.Namespace, result: dict[str, Any], sizes: tuple[int, ...
             row["vs_example_connector"] = round(_med([e / h for e, h in zip(samples["example"],
                                                                             samples["kvtier_host"])]), 3)
             row["example_speedup"] = round(_med([n / e for n, e in zip(samples["none"], samples["example"])]), 3)
+            if off is not None:
+                row["vs_offloading_connector"] = round(_med([o / h for o, h in zip(samples["offloading"],
+                                                                                   samples["kvtier_host"])]), 3)
             row["disk_resident_bytes_before"] = resident
             row["same_output"] = bool(same_output)
             ttft_rows[str(size)] = row
@@ -163,6 +190,8 @@ def _run(args: argparse.Namespace, result: dict[str, Any], sizes: tuple[int, ...
         result["host_speedup_2k"] = two["host_speedup"]
         result["disk_speedup_2k"] = two["disk_speedup"]
         result["vs_example_connector_2k"] = two["vs_example_connector"]
+        if off is not None:
+            result["vs_offloading_connector_2k"] = two["vs_offloading_connector"]
 
         # unique prompts; the arms' order rotates from repeat to repeat and each request starts after the
         # previous engine's background work (kvtier's write-through of the last prompt, say) has settled,
@@ -180,7 +209,7 @@ def _run(args: argparse.Namespace, result: dict[str, Any], sizes: tuple[int, ...
         bu.note_spread(result, "miss_overhead", over_kv)
         result["miss_overhead_example"] = round(_med(over_ex), 4)
     finally:
-        for engine in (none, kv, ex):
+        for engine in engines:
             engine.close()
 
     if not args.skip_multiturn:
@@ -198,7 +227,7 @@ def _run(args: argparse.Namespace, result: dict[str, Any], sizes: tuple[int, ...
             for k, v in result["ttft"].items()]
     bu.print_table(rows, list(rows[0]), "TTFT (s), vLLM prefix caching off, median of interleaved repeats")
     for key in ("host_speedup_2k", "disk_speedup_2k", "vs_example_connector_2k", "miss_overhead",
-                "miss_overhead_example", "multiturn_ttft_speedup"):
+                "miss_overhead_example", "vs_offloading_connector_2k", "multiturn_ttft_speedup"):
         print(f"{key}: {result.get(key)}")
     bu.write_json(args.json, result)
     return 0
