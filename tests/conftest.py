@@ -38,7 +38,7 @@ def small_spec() -> KVSpec:
 @pytest.fixture(scope="session")
 def vllm_model_dir() -> Path:
     """A safetensors SmolLM2-135M directory vLLM loads."""
-    from kvtier.scheduler.engines.vllm_harness import vllm_available
+    from kvtier.scheduler.engines.vllm.harness import vllm_available
 
     if not vllm_available():
         pytest.skip("vllm is not installed (the `vllm` extra)")

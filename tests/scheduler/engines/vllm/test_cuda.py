@@ -1,8 +1,8 @@
 """kvtier's vLLM connector in vLLM's CUDA build: greedy outputs equal to recomputing, from host, from a
 cold disk and after a restart on the same store.
 
-Runs where CUDA and a CUDA build of vLLM are installed (skipped otherwise: the CPU build's tests are in
-tests/vllm). vLLM's own prefix cache is off, so a repeated prompt is served only by the connector
+Runs where CUDA and a CUDA build of vLLM are installed (skipped otherwise: the CPU build's tests are
+beside this one). vLLM's own prefix cache is off, so a repeated prompt is served only by the connector
 (`num_cached_tokens` says how much it served). Engines take a fifth of the GPU each.
 """
 
@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from kvtier.scheduler.engines.vllm_harness import EngineConfig, VllmEngine, kvtier_connector, random_prompt
+from kvtier.scheduler.engines.vllm.harness import EngineConfig, VllmEngine, kvtier_connector, random_prompt
 
 pytestmark = [pytest.mark.gpu, pytest.mark.vllm, pytest.mark.timeout(900)]
 

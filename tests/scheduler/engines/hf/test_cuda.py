@@ -16,8 +16,9 @@ import torch
 pytest.importorskip("transformers")
 
 from kvtier.scheduler.config import OffloadConfig  # noqa: E402
-from kvtier.scheduler.engines.hf import HFEngine  # noqa: E402
-from kvtier.scheduler.engines.hf_kv import greedy_generate, prefill, spec_for_model  # noqa: E402
+from kvtier.scheduler.engines.hf.adapter import HFEngine  # noqa: E402
+from kvtier.scheduler.engines.hf.generate import greedy_generate, prefill  # noqa: E402
+from kvtier.scheduler.engines.hf.kv import spec_for_model  # noqa: E402
 from kvtier.scheduler.engines.models import build_random_llama  # noqa: E402
 from kvtier.scheduler.manager import OffloadManager  # noqa: E402
 
