@@ -31,6 +31,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+from contextlib import nullcontext
 from typing import Callable, Mapping, Sequence
 
 import torch
@@ -84,13 +85,8 @@ class Transferer:
         return tier
 
     def _submitted(self) -> "torch.cuda.Event | None":
-        """An event recorded on the submitting thread's current CUDA stream (None without CUDA).
-
-        The transfer stream waits on it before a job's copies (`_on_stream(after=...)`), so they are
-        ordered after every kernel queued before the submission: a save must not read KV the model's
-        pass is still writing, a load must not overwrite engine blocks a kernel is still reading (the
-        transfer stream is a non-blocking stream: nothing orders it against the engine's otherwise).
-        """
+        """An event on the submitter's current CUDA stream (None without CUDA) that a job's copies wait on:
+        a save must not read KV a kernel still writes, nor a load overwrite blocks one still reads."""
         if self._stream is None:
             return None
         event = torch.cuda.Event()
@@ -100,7 +96,7 @@ class Transferer:
     def _on_stream(self, after: "torch.cuda.Event | None" = None):
         """The transfer stream as the current stream (waiting first on `after`); a no-op without CUDA."""
         if self._stream is None:
-            return _nullcontext()
+            return nullcontext()
         if after is not None:
             self._stream.wait_event(after)
         return torch.cuda.stream(self._stream)
@@ -397,11 +393,3 @@ def _no_op() -> None:
 def _check_len(keys: Sequence[object], values: Sequence[object], name: str) -> None:
     if len(values) != len(keys):
         raise ConfigError(f"{name}: expected one per key ({len(keys)}), got {len(values)}")
-
-
-class _nullcontext:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None

@@ -361,7 +361,7 @@ def test_fit_is_robust_to_a_few_slow_outliers() -> None:
         p = points[i]
         points[i] = (RestorePoint(p.path, p.num_blocks, p.seconds * (3 + i % 3)) if isinstance(p, RestorePoint)
                      else RecomputePoint(p.start_tokens, p.num_tokens, p.seconds * 4))
-    fitted = CostModel.from_profile("cpu-this-machine", "smollm2-135m").fit(points)
+    fitted = fit_model(CostModel.from_profile("cpu-this-machine", "smollm2-135m"), points)
     held_out = synthetic_points(truth, rng, 0.0)
     errors = relative_errors(fitted, held_out)
     assert max(errors) < 0.05, max(errors)

@@ -15,7 +15,8 @@ from kvtier.tiers.disk import DiskTier
 from kvtier.tiers.pool import GpuTier, HostTier
 from kvtier.tiers.spec import KVSpec
 from kvtier.tiers.tier import TierName
-from kvtier.tiers.transfer import BlockKVBuffer, Transferer
+from kvtier.tiers.kvbuffer import BlockKVBuffer
+from kvtier.tiers.transfer import Transferer
 
 pytestmark = pytest.mark.gpu
 
