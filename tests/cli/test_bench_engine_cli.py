@@ -13,7 +13,8 @@ pytest.importorskip("transformers")
 
 KEYS = ("host_speedup", "disk_speedup", "disk_zstd_speedup", "host_efficiency", "disk_efficiency",
         "disk_zstd_efficiency", "disk_read_overhead", "miss_overhead", "host_hidden_fraction", "disk_hidden_fraction",
-        "raw_cold_read_ms", "restored_mb", "rows", "miss", "planner", "machine")
+        "raw_cold_read_ms", "restored_mb", "rows", "miss", "planner", "machine", "restore_only_disk_vs_raw",
+        "restore_only_disk_vs_raw_max", "spread", "load_avg")
 
 
 def test_bench_engine_writes_every_key_and_the_whole_table(tmp_path, capsys):
@@ -27,6 +28,11 @@ def test_bench_engine_writes_every_key_and_the_whole_table(tmp_path, capsys):
     assert data["repeats"] == 1 and data["threads"] == 1
     assert data["miss"]["saved_blocks"] > 0  # the miss path stored its prompts (after their first token)
     assert set(data["planner"]) == {"host", "disk"}
+    # every headline figure with the spread of its repeats, and the load it was measured under
+    for key in ("disk_read_overhead", "host_efficiency", "miss_overhead", "restore_only_disk_vs_raw"):
+        spread = data["spread"][key]
+        assert spread["min"] <= spread["median"] <= spread["max"], (key, spread)
+    assert len(data["load_avg"]["end"]) == 3 and data["load_avg"]["cpus"] >= 1
     assert "host_efficiency" in capsys.readouterr().out
     assert not list(tmp_path.glob(".kvtier-bench-engine-*"))  # its stores are removed
 
