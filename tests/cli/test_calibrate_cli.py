@@ -80,9 +80,12 @@ def test_bench_scheduler_json_schema(tmp_path, capsys) -> None:
     out = tmp_path / "bench.json"
     assert main(["bench", "scheduler", "--index-blocks", "10000", "--repeats", "20", "--json", str(out)]) == 0
     data = json.loads(out.read_text())
-    for key in ("lookup_plan_ms", "lookup_ms", "tiers_ms", "plan_ms", "lookup_then_plan_ms"):
+    for key in ("lookup_plan_ms", "lookup_ms", "codes_ms", "plan_ms", "lookup_then_plan_ms"):
         assert isinstance(data[key], float) and data[key] > 0
         assert data["spread_ms"][key]["min"] <= data[key] <= data["spread_ms"][key]["p90"] + 1e-9
+        assert data["spread_ms"][key]["p90"] <= data["spread_ms"][key]["max"] + 1e-9
+        assert data["spread"][key]["median"] == data[key] and data["spread"][key]["n"] == 20
+    assert len(data["load_avg"]["start"]) == 3
     assert (data["index_blocks"], data["request_blocks"], data["matched_blocks"]) == (10000, 2048, 2048)
     assert data["request_tokens"] == 131072 and data["target_ms"] == 2.0
     assert data["plan"]["restore_stop"] >= data["plan"]["split"] >= 0
