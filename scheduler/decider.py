@@ -352,6 +352,14 @@ class Decider:
             self.stats.lookup_blocks += len(keys)
             return entries
 
+    def lookup_codes(self, keys: Sequence[BlockKey]) -> Any:
+        """`lookup` as the tier code of each leading cached block (`Index.prefix_codes`: 0 gpu, 1 host, 2 disk)."""
+        with self.lock:
+            codes = self.index.prefix_codes(keys)
+            self.stats.lookups += 1
+            self.stats.lookup_blocks += len(keys)
+            return codes
+
     def plan(self, request_id: str, keys: Sequence[BlockKey] | None = None, num_tokens: int | None = None) -> Any:
         """The planner's plan for a request (matched prefix, split point, predicted times)."""
         with self.lock:

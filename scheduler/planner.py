@@ -254,7 +254,11 @@ def _load(used: list, s: int, r: int) -> float:
 def _as_code_list(tiers: Sequence[TierName | str] | np.ndarray) -> list[int]:
     """The tier codes as a list of ints (the pure-Python path's input), checked as `_as_codes` does."""
     if isinstance(tiers, np.ndarray):
-        return _as_codes(tiers).tolist()
+        if tiers.ndim == 1 and tiers.dtype.kind in "iu":  # a few codes: checked in Python, not by numpy reductions
+            codes = tiers.tolist()
+            if all(0 <= c <= 2 for c in codes):
+                return codes
+        return _as_codes(tiers).tolist()  # raises the ConfigError naming the problem
     try:
         return [_CODES[t] for t in tiers]
     except (KeyError, TypeError):

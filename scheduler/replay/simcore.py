@@ -46,6 +46,9 @@ from kvtier.tiers.tier import TierName
 from kvtier.scheduler.cost.model import CostModel
 from kvtier.scheduler.planner import Planner
 
+#: `TierName.rank` -> the tier's name (the counters' keys)
+_TIER_NAMES = tuple(t.value for t in sorted(TierName, key=lambda t: t.rank))
+
 #: progress(done, total, label)
 Progress = Callable[[int, int, str], None]
 
@@ -343,18 +346,20 @@ class EngineSim:
             counters.gpu_busy_s += plan.total_s
             return t + plan.total_s
         rid = str(i)
-        entries = decider.lookup(keys)
-        if entries:
+        # one walk of the prefix: the tier code of each cached block, for the counters and the planner
+        # (`Decider.plan(rid, keys[:full], n)` is this plan: its own walk stops at `full` blocks)
+        codes = decider.lookup_codes(keys)
+        if len(codes):
             weights = request.weights
             by_blocks, by_tokens = counters.hit_blocks_by_tier, counters.hit_tokens_by_tier
-            for j, entry in enumerate(entries):
-                tier = entry.best_tier.value
+            for j, code in enumerate(codes.tolist()):
+                tier = _TIER_NAMES[code]
                 by_blocks[tier] += 1
                 by_tokens[tier] += weights[j]
-            record.hit_blocks = len(entries)
-            record.hit_tokens = sum(weights[:len(entries)])
+            record.hit_blocks = len(codes)
+            record.hit_tokens = sum(weights[:len(codes)])
         full = min(len(keys), n // bt)  # the planner matches whole blocks only
-        plan = decider.plan(rid, keys[:full], n)
+        plan = decider.planner.plan(codes[:full], n)
         record.planned_s = plan.total_s
         record.no_cache_s = plan.recompute_all_s
         s, r, k = plan.split, plan.restore_stop, plan.num_matched_blocks
