@@ -109,12 +109,16 @@ class OffloadManager:
         self.decider = Decider(spec, config, Planner(self.cost_model, disk_codec=config.codec))
         self.tiers = tiers if tiers is not None else build_tiers(spec, config)
         self.executor = Executor(self.tiers, on_complete=self._on_complete)
-        self._lock = threading.Lock()
+        # a decision and the submission of its commands happen under the decider's (reentrant) lock, so
+        # the executor receives commands in decision order: a slot freed by one decision and reused by
+        # the next is read before it is written again (decided in one order and submitted in the other,
+        # a load read another block's bytes). One lock for both: no lock-order inversion.
+        self._lock = self.decider.lock
         self._closed = False
         self._stall = [0.0]
         if TierName.DISK in self.tiers:
             self.decider.rebuild_from_disk(self.tiers[TierName.DISK].keys())
-        self._prefetcher = (Prefetcher(self.decider.next_prefetch, self._submit_all)
+        self._prefetcher = (Prefetcher(self._prefetch_round)
                             if config.prefetch and len(self.decider.tiers) > 1 else None)
 
     # -- plumbing --------------------------------------------------------------------------------
@@ -126,10 +130,15 @@ class OffloadManager:
     def _submit_all(self, commands: Sequence[Command], buffer: KVBuffer | None = None) -> list[TransferHandle]:
         return [self.executor.submit(c, buffer) for c in commands]
 
+    def _prefetch_round(self) -> None:
+        with self._lock:
+            self._submit_all(self.decider.next_prefetch())
+
     def _on_complete(self, completion: Completion) -> None:
-        follow_ups = self.decider.complete(completion)
-        if follow_ups and not self._closed:
-            self._submit_all(follow_ups)
+        with self._lock:
+            follow_ups = self.decider.complete(completion)
+            if follow_ups and not self._closed:
+                self._submit_all(follow_ups)
         if self._prefetcher is not None:
             self._prefetcher.wake()
 
@@ -188,13 +197,13 @@ class OffloadManager:
         keys = state.keys if state is not None else ()
         first, stop = plan.split, plan.restore_stop
         dst = list(dst_blocks) if dst_blocks is not None else list(range(len(keys)))
-        load = self.decider.start_load(request_id, keys, first, stop, dst[first:stop]) if stop > first else None
-        pre = self.decider.take_prepared()
-        self._submit_all(pre)
-        if load is None:
-            self.decider.start_load(request_id, keys, 0, 0, [])  # marks the request running
-            return Loading(plan, None, first, first, self._stall, self.config.load_timeout_s)
-        handle = self.executor.submit(load, buffer)
+        with self._lock:
+            load = self.decider.start_load(request_id, keys, first, stop, dst[first:stop]) if stop > first else None
+            self._submit_all(self.decider.take_prepared())
+            if load is None:
+                self.decider.start_load(request_id, keys, 0, 0, [])  # marks the request running
+                return Loading(plan, None, first, first, self._stall, self.config.load_timeout_s)
+            handle = self.executor.submit(load, buffer)
         return Loading(plan, handle, first, stop, self._stall, self.config.load_timeout_s)
 
     def store(self, request_id: str, token_ids: Any, buffer: KVBuffer, src_blocks: Sequence[int] | None = None,
@@ -218,8 +227,9 @@ class OffloadManager:
         """`store` with the keys of blocks `first_block`, `first_block + 1`, ... already computed."""
         self._check_open()
         src = list(src_blocks) if src_blocks is not None else list(range(first_block, first_block + len(keys)))
-        commands = self.decider.start_save(request_id, keys, src, first_block)
-        handles = self._submit_all(commands, buffer)
+        with self._lock:
+            commands = self.decider.start_save(request_id, keys, src, first_block)
+            handles = self._submit_all(commands, buffer)
         if commands and isinstance(commands[-1], Save):
             return handles[-1]
         return TransferHandle.completed(keys)

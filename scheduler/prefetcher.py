@@ -12,18 +12,15 @@ import logging
 import threading
 from typing import Callable
 
-from kvtier.tiers.commands import Command
-
 log = logging.getLogger(__name__)
 
 
 class Prefetcher:
-    """Runs `next_batch()` and `submit(commands)` whenever `wake()` is called, until closed."""
+    """Runs `prefetch_round()` (decide the next promotions and submit them, as one step) whenever `wake()`
+    is called, until closed."""
 
-    def __init__(self, next_batch: Callable[[], list[Command]], submit: Callable[[list[Command]], None],
-                 idle_timeout_s: float = 0.5) -> None:
-        self._next_batch = next_batch
-        self._submit = submit
+    def __init__(self, prefetch_round: Callable[[], None], idle_timeout_s: float = 0.5) -> None:
+        self._round = prefetch_round
         self._idle_timeout_s = idle_timeout_s
         self._wake = threading.Event()
         self._closed = threading.Event()
@@ -41,9 +38,7 @@ class Prefetcher:
             if self._closed.is_set():
                 return
             try:
-                commands = self._next_batch()
-                if commands:
-                    self._submit(commands)
+                self._round()
             except Exception:  # a failed round must not kill the thread; the next wake retries
                 log.exception("prefetch round failed")
 

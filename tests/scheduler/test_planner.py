@@ -195,7 +195,7 @@ def test_bad_input_is_named() -> None:
         planner.plan([], 0)
     with pytest.raises(ConfigError, match="block_tokens: expected a positive int"):
         planner.plan([], 10, block_tokens=0)
-    with pytest.raises(ConfigError, match="disk_codec: 'lz4' is unknown"):
+    with pytest.raises(ConfigError, match="codec: 'lz4' is not a codec"):
         Planner(planner.cost_model, disk_codec="lz4")
     with pytest.raises(ConfigError, match="block: 9 is not a matched block"):
         planner.plan(["host"] * 2, 1000).tier_of(9)
