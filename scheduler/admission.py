@@ -211,9 +211,10 @@ class PrefetchAdmission:
         and returns n (0: nothing admitted)."""
         books = self.books
         before = None
-        if self.planner is not None:  # only blocks its plan would read from disk: a promotion replaces a read
+        if self.planner is not None:  # only blocks its plan would restore were they all on host
             before = self.predict(state, fast, host, tiers)
-            candidates = [c for c in candidates if before.split <= c[0] < before.restore_stop]
+            best = self._plan_with(state, tiers, candidates)
+            candidates = [c for c in candidates if best.split <= c[0] < best.restore_stop]
         n = min(len(candidates), self.inflight_limit - self.inflight_blocks,
                 self.room_blocks - self.num_protected)
         if self.planner is not None and self.disk_block_s > 0:
@@ -223,10 +224,7 @@ class PrefetchAdmission:
             return 0
         after = None
         if before is not None:
-            trial = list(tiers)
-            for position, _ in candidates[:n]:
-                trial[position] = self.target
-            after = self.planner.plan(trial[:state.num_tokens // books.spec.block_tokens], state.num_tokens)
+            after = self._plan_with(state, tiers, candidates[:n])
             if after.total_s >= before.total_s:
                 return 0
         room = books._make_room(self.target, n, out, state.request_id)
@@ -263,6 +261,13 @@ class PrefetchAdmission:
         if after is not None:
             state.predicted = ((len(tiers), fast, host + n), after)
         return n
+
+    def _plan_with(self, state: Any, tiers: list[TierName], promoted: list[tuple[int, Any]]) -> Any:
+        """The request's plan were these candidates in the target tier."""
+        trial = list(tiers)
+        for position, _ in promoted:
+            trial[position] = self.target
+        return self.planner.plan(trial[:state.num_tokens // self.books.spec.block_tokens], state.num_tokens)
 
     # -- landing, cancelling, joining --------------------------------------------------------------
 

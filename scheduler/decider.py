@@ -178,6 +178,10 @@ class Decider(Books):
                 state.running = True
                 state.started_s = self.clock()
                 self.running[request_id] = state
+                if not state.planned_s and self.planner is not None:  # not planned through `plan`
+                    tiers = [e.best_tier for e in self.index.lookup(state.keys)]
+                    state.planned_s = self.planner.plan(tiers[:state.num_tokens // self.spec.block_tokens],
+                                                        max(1, state.num_tokens)).total_s
             admission = self.admission
             admission.cancel_request(request_id)
             if stop <= first:

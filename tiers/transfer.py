@@ -75,6 +75,8 @@ class Transferer:
         self._copier = ParallelCopier(min(os.cpu_count() or 1, 4))
         self._writing: dict[BlockKey, TransferHandle] = {}  # disk writes not yet committed
         self._writing_lock = threading.Lock()
+        self._pieces: dict[int, tuple[list[TransferHandle], Callable[[TransferHandle], None]]] = {}
+        self._pieces_lock = threading.Lock()
 
     # -- helpers ---------------------------------------------------------------------------------
 
@@ -124,6 +126,8 @@ class Transferer:
             handle.finish()
             return handle
         if src is TierName.DISK:
+            if priority > PRIORITY_LOAD and len(keys) > self.DISK_LOAD_BATCH:
+                return self._read_disk_pieces(keys, dst, dst_slots, handle, priority)
             return self._disk_worker().submit(lambda: self._read_disk(keys, dst, dst_slots), handle, priority)
         if dst is TierName.DISK:
             return self._write_disk(keys, src, src_slots, handle)
@@ -157,6 +161,55 @@ class Transferer:
                     handle.group_done(g)
 
         return self._copies.submit(job, handle, PRIORITY_LOAD)
+
+    def _read_disk_pieces(self, keys: tuple[BlockKey, ...], dst: TierName, dst_slots: Sequence[int],
+                          handle: TransferHandle, priority: int) -> TransferHandle:
+        """A background disk read as jobs of `DISK_LOAD_BATCH` blocks, so that a load submitted meanwhile
+        waits behind one piece at most (loads run first), and the pieces not begun can be cancelled."""
+        _check_len(keys, dst_slots, "dst_slots")
+        b = self.DISK_LOAD_BATCH
+        pieces = [TransferHandle(keys[i:i + b]) for i in range(0, len(keys), b)]
+        lock = threading.Lock()
+        state = {"left": len(pieces), "failed": [], "error": None}
+
+        def piece_done(piece: TransferHandle) -> None:
+            with lock:
+                state["failed"].extend(piece.failed)
+                state["error"] = state["error"] or piece.error
+                state["left"] -= 1
+                last = state["left"] == 0
+            if last:
+                handle.finish(state["failed"], state["error"])
+
+        with self._pieces_lock:
+            self._pieces[id(handle)] = (pieces, piece_done)
+        handle.add_done_callback(self._forget_pieces)
+        for i, piece in enumerate(pieces):
+            piece.add_done_callback(piece_done)
+            piece_keys, piece_slots = keys[i * b:(i + 1) * b], dst_slots[i * b:(i + 1) * b]
+            self._disk_worker().submit(lambda k=piece_keys, d=piece_slots: self._read_disk(k, dst, d), piece, priority)
+        return handle
+
+    def _forget_pieces(self, handle: TransferHandle) -> None:
+        with self._pieces_lock:
+            self._pieces.pop(id(handle), None)
+
+    def cancel(self, handle: TransferHandle) -> tuple[BlockKey, ...]:
+        """Cancels the pieces of a background disk read (`move` from disk at a priority below loads)
+        that have not started; returns their keys. The handle finishes when the pieces already started
+        have (on the copy worker, never inside this call), or never if none had: nobody waits on it."""
+        with self._pieces_lock:
+            found = self._pieces.get(id(handle))
+        if found is None or self._disk is None:
+            return ()
+        pieces, piece_done = found
+        cancelled: list[BlockKey] = []
+        for piece in pieces:
+            if not piece.done() and self._disk.cancel(piece):
+                cancelled.extend(piece.keys)
+                # counted as done off this thread: the caller may hold the decision half's lock
+                self._copies.submit(lambda p=piece: p.finish(()), TransferHandle(), PRIORITY_LOAD)
+        return tuple(cancelled)
 
     def _disk_worker(self) -> Worker:
         if self._disk is None:
@@ -228,7 +281,8 @@ class Transferer:
 
     def load(self, keys: Sequence[BlockKey], src_tiers: Sequence[TierName], src_slots: Sequence[int],
              buffer: KVBuffer, dst_blocks: Sequence[int], *, num_groups: int = 4,
-             priority: int = PRIORITY_LOAD, description: str = "") -> TransferHandle:
+             priority: int = PRIORITY_LOAD, description: str = "",
+             wait_for: Sequence[TransferHandle] = ()) -> TransferHandle:
         """Copies blocks from pool tiers and disk into the engine's KV, layer group by layer group.
 
         Disk blocks are read straight into the engine's KV where the buffer offers `block_memory` (each
@@ -244,6 +298,8 @@ class Transferer:
             buffer: the engine's KV memory.
             dst_blocks: the engine's block index for each block.
             num_groups: layer groups; the handle completes them in order.
+            wait_for: moves into the host slots this load reads (a promotion it joined): the load starts
+                once they have completed, and a block they failed to deliver is a failed block here.
         """
         keys = tuple(keys)
         for name, values in (("src_tiers", src_tiers), ("src_slots", src_slots), ("dst_blocks", dst_blocks)):
@@ -272,8 +328,14 @@ class Transferer:
                     handle.group_done(g)
             return list(keys[usable:])
 
+        def joined_failed() -> set[BlockKey]:
+            wanted = set(keys)
+            return {k for h in wait_for for k in (h.keys if h.error is not None else h.failed) if k in wanted}
+
         if not disk_idx:
-            return self._copies.submit(lambda: copy_groups(set()), handle, PRIORITY_LOAD)
+            _when_done(wait_for, handle, lambda: self._copies.submit(lambda: copy_groups(joined_failed()), handle,
+                                                                     PRIORITY_LOAD))
+            return handle
         disk_keys = [keys[i] for i in disk_idx]
         memory = _engine_memory(buffer, [dst_blocks[i] for i in disk_idx])
         if memory is not None:
@@ -296,10 +358,10 @@ class Transferer:
                 except BaseException as err:
                     handle.finish(keys, error=err)
                     return
-                missed = {k for k, ok in zip(disk_keys, found) if not ok}
+                missed = {k for k, ok in zip(disk_keys, found) if not ok} | joined_failed()
                 self._copies.submit(lambda: copy_groups(missed, frozenset(disk_idx)), handle, PRIORITY_LOAD)
 
-            self._disk_worker().submit(read_direct, TransferHandle(), priority)
+            _when_done(wait_for, handle, lambda: self._disk_worker().submit(read_direct, TransferHandle(), priority))
             return handle
 
         def write_whole(batch: list[int]) -> None:
@@ -317,14 +379,14 @@ class Transferer:
                     self._copies.submit(lambda: write_whole(whole), TransferHandle(), PRIORITY_LOAD)
 
                 missed = set(self._read_disk([keys[i] for i in disk_idx], TierName.HOST,
-                                             [src_slots[i] for i in disk_idx], landed))
+                                             [src_slots[i] for i in disk_idx], landed)) | joined_failed()
                 for i in disk_idx:
                     tiers[i] = TierName.HOST
                 self._copies.submit(lambda: copy_groups(missed, frozenset(disk_idx)), handle, PRIORITY_LOAD)
             except BaseException as err:
                 handle.finish(keys, error=err)
 
-        self._disk_worker().submit(read_then_copy, TransferHandle(), priority)
+        _when_done(wait_for, handle, lambda: self._disk_worker().submit(read_then_copy, TransferHandle(), priority))
         return handle
 
     def save(self, buffer: KVBuffer, src_blocks: Sequence[int], keys: Sequence[BlockKey], dst: TierName,
@@ -384,6 +446,31 @@ def _runs_by_tier(tiers: Sequence[TierName], slots: Sequence[int]) -> list[tuple
             runs.append((tiers[start], start, slots[start], i - start))
             start = i
     return runs
+
+
+def _when_done(handles: Sequence[TransferHandle], handle: TransferHandle, start: Callable[[], object]) -> None:
+    """Calls `start()` once every handle in `handles` is done (at once if they are); a failure to start
+    fails `handle`."""
+    waiting = [h for h in handles if not h.done()]
+    left = [len(waiting)]
+    lock = threading.Lock()
+
+    def go(_: TransferHandle | None = None) -> None:
+        with lock:
+            left[0] -= 1
+            if left[0] > 0:
+                return
+        try:
+            start()
+        except BaseException as err:  # e.g. a closed worker: reported through the load's handle
+            handle.finish(handle.keys, error=err)
+
+    if not waiting:
+        left[0] = 1
+        go()
+        return
+    for h in waiting:
+        h.add_done_callback(go)
 
 
 def _no_op() -> None:
