@@ -36,6 +36,8 @@ LOADS = (0.5, 0.7, 0.9)
 REQUESTS = 1500
 QUICK_REQUESTS = 300
 GPU_FRACTION, HOST_FRACTION = 0.02, 0.05
+#: `make demo`'s workload (`kvtier replay` with no trace: `cli.simulate.DEMO_WORKLOAD`, `DEMO_REQUESTS`)
+DEMO = ("chat", 2000)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -45,7 +47,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _figures(sim: Any, workload: Any) -> dict[str, Any]:
-    from .replay.simreport import summarize
+    from kvtier.scheduler.replay.simreport import summarize
 
     doc = summarize(sim, workload)
     st = doc["decider"] or {}
@@ -72,8 +74,8 @@ def sweep(kind: str, requests: int, seed: int) -> list[dict[str, Any]]:
     """The three runs at each load of one workload."""
     from dataclasses import replace
 
-    from .replay import workloads
-    from .replay.simulate import SimSettings, prepare, simulate
+    from kvtier.scheduler.replay import workloads
+    from kvtier.scheduler.replay.simulate import SimSettings, prepare, simulate
 
     workload = prepare(workloads.generate(kind, requests, seed), SimSettings())
     u = workload.unique_blocks
@@ -103,12 +105,12 @@ def demo_ratio() -> dict[str, Any]:
     """`make demo`'s simulation (`kvtier replay` with no argument) with and without prefetch."""
     from dataclasses import replace
 
-    from .replay import workloads
-    from .replay.simreport import summarize
-    from .replay.simulate import DEMO_REQUESTS, DEMO_WORKLOAD, SimSettings, prepare, simulate
+    from kvtier.scheduler.replay import workloads
+    from kvtier.scheduler.replay.simreport import summarize
+    from kvtier.scheduler.replay.simulate import SimSettings, prepare, simulate
 
     settings = SimSettings()
-    workload = prepare(workloads.generate(DEMO_WORKLOAD, DEMO_REQUESTS, 0), settings)
+    workload = prepare(workloads.generate(*DEMO, 0), settings)
     on = summarize(simulate(workload, settings), workload)["ttft_ms"]
     off = summarize(simulate(workload, replace(settings, prefetch=False)), workload)["ttft_ms"]
     return {"on_ttft_ms": on, "off_ttft_ms": off, "p50_ratio": round(on["p50"] / off["p50"], 4)}
@@ -117,7 +119,7 @@ def demo_ratio() -> dict[str, Any]:
 def run(args: argparse.Namespace) -> int:
     from kvtier.tiers.errors import ConfigError
 
-    from . import benchutil as bu
+    from kvtier.scheduler.bench import common as bu
 
     requests = args.requests or (QUICK_REQUESTS if args.quick else REQUESTS)
     if requests < 10:
