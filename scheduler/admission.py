@@ -7,8 +7,8 @@ round (`PrefetchAdmission.round`, run whenever the queue or the links change) wa
 1. protects its cached prefix's blocks that are in the target tier (host) or on their way there, so
    that no save, staging or other promotion evicts them before it runs;
 2. collects its disk-only blocks (not pinned, not already in flight) that its plan would restore were
-   they on host: first those its current plan reads from disk (in prompt order), then the front blocks
-   it would stop recomputing (nearest first); and admits the first n of them as ONE batched `Move`
+   they on host: first those its current plan reads from disk (in prompt order), then those it would
+   stop recomputing (nearest to that range first); and admits the first n of them as ONE batched `Move`
    disk -> host, where n is the largest count that
    - lands before the request's predicted start: the disk backlog already queued (predicted seconds of
      the loads and promotions issued and not completed) plus the move's own disk time must not exceed
@@ -218,9 +218,10 @@ class PrefetchAdmission:
             # now (off the load's critical path), then the front it would stop recomputing, nearest first
             before = self.predict(state, fast, host, tiers)
             best = self._plan_with(state, tiers, candidates)
-            now = [c for c in candidates if before.split <= c[0] < before.restore_stop]
-            front = [c for c in reversed(candidates) if best.split <= c[0] < min(before.split, best.restore_stop)]
-            candidates = now + front
+            lo, hi = before.split, before.restore_stop
+            wanted = [c for c in candidates if best.split <= c[0] < best.restore_stop]
+            candidates = ([c for c in wanted if lo <= c[0] < hi] + [c for c in reversed(wanted) if c[0] < lo]
+                          + [c for c in wanted if c[0] >= hi])
         n = min(len(candidates), self.inflight_limit - self.inflight_blocks,
                 self.room_blocks - self.num_protected)
         if self.planner is not None and self.disk_block_s > 0:

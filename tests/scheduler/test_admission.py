@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 
 from kvtier.scheduler.config import OffloadConfig
-from kvtier.scheduler.costmodel import CostModel
+from kvtier.scheduler.cost.model import CostModel
 from kvtier.scheduler.decider import Decider
 from kvtier.scheduler.planner import Planner
 from kvtier.tiers.commands import Completion, Load, Move, Save

@@ -168,12 +168,11 @@ def test_prefetch_promotes_queued_blocks_before_load(spec, tmp_path):
         m2.enqueue("b", prompt)
         m2.flush()
         assert m2.stats()["blocks_by_tier"]["host"] == 0
-        # an uncached 16k-token prompt starts running (predicted prefill ~0.7 s): "b" now waits behind it,
-        # and its disk blocks (0.3 ms of predicted disk time) can land before it starts: the 3 its plan
+        # an uncached 16k-token prompt is queued ahead of it (predicted prefill ~0.7 s): "b" now waits behind
+        # it, and its disk blocks (0.3 ms of predicted disk time) can land before it starts: the 3 its plan
         # restores (the last block holds the prompt's last token, always computed)
         m2.cancel("b")
         m2.enqueue("x", tokens(16384, 9))
-        m2.load("x", BlockKVBuffer(spec, 1))
         m2.enqueue("b", prompt)
         landed = threading.Event()
         for _ in range(200):
@@ -185,6 +184,7 @@ def test_prefetch_promotes_queued_blocks_before_load(spec, tmp_path):
         assert landed.is_set()
         st = m2.stats()
         assert st["prefetched_blocks"] == 3 and st["prefetch_moves"] == 1  # one batched move
+        m2.cancel("x")
         dst, good = force_restore(m2, "b", prompt, 4)
         assert good == 4 and torch.equal(dst.data, src.data)
         st = m2.stats()
