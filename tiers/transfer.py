@@ -4,11 +4,11 @@ Primitives:
 - `KVBuffer` (in `kvbuffer`): the protocol an engine adapter implements for its KV memory.
 - `Transferer`: executes a request's moves as one batched job on a background worker (and a CUDA
   stream when present), returning a `TransferHandle`:
-  - `move(src, dst, keys, src_slots, dst_slots, ...)`: tier to tier, whole blocks (the fastest order)
-    or layer-group order; disk reads go straight into the destination slots;
-  - `load(keys, src_tiers, src_slots, buffer, dst_blocks, num_groups)`: tiers into the engine's KV in
-    layer-group order, so the engine's layer i waits only for the group holding layer i; disk reads
-    land straight in the engine's KV when its buffer offers `block_memory`;
+  - `move(...)`: tier to tier, whole blocks or layer-group order; disk reads straight into the slots (a
+    background one in pieces behind loads, `cancel` drops the pieces not started: `pieces`);
+  - `load(..., wait_for)`: tiers into the engine's KV in layer-group order (layer i waits only for its
+    group; disk reads land straight in the engine's KV when its buffer offers `block_memory`), once
+    the moves it joined (`wait_for`) have completed;
   - `save(buffer, src_blocks, keys, dst, dst_slots)`: the engine's KV into a pool tier.
 
 Invariants:
@@ -40,6 +40,7 @@ from kvtier.tiers.errors import ConfigError
 from kvtier.tiers.keys import BlockKey
 from kvtier.tiers.pool import PoolTier, check_same_spec, cuda_available
 from kvtier.tiers.tier import Tier, TierName
+from kvtier.tiers.pieces import PieceReads, failed_of, when_done
 from kvtier.tiers.worker import PRIORITY_LOAD, TransferHandle, Worker
 from kvtier.tiers.copies import ParallelCopier, copy_tensor
 from kvtier.tiers.kvbuffer import KVBuffer, slot_runs
@@ -75,8 +76,7 @@ class Transferer:
         self._copier = ParallelCopier(min(os.cpu_count() or 1, 4))
         self._writing: dict[BlockKey, TransferHandle] = {}  # disk writes not yet committed
         self._writing_lock = threading.Lock()
-        self._pieces: dict[int, tuple[list[TransferHandle], Callable[[TransferHandle], None]]] = {}
-        self._pieces_lock = threading.Lock()
+        self._pieces = PieceReads()  # background reads out of the disk, cancellable piece by piece
 
     # -- helpers ---------------------------------------------------------------------------------
 
@@ -127,7 +127,9 @@ class Transferer:
             return handle
         if src is TierName.DISK:
             if priority > PRIORITY_LOAD and len(keys) > self.DISK_LOAD_BATCH:
-                return self._read_disk_pieces(keys, dst, dst_slots, handle, priority)
+                _check_len(keys, dst_slots, "dst_slots")
+                return self._pieces.submit(self._disk_worker(), handle, keys, dst_slots,
+                                           lambda k, d: self._read_disk(k, dst, d), self.DISK_LOAD_BATCH, priority)
             return self._disk_worker().submit(lambda: self._read_disk(keys, dst, dst_slots), handle, priority)
         if dst is TierName.DISK:
             return self._write_disk(keys, src, src_slots, handle)
@@ -162,54 +164,12 @@ class Transferer:
 
         return self._copies.submit(job, handle, PRIORITY_LOAD)
 
-    def _read_disk_pieces(self, keys: tuple[BlockKey, ...], dst: TierName, dst_slots: Sequence[int],
-                          handle: TransferHandle, priority: int) -> TransferHandle:
-        """A background disk read as jobs of `DISK_LOAD_BATCH` blocks, so that a load submitted meanwhile
-        waits behind one piece at most (loads run first), and the pieces not begun can be cancelled."""
-        _check_len(keys, dst_slots, "dst_slots")
-        b = self.DISK_LOAD_BATCH
-        pieces = [TransferHandle(keys[i:i + b]) for i in range(0, len(keys), b)]
-        lock = threading.Lock()
-        state = {"left": len(pieces), "failed": [], "error": None}
-
-        def piece_done(piece: TransferHandle) -> None:
-            with lock:
-                state["failed"].extend(piece.failed)
-                state["error"] = state["error"] or piece.error
-                state["left"] -= 1
-                last = state["left"] == 0
-            if last:
-                handle.finish(state["failed"], state["error"])
-
-        with self._pieces_lock:
-            self._pieces[id(handle)] = (pieces, piece_done)
-        handle.add_done_callback(self._forget_pieces)
-        for i, piece in enumerate(pieces):
-            piece.add_done_callback(piece_done)
-            piece_keys, piece_slots = keys[i * b:(i + 1) * b], dst_slots[i * b:(i + 1) * b]
-            self._disk_worker().submit(lambda k=piece_keys, d=piece_slots: self._read_disk(k, dst, d), piece, priority)
-        return handle
-
-    def _forget_pieces(self, handle: TransferHandle) -> None:
-        with self._pieces_lock:
-            self._pieces.pop(id(handle), None)
-
     def cancel(self, handle: TransferHandle) -> tuple[BlockKey, ...]:
-        """Cancels the pieces of a background disk read (`move` from disk at a priority below loads)
-        that have not started; returns their keys. The handle finishes when the pieces already started
-        have (on the copy worker, never inside this call), or never if none had: nobody waits on it."""
-        with self._pieces_lock:
-            found = self._pieces.get(id(handle))
-        if found is None or self._disk is None:
+        """Cancels the pieces not started of a background read out of the disk; returns their keys."""
+        if self._disk is None:
             return ()
-        pieces, piece_done = found
-        cancelled: list[BlockKey] = []
-        for piece in pieces:
-            if not piece.done() and self._disk.cancel(piece):
-                cancelled.extend(piece.keys)
-                # counted as done off this thread: the caller may hold the decision half's lock
-                self._copies.submit(lambda p=piece: p.finish(()), TransferHandle(), PRIORITY_LOAD)
-        return tuple(cancelled)
+        return self._pieces.cancel(self._disk, handle,
+                                   lambda fn: self._copies.submit(fn, TransferHandle(), PRIORITY_LOAD))
 
     def _disk_worker(self) -> Worker:
         if self._disk is None:
@@ -328,12 +288,8 @@ class Transferer:
                     handle.group_done(g)
             return list(keys[usable:])
 
-        def joined_failed() -> set[BlockKey]:
-            wanted = set(keys)
-            return {k for h in wait_for for k in (h.keys if h.error is not None else h.failed) if k in wanted}
-
         if not disk_idx:
-            _when_done(wait_for, handle, lambda: self._copies.submit(lambda: copy_groups(joined_failed()), handle,
+            when_done(wait_for, handle, lambda: self._copies.submit(lambda: copy_groups(failed_of(wait_for, keys)), handle,
                                                                      PRIORITY_LOAD))
             return handle
         disk_keys = [keys[i] for i in disk_idx]
@@ -358,10 +314,10 @@ class Transferer:
                 except BaseException as err:
                     handle.finish(keys, error=err)
                     return
-                missed = {k for k, ok in zip(disk_keys, found) if not ok} | joined_failed()
+                missed = {k for k, ok in zip(disk_keys, found) if not ok} | failed_of(wait_for, keys)
                 self._copies.submit(lambda: copy_groups(missed, frozenset(disk_idx)), handle, PRIORITY_LOAD)
 
-            _when_done(wait_for, handle, lambda: self._disk_worker().submit(read_direct, TransferHandle(), priority))
+            when_done(wait_for, handle, lambda: self._disk_worker().submit(read_direct, TransferHandle(), priority))
             return handle
 
         def write_whole(batch: list[int]) -> None:
@@ -379,14 +335,14 @@ class Transferer:
                     self._copies.submit(lambda: write_whole(whole), TransferHandle(), PRIORITY_LOAD)
 
                 missed = set(self._read_disk([keys[i] for i in disk_idx], TierName.HOST,
-                                             [src_slots[i] for i in disk_idx], landed)) | joined_failed()
+                                             [src_slots[i] for i in disk_idx], landed)) | failed_of(wait_for, keys)
                 for i in disk_idx:
                     tiers[i] = TierName.HOST
                 self._copies.submit(lambda: copy_groups(missed, frozenset(disk_idx)), handle, PRIORITY_LOAD)
             except BaseException as err:
                 handle.finish(keys, error=err)
 
-        _when_done(wait_for, handle, lambda: self._disk_worker().submit(read_then_copy, TransferHandle(), priority))
+        when_done(wait_for, handle, lambda: self._disk_worker().submit(read_then_copy, TransferHandle(), priority))
         return handle
 
     def save(self, buffer: KVBuffer, src_blocks: Sequence[int], keys: Sequence[BlockKey], dst: TierName,
@@ -446,31 +402,6 @@ def _runs_by_tier(tiers: Sequence[TierName], slots: Sequence[int]) -> list[tuple
             runs.append((tiers[start], start, slots[start], i - start))
             start = i
     return runs
-
-
-def _when_done(handles: Sequence[TransferHandle], handle: TransferHandle, start: Callable[[], object]) -> None:
-    """Calls `start()` once every handle in `handles` is done (at once if they are); a failure to start
-    fails `handle`."""
-    waiting = [h for h in handles if not h.done()]
-    left = [len(waiting)]
-    lock = threading.Lock()
-
-    def go(_: TransferHandle | None = None) -> None:
-        with lock:
-            left[0] -= 1
-            if left[0] > 0:
-                return
-        try:
-            start()
-        except BaseException as err:  # e.g. a closed worker: reported through the load's handle
-            handle.finish(handle.keys, error=err)
-
-    if not waiting:
-        left[0] = 1
-        go()
-        return
-    for h in waiting:
-        h.add_done_callback(go)
 
 
 def _no_op() -> None:
