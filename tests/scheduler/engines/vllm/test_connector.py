@@ -151,6 +151,8 @@ def test_a_corrupted_disk_value_is_recomputed(engines: Engines) -> None:
     # blocks from disk itself; block 1 fails its checksum there and vLLM recomputes from it: the same
     # output (vLLM counts the 3 promised blocks as cached)
     assert run(engine, "corrupt") == (ref["corrupt"], 3 * B)
+    # block 1 is forgotten: the next request restores block 0 only and computes (and saves) the rest
+    assert run(engine, "corrupt") == (ref["corrupt"], B)
     assert run(engine, "corrupt") == (ref["corrupt"], 3 * B)  # saved again, intact
 
 
