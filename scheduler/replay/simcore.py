@@ -42,6 +42,7 @@ from typing import Callable, Sequence
 
 from kvtier.tiers.commands import Command, Completion, Load, Move, MoveReason
 from kvtier.tiers.keys import BlockKey
+from kvtier.tiers.tier import TierName
 
 from kvtier.scheduler.cost.model import CostModel
 from kvtier.scheduler.planner import Planner
