@@ -336,8 +336,7 @@ class Transferer:
 
                 missed = set(self._read_disk([keys[i] for i in disk_idx], TierName.HOST,
                                              [src_slots[i] for i in disk_idx], landed)) | failed_of(wait_for, keys)
-                for i in disk_idx:
-                    tiers[i] = TierName.HOST
+                # disk blocks were written whole as they landed (`done`): not re-marked host (runs would merge)
                 self._copies.submit(lambda: copy_groups(missed, frozenset(disk_idx)), handle, PRIORITY_LOAD)
             except BaseException as err:
                 handle.finish(keys, error=err)
