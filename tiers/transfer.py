@@ -43,7 +43,7 @@ from kvtier.tiers.tier import Tier, TierName
 from kvtier.tiers.pieces import PieceReads, failed_of, when_done
 from kvtier.tiers.worker import PRIORITY_LOAD, TransferHandle, Worker
 from kvtier.tiers.copies import ParallelCopier, copy_tensor
-from kvtier.tiers.kvbuffer import KVBuffer, slot_runs
+from kvtier.tiers.kvbuffer import KVBuffer, runs_by_tier, slot_runs
 
 log = logging.getLogger(__name__)
 
@@ -166,10 +166,8 @@ class Transferer:
 
     def cancel(self, handle: TransferHandle) -> tuple[BlockKey, ...]:
         """Cancels the pieces not started of a background read out of the disk; returns their keys."""
-        if self._disk is None:
-            return ()
-        return self._pieces.cancel(self._disk, handle,
-                                   lambda fn: self._copies.submit(fn, TransferHandle(), PRIORITY_LOAD))
+        later = lambda fn: self._copies.submit(fn, TransferHandle(), PRIORITY_LOAD)  # noqa: E731
+        return self._pieces.cancel(self._disk, handle, later) if self._disk is not None else ()
 
     def _disk_worker(self) -> Worker:
         if self._disk is None:
@@ -278,7 +276,7 @@ class Transferer:
             # after a failed block nothing is delivered: the engine recomputes from the first failure;
             # blocks in `done` were already written whole (disk blocks, as their reads landed)
             usable = next((i for i, k in enumerate(keys) if k in failed), len(keys))
-            pieces = [p for p in _runs_by_tier(tiers[:usable], src_slots[:usable]) if p[1] not in done]
+            pieces = [p for p in runs_by_tier(tiers[:usable], src_slots[:usable]) if p[1] not in done]
             with self._on_stream(submitted):
                 for g, (lo, hi) in enumerate(groups):
                     for tier, first, s0, n in pieces:
@@ -390,17 +388,6 @@ def _engine_memory(buffer: KVBuffer, blocks: Sequence[int]) -> list[list[memoryv
             return None
         memory.append(runs)
     return memory
-
-
-def _runs_by_tier(tiers: Sequence[TierName], slots: Sequence[int]) -> list[tuple[TierName, int, int, int]]:
-    """(tier, index of first entry, first slot, count) for runs of consecutive slots in one tier."""
-    runs: list[tuple[TierName, int, int, int]] = []
-    start = 0
-    for i in range(1, len(slots) + 1):
-        if i == len(slots) or tiers[i] is not tiers[start] or slots[i] != slots[i - 1] + 1:
-            runs.append((tiers[start], start, slots[start], i - start))
-            start = i
-    return runs
 
 
 def _no_op() -> None:
