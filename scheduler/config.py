@@ -40,9 +40,13 @@ class OffloadConfig:
         codec: disk codec: "none", "zstd" or "zstd-shuffle".
         policy: eviction policy name for every tier (see `kvtier.scheduler.policies`).
         write_mode: "write-through" or "write-back".
-        prefetch: whether queued requests' blocks are promoted in the background.
+        prefetch: whether queued requests' blocks are promoted (disk -> host) in the background.
         prefetch_window: how many queued requests ahead the prefetcher looks.
-        prefetch_budget_bytes: bytes of promotions in flight at most.
+        prefetch_budget_bytes: bytes of promotions in flight at most (with `prefetch_inflight_blocks`).
+        prefetch_inflight_blocks: promoted blocks in flight at most (the link-time budget: a running
+            request's load waits behind at most the piece of a promotion being read, never its queue).
+        prefetch_room_share: share of the host tier that queued requests' protected blocks may hold.
+        prefetch_min_blocks: smallest promotion worth a move (unless it is the request's whole disk run).
         num_layer_groups: layer groups of a load (the engine waits for each in turn).
         hardware: cost-model profile name or JSON path (None: this machine's calibrated profile if
             present, else a built-in default).
@@ -58,8 +62,11 @@ class OffloadConfig:
     policy: str = "lru"
     write_mode: WriteMode = WriteMode.WRITE_THROUGH
     prefetch: bool = True
-    prefetch_window: int = 8
+    prefetch_window: int = 16
     prefetch_budget_bytes: int = 1 << 30
+    prefetch_inflight_blocks: int = 64
+    prefetch_room_share: float = 0.5
+    prefetch_min_blocks: int = 4
     num_layer_groups: int = 4
     hardware: str | None = None
     salt: str = ""
@@ -87,6 +94,11 @@ class OffloadConfig:
             raise ConfigError(f"num_layer_groups: expected >= 1, got {self.num_layer_groups}")
         if self.prefetch_window < 0:
             raise ConfigError(f"prefetch_window: expected >= 0, got {self.prefetch_window}")
+        if self.prefetch_inflight_blocks < 1 or self.prefetch_min_blocks < 1:
+            raise ConfigError(f"prefetch_inflight_blocks / prefetch_min_blocks: expected >= 1, got "
+                              f"{self.prefetch_inflight_blocks} / {self.prefetch_min_blocks}")
+        if not 0.0 <= self.prefetch_room_share <= 1.0:
+            raise ConfigError(f"prefetch_room_share: expected 0 <= share <= 1, got {self.prefetch_room_share}")
         if self.load_timeout_s <= 0:
             raise ConfigError(f"load_timeout_s: expected > 0, got {self.load_timeout_s}")
 

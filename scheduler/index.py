@@ -3,22 +3,17 @@
 Primitives:
 - `Entry`: one block's record: the tiers holding it with their slots (`DISK_SLOT` for the disk),
   pin count (in use by a running load or an outgoing copy), protecting requests (queued requests that
-  need it), hits and last access.
+  need it), the promotion bringing it to host (`incoming`: in flight, and when it is expected is the
+  admission's `Promotion`), hits and last access.
 - `Index`: `lookup(keys)` walks a prefix until the first miss (`prefix_codes(keys)`: the same walk giving
   each found block's fastest tier as a code, what the planner takes); `add` / `drop` a tier copy; `pin` /
-  `unpin`; `protect` / `unprotect`; `rebuild_disk(keys)` after a restart; `scan_for_prefetch` (one pass
-  of the prefetcher: lookup, protection and the first block to promote); `entries`, the key -> Entry
-  dict itself, for the decider's hot loops (read it under `lock`; change it only through the methods);
-  `epoch`, a counter that moves whenever a prefetch scan's answer may have changed (below).
+  `unpin`; `protect` / `unprotect`; `rebuild_disk(keys)` after a restart; `entries`, the key -> Entry
+  dict itself, for the decider's hot loops (read it under `lock`; change it only through the methods).
 
 Invariants:
 - an entry exists iff at least one tier holds the block (or a copy into a tier is in flight);
-- a block with pins > 0 is never chosen as a victim; protected blocks only when nothing else is left
-  (the policy decides; the index only answers `is_pinned` / `is_protected`);
-- `epoch` moves on every change that can give a scanned request new work: a block gains its first tier
-  (a cached prefix may grow), or a block some scan has visited (`Entry.watched`) leaves the prefetch
-  target tier (`target`; any tier while it is None), loses its last tier, or loses its last pin outside
-  the target. While it stays put, a request whose last scan found nothing to promote still has nothing;
+- a block with pins > 0 is never chosen as a victim, nor a protected one in the prefetch target tier
+  (the decider's victim filter; the index only answers `is_pinned` / `is_protected`);
 - all methods are thread-safe (one lock; callers that need several steps atomically hold `index.lock`).
 """
 
@@ -50,7 +45,8 @@ class Entry:
     protected_by: set[str] = field(default_factory=set)
     hits: int = 0
     last_access_s: float = 0.0
-    watched: bool = False  # visited by a prefetch scan: its changes move `Index.epoch`
+    #: command id of the promotion bringing the block into the prefetch target tier (0: none in flight)
+    incoming: int = 0
 
     @property
     def tiers(self) -> list[TierName]:
@@ -74,7 +70,6 @@ class Index:
         self.lock = threading.RLock()
         self._entries: dict[BlockKey, Entry] = {}
         self.entries = self._entries  # read-only view by contract (module docstring)
-        self.epoch = 0
         self.target: TierName | None = None  # the tier prefetch fills (the decider sets it)
 
     def __len__(self) -> int:
@@ -119,38 +114,6 @@ class Index:
                 append(0 if gpu in slots else 1 if host in slots else 2 if disk in slots else entry.best_tier.rank)
         return np.frombuffer(bytes(codes), dtype=np.int8)
 
-    def scan_for_prefetch(self, request_id: str, keys: Sequence[BlockKey], protected: set[BlockKey],
-                          target: TierName) -> tuple[list[Entry], int]:
-        """One prefetch look at a queued request, in a single pass over its cached prefix.
-
-        Same effect as `lookup(keys)` followed by `protect(request_id, ...)` of the found keys not yet in
-        `protected` (which is updated), plus the position of the first found block that is neither in
-        `target` nor pinned (len(entries) when none is: nothing to promote).
-
-        Returns:
-            (the entries of `lookup(keys)`, the first position to promote from).
-        """
-        entries = self._entries
-        found: list[Entry] = []
-        append = found.append
-        first = -1
-        with self.lock:
-            for key in keys:
-                entry = entries.get(key)
-                if entry is None:
-                    break
-                slots = entry.slots
-                if not slots:
-                    break
-                entry.watched = True
-                if key not in protected:
-                    entry.protected_by.add(request_id)
-                    protected.add(key)
-                if first < 0 and not entry.pins and target not in slots:
-                    first = len(found)
-                append(entry)
-        return found, (len(found) if first < 0 else first)
-
     def touch(self, entries: Iterable[Entry], now: float | None = None) -> None:
         """Records a use of each entry (hits and last access)."""
         now = time.monotonic() if now is None else now
@@ -165,8 +128,6 @@ class Index:
             entry = self._entries.get(key)
             if entry is None:
                 entry = self._entries[key] = Entry(key, depth, parent, last_access_s=time.monotonic())
-            if not entry.slots:
-                self.epoch += 1  # a prefix may now reach further
             entry.slots[tier] = slot
             return entry
 
@@ -178,9 +139,6 @@ class Index:
             if entry is None:
                 return None
             slot = entry.slots.pop(tier, None)
-            if entry.watched and slot is not None and (tier is self.target or not entry.slots
-                                                       or self.target is None):
-                self.epoch += 1
             if not entry.slots and entry.pins == 0:
                 del self._entries[key]
             return slot
@@ -210,11 +168,8 @@ class Index:
                     continue
                 assert entry.pins > 0, f"unpin of an unpinned block {key.hex()[:8]}"
                 entry.pins -= 1
-                if entry.pins == 0:
-                    if entry.watched and (self.target is None or self.target not in entry.slots):
-                        self.epoch += 1
-                    if not entry.slots:
-                        del self._entries[key]
+                if entry.pins == 0 and not entry.slots:
+                    del self._entries[key]
 
     def is_pinned(self, key: BlockKey) -> bool:
         entry = self._entries.get(key)

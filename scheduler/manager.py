@@ -109,6 +109,7 @@ class OffloadManager:
         self.decider = Decider(spec, config, Planner(self.cost_model, disk_codec=config.codec))
         self.tiers = tiers if tiers is not None else build_tiers(spec, config)
         self.executor = Executor(self.tiers, on_complete=self._on_complete)
+        self.decider.set_canceller(self.executor.cancel)
         # a decision and the submission of its commands happen under the decider's (reentrant) lock, so
         # the executor receives commands in decision order: a slot freed by one decision and reused by
         # the next is read before it is written again (decided in one order and submitted in the other,
@@ -250,6 +251,7 @@ class OffloadManager:
             s = asdict(self.decider.stats)
             s["blocks_by_tier"] = {str(t): self.decider.count_in(t) for t in self.decider.tiers}
         s["prefetch_coverage"] = (s["prefetch_ready_blocks"] / s["restored_blocks"]) if s["restored_blocks"] else None
+        s["prefetch_used_fraction"] = (s["prefetch_used_blocks"] / s["prefetched_blocks"]) if s["prefetched_blocks"] else None
         s["stall_s"] = round(self._stall[0], 6)
         disk = self.tiers.get(TierName.DISK)
         if disk is not None and hasattr(disk, "stats"):

@@ -57,7 +57,12 @@ class Move:
 
 @dataclass(frozen=True, slots=True)
 class Load:
-    """Copy blocks into the engine's KV. A disk block is first read into the host slot named for it."""
+    """Copy blocks into the engine's KV. A disk block is first read into the host slot named for it.
+
+    `after`: command ids of moves in flight whose destination slots this load reads (a promotion the
+    load joined instead of reading the disk again); the load's copies start once they have completed,
+    and a block one of them failed to deliver is a failed block of the load.
+    """
 
     keys: tuple[BlockKey, ...]
     src_tiers: tuple[TierName, ...]
@@ -66,6 +71,7 @@ class Load:
     num_groups: int = 4
     request_id: str | None = None
     command_id: int = field(default_factory=next_command_id)
+    after: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

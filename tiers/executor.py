@@ -1,11 +1,13 @@
 """Executor: the byte half. Runs the decision half's commands on the tiers and reports completions.
 
-Primitives: `Executor(tiers)`, `submit(command, buffer=None) -> TransferHandle`, `completions()`
-(drains the outcomes finished since the last call), `close()`.
+Primitives: `Executor(tiers)`, `submit(command, buffer=None) -> TransferHandle`, `cancel(command_id)`
+(a promotion's reads not yet begun), `completions()` (drains the outcomes finished since the last call),
+`close()`.
 
 Invariants:
 - commands run in the order they were submitted within a priority (a demotion out of a slot runs
-  before a later save into it); loads for running requests go before prefetches, saves last;
+  before a later save into it); loads for running requests go before prefetches, saves last; a load
+  that joined a promotion (`Load.after`) starts once that move has completed;
 - every command yields exactly one `Completion`, failures included (a corrupt disk value is a failed
   key, never delivered), so the decision half's books always converge.
 """
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections import OrderedDict
 from typing import Callable, Mapping
 
 from kvtier.tiers.commands import Command, Completion, Evict, Load, Move, Save
@@ -29,6 +32,9 @@ log = logging.getLogger(__name__)
 class Executor:
     """Executes commands against this process's tiers."""
 
+    #: moves out of the disk remembered for joins and cancellation
+    KEPT_MOVES = 4096
+
     def __init__(self, tiers: Mapping[TierName, Tier],
                  on_complete: Callable[[Completion], None] | None = None) -> None:
         """Args:
@@ -41,6 +47,9 @@ class Executor:
         self.on_complete = on_complete
         self._done: list[Completion] = []
         self._lock = threading.Lock()
+        #: recent moves out of the disk by command id (done ones too: a load decided to join a move may
+        #: be submitted after it completed, and must still see which blocks it failed)
+        self._moves: OrderedDict[int, TransferHandle] = OrderedDict()
 
     def submit(self, command: Command, buffer: KVBuffer | None = None, priority: int | None = None) -> TransferHandle:
         """Starts one command; its completion is queued for `completions()` when it ends.
@@ -56,12 +65,20 @@ class Executor:
             handle = self.transfer.move(command.src, command.dst, command.keys, command.src_slots, command.dst_slots,
                                         priority=default if priority is None else priority,
                                         description=f"{command.reason} {command.src}->{command.dst} x{len(command.keys)}")
+            if command.src is TierName.DISK:  # a load may join it, or its request cancel it
+                with self._lock:
+                    self._moves[command.command_id] = handle
+                    while len(self._moves) > self.KEPT_MOVES:
+                        self._moves.popitem(last=False)
         elif isinstance(command, Load):
             self._need(buffer, command)
+            with self._lock:
+                joined = [h for c in command.after if (h := self._moves.get(c)) is not None]
             handle = self.transfer.load(command.keys, command.src_tiers, command.src_slots, buffer,
                                         command.dst_blocks, num_groups=command.num_groups,
                                         priority=PRIORITY_LOAD if priority is None else priority,
-                                        description=f"load {command.request_id} x{len(command.keys)}")
+                                        description=f"load {command.request_id} x{len(command.keys)}",
+                                        wait_for=joined)
         elif isinstance(command, Save):
             self._need(buffer, command)
             handle = self.transfer.save(buffer, command.src_blocks, command.keys, command.dst, command.dst_slots,
@@ -81,6 +98,12 @@ class Executor:
             raise ConfigError(f"unknown command {type(command).__name__}")
         handle.add_done_callback(lambda h, c=command: self._record(c, h))
         return handle
+
+    def cancel(self, command_id: int) -> tuple:
+        """Cancels the not-yet-begun reads of a move out of the disk; returns the keys cancelled."""
+        with self._lock:
+            handle = self._moves.get(command_id)
+        return self.transfer.cancel(handle) if handle is not None else ()
 
     @staticmethod
     def _need(buffer: KVBuffer | None, command: Command) -> None:

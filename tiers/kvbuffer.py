@@ -2,7 +2,8 @@
 
 - `KVBuffer`: what an engine adapter implements (`write_blocks`, `read_blocks`, optionally `block_memory`);
 - `BlockKVBuffer`: the simplest real one, whole blocks in the block layout (replay `--real`, benchmarks);
-- `slot_runs(...)`: groups slot lists into runs of consecutive slots (one copy per run).
+- `slot_runs(...)`: groups slot lists into runs of consecutive slots (one copy per run); `runs_by_tier`
+  the same per tier (a load's pieces).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import torch
 from kvtier.tiers.copies import copy_tensor
 from kvtier.tiers.errors import ConfigError
 from kvtier.tiers.spec import KVSpec
+from kvtier.tiers.tier import TierName
 
 
 class KVBuffer(Protocol):
@@ -81,3 +83,12 @@ def slot_runs(src_slots: Sequence[int], dst_slots: Sequence[int] | None = None) 
     return runs
 
 
+def runs_by_tier(tiers: Sequence[TierName], slots: Sequence[int]) -> list[tuple[TierName, int, int, int]]:
+    """(tier, index of first entry, first slot, count) for runs of consecutive slots in one tier."""
+    runs: list[tuple[TierName, int, int, int]] = []
+    start = 0
+    for i in range(1, len(slots) + 1):
+        if i == len(slots) or tiers[i] is not tiers[start] or slots[i] != slots[i - 1] + 1:
+            runs.append((tiers[start], start, slots[start], i - start))
+            start = i
+    return runs

@@ -4,11 +4,11 @@ Primitives:
 - `KVBuffer` (in `kvbuffer`): the protocol an engine adapter implements for its KV memory.
 - `Transferer`: executes a request's moves as one batched job on a background worker (and a CUDA
   stream when present), returning a `TransferHandle`:
-  - `move(src, dst, keys, src_slots, dst_slots, ...)`: tier to tier, whole blocks (the fastest order)
-    or layer-group order; disk reads go straight into the destination slots;
-  - `load(keys, src_tiers, src_slots, buffer, dst_blocks, num_groups)`: tiers into the engine's KV in
-    layer-group order, so the engine's layer i waits only for the group holding layer i; disk reads
-    land straight in the engine's KV when its buffer offers `block_memory`;
+  - `move(...)`: tier to tier, whole blocks or layer-group order; disk reads straight into the slots (a
+    background one in pieces behind loads, `cancel` drops the pieces not started: `pieces`);
+  - `load(..., wait_for)`: tiers into the engine's KV in layer-group order (layer i waits only for its
+    group; disk reads land straight in the engine's KV when its buffer offers `block_memory`), once
+    the moves it joined (`wait_for`) have completed;
   - `save(buffer, src_blocks, keys, dst, dst_slots)`: the engine's KV into a pool tier.
 
 Invariants:
@@ -40,9 +40,10 @@ from kvtier.tiers.errors import ConfigError
 from kvtier.tiers.keys import BlockKey
 from kvtier.tiers.pool import PoolTier, check_same_spec, cuda_available
 from kvtier.tiers.tier import Tier, TierName
+from kvtier.tiers.pieces import PieceReads, failed_of, when_done
 from kvtier.tiers.worker import PRIORITY_LOAD, TransferHandle, Worker
 from kvtier.tiers.copies import ParallelCopier, copy_tensor
-from kvtier.tiers.kvbuffer import KVBuffer, slot_runs
+from kvtier.tiers.kvbuffer import KVBuffer, runs_by_tier, slot_runs
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +76,7 @@ class Transferer:
         self._copier = ParallelCopier(min(os.cpu_count() or 1, 4))
         self._writing: dict[BlockKey, TransferHandle] = {}  # disk writes not yet committed
         self._writing_lock = threading.Lock()
+        self._pieces = PieceReads()  # background reads out of the disk, cancellable piece by piece
 
     # -- helpers ---------------------------------------------------------------------------------
 
@@ -124,6 +126,10 @@ class Transferer:
             handle.finish()
             return handle
         if src is TierName.DISK:
+            if priority > PRIORITY_LOAD and len(keys) > self.DISK_LOAD_BATCH:
+                _check_len(keys, dst_slots, "dst_slots")
+                return self._pieces.submit(self._disk_worker(), handle, keys, dst_slots,
+                                           lambda k, d: self._read_disk(k, dst, d), self.DISK_LOAD_BATCH, priority)
             return self._disk_worker().submit(lambda: self._read_disk(keys, dst, dst_slots), handle, priority)
         if dst is TierName.DISK:
             return self._write_disk(keys, src, src_slots, handle)
@@ -157,6 +163,11 @@ class Transferer:
                     handle.group_done(g)
 
         return self._copies.submit(job, handle, PRIORITY_LOAD)
+
+    def cancel(self, handle: TransferHandle) -> tuple[BlockKey, ...]:
+        """Cancels the pieces not started of a background read out of the disk; returns their keys."""
+        later = lambda fn: self._copies.submit(fn, TransferHandle(), PRIORITY_LOAD)  # noqa: E731
+        return self._pieces.cancel(self._disk, handle, later) if self._disk is not None else ()
 
     def _disk_worker(self) -> Worker:
         if self._disk is None:
@@ -228,7 +239,8 @@ class Transferer:
 
     def load(self, keys: Sequence[BlockKey], src_tiers: Sequence[TierName], src_slots: Sequence[int],
              buffer: KVBuffer, dst_blocks: Sequence[int], *, num_groups: int = 4,
-             priority: int = PRIORITY_LOAD, description: str = "") -> TransferHandle:
+             priority: int = PRIORITY_LOAD, description: str = "",
+             wait_for: Sequence[TransferHandle] = ()) -> TransferHandle:
         """Copies blocks from pool tiers and disk into the engine's KV, layer group by layer group.
 
         Disk blocks are read straight into the engine's KV where the buffer offers `block_memory` (each
@@ -244,6 +256,8 @@ class Transferer:
             buffer: the engine's KV memory.
             dst_blocks: the engine's block index for each block.
             num_groups: layer groups; the handle completes them in order.
+            wait_for: moves into the host slots this load reads (a promotion it joined): the load starts
+                once they have completed, and a block they failed to deliver is a failed block here.
         """
         keys = tuple(keys)
         for name, values in (("src_tiers", src_tiers), ("src_slots", src_slots), ("dst_blocks", dst_blocks)):
@@ -262,7 +276,7 @@ class Transferer:
             # after a failed block nothing is delivered: the engine recomputes from the first failure;
             # blocks in `done` were already written whole (disk blocks, as their reads landed)
             usable = next((i for i, k in enumerate(keys) if k in failed), len(keys))
-            pieces = [p for p in _runs_by_tier(tiers[:usable], src_slots[:usable]) if p[1] not in done]
+            pieces = [p for p in runs_by_tier(tiers[:usable], src_slots[:usable]) if p[1] not in done]
             with self._on_stream(submitted):
                 for g, (lo, hi) in enumerate(groups):
                     for tier, first, s0, n in pieces:
@@ -273,7 +287,9 @@ class Transferer:
             return list(keys[usable:])
 
         if not disk_idx:
-            return self._copies.submit(lambda: copy_groups(set()), handle, PRIORITY_LOAD)
+            when_done(wait_for, handle, lambda: self._copies.submit(lambda: copy_groups(failed_of(wait_for, keys)), handle,
+                                                                     PRIORITY_LOAD))
+            return handle
         disk_keys = [keys[i] for i in disk_idx]
         memory = _engine_memory(buffer, [dst_blocks[i] for i in disk_idx])
         if memory is not None:
@@ -296,10 +312,10 @@ class Transferer:
                 except BaseException as err:
                     handle.finish(keys, error=err)
                     return
-                missed = {k for k, ok in zip(disk_keys, found) if not ok}
+                missed = {k for k, ok in zip(disk_keys, found) if not ok} | failed_of(wait_for, keys)
                 self._copies.submit(lambda: copy_groups(missed, frozenset(disk_idx)), handle, PRIORITY_LOAD)
 
-            self._disk_worker().submit(read_direct, TransferHandle(), priority)
+            when_done(wait_for, handle, lambda: self._disk_worker().submit(read_direct, TransferHandle(), priority))
             return handle
 
         def write_whole(batch: list[int]) -> None:
@@ -317,14 +333,13 @@ class Transferer:
                     self._copies.submit(lambda: write_whole(whole), TransferHandle(), PRIORITY_LOAD)
 
                 missed = set(self._read_disk([keys[i] for i in disk_idx], TierName.HOST,
-                                             [src_slots[i] for i in disk_idx], landed))
-                for i in disk_idx:
-                    tiers[i] = TierName.HOST
+                                             [src_slots[i] for i in disk_idx], landed)) | failed_of(wait_for, keys)
+                # disk blocks were written whole as they landed (`done`): not re-marked host (runs would merge)
                 self._copies.submit(lambda: copy_groups(missed, frozenset(disk_idx)), handle, PRIORITY_LOAD)
             except BaseException as err:
                 handle.finish(keys, error=err)
 
-        self._disk_worker().submit(read_then_copy, TransferHandle(), priority)
+        when_done(wait_for, handle, lambda: self._disk_worker().submit(read_then_copy, TransferHandle(), priority))
         return handle
 
     def save(self, buffer: KVBuffer, src_blocks: Sequence[int], keys: Sequence[BlockKey], dst: TierName,
@@ -373,17 +388,6 @@ def _engine_memory(buffer: KVBuffer, blocks: Sequence[int]) -> list[list[memoryv
             return None
         memory.append(runs)
     return memory
-
-
-def _runs_by_tier(tiers: Sequence[TierName], slots: Sequence[int]) -> list[tuple[TierName, int, int, int]]:
-    """(tier, index of first entry, first slot, count) for runs of consecutive slots in one tier."""
-    runs: list[tuple[TierName, int, int, int]] = []
-    start = 0
-    for i in range(1, len(slots) + 1):
-        if i == len(slots) or tiers[i] is not tiers[start] or slots[i] != slots[i - 1] + 1:
-            runs.append((tiers[start], start, slots[start], i - start))
-            start = i
-    return runs
 
 
 def _no_op() -> None:

@@ -4,7 +4,8 @@ Primitives:
 - `TransferHandle`: what the engine waits on: `wait(timeout)` for the whole job, `wait_layer(layer,
   timeout)` for one layer's bytes, `failed` (keys that missed or failed their checks), done callbacks.
 - `Worker`: one thread running jobs from a priority queue (lower number first, FIFO within a
-  priority: loads for running requests before prefetches before saves); `close()` joins it.
+  priority: loads for running requests before prefetches before saves); `cancel(handle)` removes a job
+  that has not started; `close()` joins it.
 
 Invariants:
 - every wait takes a timeout and raises `TransferTimeout` when it runs out; no wait is a sleep loop;
@@ -141,7 +142,7 @@ class Worker:
 
     def __init__(self, name: str) -> None:
         self.name = name
-        self._queue: list[tuple[int, int, Callable[[], None]]] = []
+        self._queue: list[tuple[int, int, Callable[[], None], TransferHandle]] = []
         self._counter = itertools.count()
         self._cond = threading.Condition()
         self._closed = False
@@ -170,9 +171,21 @@ class Worker:
         with self._cond:
             if self._closed:
                 raise ClosedError(f"worker {self.name} is closed")
-            heapq.heappush(self._queue, (priority, next(self._counter), job))
+            heapq.heappush(self._queue, (priority, next(self._counter), job, handle))
             self._cond.notify()
         return handle
+
+    def cancel(self, handle: TransferHandle) -> bool:
+        """Removes the queued job of `handle` if it has not started; True if removed (the handle is
+        then left unfinished: the caller decides what its cancellation means)."""
+        with self._cond:
+            for i, item in enumerate(self._queue):
+                if item[3] is handle:
+                    self._queue[i] = self._queue[-1]
+                    self._queue.pop()
+                    heapq.heapify(self._queue)
+                    return True
+        return False
 
     def _run(self) -> None:
         while True:
@@ -181,7 +194,7 @@ class Worker:
                     self._cond.wait()
                 if not self._queue:
                     return
-                _, _, job = heapq.heappop(self._queue)
+                job = heapq.heappop(self._queue)[2]
             job()
 
     def close(self, timeout: float = 30.0) -> None:

@@ -91,7 +91,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     sim.add_argument("--real", action="store_true", help="replay through the real tiers (real LMDB, real bytes)")
     sim.add_argument("--disk-path", default=None, help="disk store directory for --real (default: a temp dir)")
     sim.add_argument("--plot", metavar="FILE.png", default=None, help="plot the TTFT distribution and per-tier hits")
-    sim.add_argument("--prefetch-window", type=int, default=8, help="queued requests the prefetcher looks ahead (default 8)")
+    sim.add_argument("--prefetch-window", type=int, default=16, help="queued requests the prefetcher looks ahead (default 16)")
     sim.add_argument("--prefetch-budget", default=None, help="bytes of promotions in flight at most (e.g. 1GiB)")
     sim.add_argument("--write-mode", choices=("write-through", "write-back"), default="write-through",
                      help="copy new blocks down at once, or only when evicted (default write-through)")

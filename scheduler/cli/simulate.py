@@ -60,7 +60,7 @@ def settings_from_args(args: argparse.Namespace, bytes_per_block: int | None = N
         model=getattr(args, "model", "llama-3-8b") or "llama-3-8b",
         hardware=getattr(args, "hardware", "h100-sxm") or "h100-sxm",
         policy=policy, prefetch=bool(getattr(args, "prefetch", True)),
-        prefetch_window=int(getattr(args, "prefetch_window", 8)),
+        prefetch_window=int(getattr(args, "prefetch_window", 16)),
         prefetch_budget_bytes=None if budget is None else parse_size(budget, "--prefetch-budget"),
         write_mode=getattr(args, "write_mode", "write-through") or "write-through",
         max_batch=int(getattr(args, "max_batch", 16) or 16), time_scale=time_scale,

@@ -21,11 +21,12 @@ Engine model (one instance; state it when quoting numbers):
 - after the prefill the engine saves the request's blocks (`Decider.start_save`, every block of the
   prompt, the partial last one included, as the hit-ratio semantics count it); decoding then takes
   `output_tokens - 1` steps of `CostModel.decode_step_s(batch, mean context)` each;
-- links (`SimExecutor`): gpu (device copies), h2d and d2h (the host link, one per direction), disk-read
-  and disk-write (separate queues, as the real executor's disk reader and writer); each is a FIFO server,
-  a command occupies it for the cost model's time of its path (`restore_s` of the gpu, host or disk
-  path; a disk write is charged as a disk read of the same bytes). A Load uses its links in parallel
-  (the planner's load model); an Evict takes no time.
+- links (`links.SimExecutor`): gpu, h2d, d2h, disk-read, disk-write, each serving a running request's
+  loads and saves ahead of demotions and write-through, and those ahead of promotions (background work in
+  pieces of a few blocks, so a load waits behind one piece at most); a promotion whose request starts or
+  leaves has its pieces not yet begun cancelled, and a load that needs a block still being promoted joins
+  that move (`Load.after`) instead of reading it again;
+- the decider's clock is the simulated one (its prefetch admission predicts start times with it).
 
 Invariants: TTFT >= the plan's predicted prefill (contention only adds); every command yields exactly one
 `Completion` fed back to `Decider.complete` at its simulated end; the bytes counted per link are the
@@ -39,12 +40,13 @@ import math
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
-from kvtier.tiers.commands import Command, Completion, Evict, Load, Move, MoveReason, Save
+from kvtier.tiers.commands import Command, Completion, Load, Move, MoveReason
 from kvtier.tiers.keys import BlockKey
 from kvtier.tiers.tier import TierName
 
 from kvtier.scheduler.cost.model import CostModel
 from kvtier.scheduler.planner import Planner
+from kvtier.scheduler.replay.links import LINKS, SimCounters, SimExecutor  # noqa: F401 (re-exported)
 
 #: `TierName.rank` -> the tier's name (the counters' keys)
 _TIER_NAMES = tuple(t.value for t in sorted(TierName, key=lambda t: t.rank))
@@ -54,7 +56,7 @@ Progress = Callable[[int, int, str], None]
 
 LINKS = ("gpu", "h2d", "d2h", "disk-read", "disk-write")
 
-_ARRIVAL, _COMPLETE, _PREFILL_DONE, _DECODE_DONE = 0, 1, 2, 3
+_ARRIVAL, _COMPLETE, _PREFILL_DONE, _DECODE_DONE, _LINK = 0, 1, 2, 3, 4
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,88 +103,6 @@ class RequestRecord:
 
 
 @dataclass(slots=True)
-class SimCounters:
-    """Totals of one run."""
-
-    blocks: int = 0
-    tokens: int = 0
-    hit_blocks_by_tier: dict[str, int] = field(default_factory=lambda: {t: 0 for t in ("gpu", "host", "disk")})
-    hit_tokens_by_tier: dict[str, int] = field(default_factory=lambda: {t: 0 for t in ("gpu", "host", "disk")})
-    decisions: dict[str, int] = field(default_factory=lambda: {
-        "none-cached": 0, "restore": 0, "recompute": 0, "split": 0, "fallback-recompute": 0})
-    bytes_by_link: dict[str, int] = field(default_factory=lambda: {link: 0 for link in LINKS})
-    busy_s_by_link: dict[str, float] = field(default_factory=lambda: {link: 0.0 for link in LINKS})
-    commands: dict[str, int] = field(default_factory=lambda: {"Move": 0, "Load": 0, "Save": 0, "Evict": 0})
-    bytes_by_reason: dict[str, int] = field(default_factory=dict)
-    gpu_busy_s: float = 0.0
-    decode_steps: int = 0
-
-
-class SimExecutor:
-    """The byte half in simulated time: gives each command a duration from the cost model, per link.
-
-    Args:
-        cost_model: the model and machine (its paths give each link's time).
-        bytes_per_block: bytes a block moves (the model's full block).
-        counters: where bytes and busy time are added.
-    """
-
-    def __init__(self, cost_model: CostModel, bytes_per_block: int, counters: SimCounters) -> None:
-        self.bytes_per_block = bytes_per_block
-        self.counters = counters
-        self.free_at = {link: 0.0 for link in LINKS}
-        paths = {name: cost_model.path(name) for name in ("gpu", "host", "disk")}
-        self.cost = {"gpu": paths["gpu"], "h2d": paths["host"], "d2h": paths["host"],
-                     "disk-read": paths["disk"], "disk-write": paths["disk"]}
-        #: (latency, seconds per block) of each link: `PathCost.time_s` without its property per call
-        self._coefficients = {link: (cost.latency_s, cost.block_s) for link, cost in self.cost.items()}
-
-    def _occupy(self, link: str, num_blocks: int, now: float, reason: str) -> float:
-        if num_blocks <= 0:
-            return now
-        latency, per_block = self._coefficients[link]
-        duration = latency + num_blocks * per_block  # = self.cost[link].time_s(num_blocks)
-        start = max(now, self.free_at[link])
-        end = self.free_at[link] = start + duration
-        counters = self.counters
-        moved = num_blocks * self.bytes_per_block
-        counters.bytes_by_link[link] += moved
-        counters.busy_s_by_link[link] += duration
-        counters.bytes_by_reason[str(reason)] = counters.bytes_by_reason.get(str(reason), 0) + moved
-        return end
-
-    def submit(self, command: Command, now: float) -> float:
-        """Schedules one command; returns the simulated time it completes."""
-        kind = type(command)
-        self.counters.commands[kind.__name__] += 1
-        if kind is Move:
-            n = len(command.keys)
-            if command.dst is TierName.DISK:
-                return self._occupy("disk-write", n, now, command.reason)
-            if command.src is TierName.DISK:
-                return self._occupy("disk-read", n, now, command.reason)
-            if command.dst is TierName.GPU:
-                return self._occupy("h2d", n, now, command.reason)
-            if command.src is TierName.GPU:
-                return self._occupy("d2h", n, now, command.reason)
-            return self._occupy("gpu", n, now, command.reason)  # host -> host does not happen
-        if kind is Load:
-            tiers = command.src_tiers
-            n_gpu = tiers.count(TierName.GPU)
-            n_disk = tiers.count(TierName.DISK)
-            n_host = len(tiers) - n_gpu - n_disk
-            # the planner's load model: links in parallel; disk blocks occupy the disk and the host link
-            return max(self._occupy("gpu", n_gpu, now, "load"),
-                       self._occupy("h2d", n_host + n_disk, now, "load"),
-                       self._occupy("disk-read", n_disk, now, "load"))
-        if kind is Save:
-            link = "gpu" if command.dst is TierName.GPU else "d2h"
-            return self._occupy(link, len(command.keys), now, "save")
-        assert kind is Evict, f"unknown command {command!r}"
-        return now
-
-
-@dataclass(slots=True)
 class _Running:
     index: int
     remaining: int
@@ -210,7 +130,12 @@ class EngineSim:
         self.progress = progress
         self.block_tokens = cost_model.spec.block_tokens
         self.counters = SimCounters()
-        self.executor = SimExecutor(cost_model, cost_model.spec.bytes_per_block, self.counters)
+        self.executor = SimExecutor(cost_model, cost_model.spec.bytes_per_block, self.counters,
+                                    lambda t, link: self._push(t, _LINK, link), self._background_done)
+        self.now = 0.0
+        if decider is not None:
+            decider.clock = lambda: self.now
+            decider.set_canceller(lambda command_id: self.executor.cancel(command_id, self.now))
         self.records = [RequestRecord(r.arrival_s) for r in requests]
         self._events: list[tuple[float, int, int, object]] = []
         self._seq = 0
@@ -236,12 +161,18 @@ class EngineSim:
         submit, events, push = self.executor.submit, self._events, heapq.heappush
         for command in commands:
             done = submit(command, now)
+            if done is None:  # background: `_background_done` reports it
+                continue
             if done > end:
                 end = done
             if command.command_id in pending:
                 self._seq += 1
-                push(events, (done, self._seq, _COMPLETE, command))
+                push(events, (done, self._seq, _COMPLETE, (command, command.keys)))
         return end
+
+    def _background_done(self, command: Command, ok: tuple, t: float) -> None:
+        if self.decider is not None and command.command_id in self.decider.pending:
+            self._push(t, _COMPLETE, (command, ok))
 
     def run(self) -> list[RequestRecord]:
         """Runs the whole trace; returns one record per request."""
@@ -254,13 +185,16 @@ class EngineSim:
             if self._next_arrival < total and (not events or requests[self._next_arrival].arrival_s <= events[0][0]):
                 i = self._next_arrival
                 self._next_arrival += 1
-                t = requests[i].arrival_s
+                t = self.now = requests[i].arrival_s
                 self._arrive(i, t)
             else:
                 t, _, kind, payload = heapq.heappop(events)
-                if kind == _COMPLETE:
-                    command = payload
-                    follow = decider.complete(Completion(command.command_id, command.request_id, command.keys))
+                self.now = t
+                if kind == _LINK:
+                    self.executor.wake(payload, t)
+                elif kind == _COMPLETE:
+                    command, ok = payload
+                    follow = decider.complete(Completion(command.command_id, command.request_id, ok))
                     if follow:
                         self._submit(follow, t)
                     # only a landed promotion or load can give the prefetcher new work (it frees budget or

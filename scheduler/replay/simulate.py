@@ -73,7 +73,7 @@ class SimSettings:
     disk_blocks: int | None = None
     policy: str = "lru"
     prefetch: bool = True
-    prefetch_window: int = 8
+    prefetch_window: int = 16
     prefetch_budget_bytes: int | None = None
     write_mode: str = "write-through"
     max_batch: int = 16

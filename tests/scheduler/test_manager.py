@@ -164,17 +164,32 @@ def test_prefetch_promotes_queued_blocks_before_load(spec, tmp_path):
         m.flush()
     with OffloadManager(spec, config, model_config=MODEL) as m2:  # restart: everything on disk only
         assert m2.stats()["blocks_by_tier"] == {"host": 0, "disk": 4}
+        # "b" is the head of the queue with nothing running: it is about to run, nothing is promoted
         m2.enqueue("b", prompt)
-        deadline = threading.Event()
+        m2.flush()
+        assert m2.stats()["blocks_by_tier"]["host"] == 0
+        # an uncached 16k-token prompt is queued ahead of it (predicted prefill ~0.7 s): "b" now waits behind
+        # it, and its disk blocks (0.3 ms of predicted disk time) can land before it starts: the 3 its plan
+        # restores (the last block holds the prompt's last token, always computed)
+        m2.cancel("b")
+        m2.enqueue("x", tokens(16384, 9))
+        m2.enqueue("b", prompt)
+        landed = threading.Event()
         for _ in range(200):
             m2.flush()
-            if m2.stats()["blocks_by_tier"]["host"] == 4:
+            if m2.stats()["blocks_by_tier"]["host"] == 3:
+                landed.set()
                 break
-            deadline.wait(0.01)
-        assert m2.stats()["prefetched_blocks"] == 4
+            landed.wait(0.01)
+        assert landed.is_set()
+        st = m2.stats()
+        assert st["prefetched_blocks"] == 3 and st["prefetch_moves"] == 1  # one batched move
+        m2.cancel("x")
         dst, good = force_restore(m2, "b", prompt, 4)
         assert good == 4 and torch.equal(dst.data, src.data)
-        assert m2.stats()["prefetch_coverage"] == 1.0
+        st = m2.stats()
+        assert st["prefetch_used_blocks"] == 3 and st["double_reads"] == 0
+        assert st["prefetch_coverage"] == 0.75  # 3 of the 4 restored blocks were in host when the load began
 
 
 def test_cancel_releases_protection(spec, tmp_path):

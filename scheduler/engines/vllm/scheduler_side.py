@@ -37,6 +37,9 @@ from kvtier.scheduler.engines.vllm.metadata import KvtierMeta
 
 log = logging.getLogger(__name__)
 
+#: finished requests between two logs of the prefetch counters
+STATS_EVERY = 100
+
 
 @dataclass(slots=True)
 class _Req:
@@ -67,6 +70,7 @@ class SchedulerSide:
         self.inflight: dict[int, tuple[BlockKey, ...]] = {}
         self.inflight_keys: Counter[BlockKey] = Counter()
         self.cold_reset = False
+        self.num_finished = 0
         if config.disk_bytes and config.disk_path:
             self._rebuild_disk_index()
 
@@ -203,6 +207,19 @@ class SchedulerSide:
         """The request finished or was aborted: its protections go (saves were done in its steps)."""
         self.reqs.pop(request_id, None)
         self.decider.finish(request_id)
+        self.num_finished += 1
+        if self.num_finished % STATS_EVERY == 0:
+            self.log_stats()
+
+    def log_stats(self) -> None:
+        """Logs the prefetch counters (docs/prefetch.md): every `STATS_EVERY` requests and at close."""
+        s = self.decider.stats
+        log.info("kvtier prefetch: %d blocks promoted in %d moves, %d used, %d evicted unused, %d cancelled, "
+                 "%d joined, %d double reads; promotion latency %.1f ms mean; disk %.2f s loads, %.2f s "
+                 "promotions (predicted)", s.prefetched_blocks, s.prefetch_moves, s.prefetch_used_blocks,
+                 s.prefetch_evicted_unused_blocks, s.prefetch_cancelled_blocks, s.prefetch_joined_blocks,
+                 s.double_reads, 1e3 * s.promotion_latency_s / max(1, s.prefetch_moves), s.disk_load_s,
+                 s.disk_prefetch_s)
 
     def has_pending_work(self) -> bool:
         """Commands to ship or promotions to hear back from: the engine must keep stepping."""
@@ -215,4 +232,4 @@ class SchedulerSide:
         return True
 
     def close(self) -> None:
-        return None
+        self.log_stats()

@@ -1,0 +1,234 @@
+"""Books: the decision half's record of where every block lives, and the eviction cascade.
+
+Primitives (the caller holds `lock`):
+- `Books(spec, config)`: the `Index`, one `SlotTable` per memory tier, one policy per tier, the commands
+  in flight (`pending`) and the counters (`Stats`);
+- `_add` / `_drop` a tier copy (index, policy and slot table together); `_allocate` a slot;
+- `_make_room(tier, num, out, request_id)`: frees slots by demoting or dropping victims, appending the
+  commands to `out`; `_forget(key)` drops every copy of a block whose bytes failed;
+- `_track(command, on_done)`: what to do when the command's completion comes back.
+
+Invariants:
+- pinned blocks (pins > 0) are never victims, in any tier; blocks that queued requests protect (their
+  prefetched or host-resident prefix, see `admission`) are never victims in the prefetch target tier;
+  a tier whose blocks are all pinned or protected frees nothing (a save then saves a shorter prefix);
+- every slot freed here may be reused by the next command at once: the byte half runs pool copies in
+  submission order, so a demotion out of a slot reads it before a later command fills it;
+- `_drop` of a block some queued request protects releases that protection (its room is free again).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from kvtier.tiers.commands import Command, Completion, Evict, Move, MoveReason
+from kvtier.tiers.keys import BlockKey
+from kvtier.tiers.slots import SlotTable
+from kvtier.tiers.spec import KVSpec
+from kvtier.tiers.tier import TierName
+
+from kvtier.scheduler.config import OffloadConfig, WriteMode
+from kvtier.scheduler.index import DISK_SLOT, Index
+from kvtier.scheduler.policies import make_policy
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class Stats:
+    """Counters of the decision half (see `OffloadManager.stats`).
+
+    The prefetch counters: `prefetch_ready_blocks` restored blocks a load found in memory (not on
+    disk, or joined on their way to host); `prefetched_blocks` promotions that landed; `prefetch_used_blocks` of those,
+    read by a load (or joined by one while in flight) before leaving the target tier;
+    `prefetch_evicted_unused_blocks` left it unread; `prefetch_cancelled_blocks` promotions cancelled
+    before their read began; `prefetch_joined_blocks` blocks a load took from a promotion in flight
+    instead of reading the disk again; `double_reads` blocks a load read from disk while a promotion of
+    the same block was in flight (0 by design: the load joins it); `prefetch_yielded_blocks` protections
+    released because a running request's load needed the host room; `promotion_latency_s` the sum of
+    issue-to-landing times; `disk_load_s` / `disk_prefetch_s` predicted disk-read seconds of loads and
+    of promotions.
+    """
+
+    lookups: int = 0
+    lookup_blocks: int = 0
+    hit_blocks: int = 0
+    hit_blocks_by_tier: dict[str, int] = field(default_factory=dict)
+    restored_blocks: int = 0
+    recomputed_cached_blocks: int = 0
+    prefetched_blocks: int = 0
+    prefetch_ready_blocks: int = 0
+    prefetch_used_blocks: int = 0
+    prefetch_evicted_unused_blocks: int = 0
+    prefetch_cancelled_blocks: int = 0
+    prefetch_joined_blocks: int = 0
+    prefetch_moves: int = 0
+    prefetch_yielded_blocks: int = 0
+    double_reads: int = 0
+    promotion_latency_s: float = 0.0
+    disk_load_s: float = 0.0
+    disk_prefetch_s: float = 0.0
+    saved_blocks: int = 0
+    saves_skipped_no_room: int = 0
+    demoted_blocks: int = 0
+    dropped_blocks: int = 0
+    failed_blocks: int = 0
+    written_to_disk_blocks: int = 0
+
+
+@dataclass(slots=True)
+class _Pending:
+    command: Command
+    on_done: Callable[[Completion], list[Command]] | None = None
+
+
+class Books:
+    """Index, slot tables, policies and the eviction cascade of one decision half."""
+
+    def __init__(self, spec: KVSpec, config: OffloadConfig) -> None:
+        self.spec = spec
+        self.config = config
+        self.index = Index()
+        self.lock = self.index.lock
+        self.tables: dict[TierName, SlotTable] = {}
+        capacities = {TierName.GPU: config.gpu_bytes, TierName.HOST: config.host_bytes}
+        for tier, capacity in capacities.items():
+            if capacity:
+                self.tables[tier] = SlotTable(max(1, capacity // spec.bytes_per_block))
+        self.disk_slots = config.disk_bytes // spec.bytes_per_block if config.disk_bytes else 0
+        self.tiers = [t for t in (TierName.GPU, TierName.HOST) if t in self.tables]
+        if self.disk_slots:
+            self.tiers.append(TierName.DISK)
+        self.policies = {tier: make_policy(config.policy, self._capacity(tier)) for tier in self.tiers}
+        self.pending: dict[int, _Pending] = {}
+        self.stats = Stats()
+        self._bytes_per_block = spec.bytes_per_block  # a property computed on every call: hoisted
+        # hot-path constants (the eviction cascade runs per block)
+        self._capacities = {tier: self._capacity(tier) for tier in self.tiers}
+        #: what len() counts the blocks of each tier by: its slot table, or the disk tier's policy
+        self._held = {tier: self.tables.get(tier, self.policies[tier]) for tier in self.tiers}
+        self._below_of = {t: (self.tiers[i + 1] if i + 1 < len(self.tiers) else None) for i, t in enumerate(self.tiers)}
+        self._above_of = {t: self.tiers[i - 1] for i, t in enumerate(self.tiers) if i}
+        #: the tier prefetch fills: the one just above the disk (host), else the fastest
+        self.prefetch_target = self._above_of.get(TierName.DISK, self.tiers[0])
+        self.index.target = self.prefetch_target
+        entries = self.index.entries
+
+        def pinned(key: BlockKey) -> bool:  # `Index.is_pinned` without the method call
+            entry = entries.get(key)
+            return entry is not None and entry.pins > 0
+
+        def pinned_or_protected(key: BlockKey) -> bool:  # `Index.is_protected`
+            entry = entries.get(key)
+            return entry is not None and (entry.pins > 0 or bool(entry.protected_by))
+
+        #: victim filters of `_make_room`, per tier: protection only keeps blocks in the prefetch target
+        self._keep = {t: (pinned_or_protected if t is self.prefetch_target else pinned) for t in self.tiers}
+        #: hooks of the prefetch admission: a block left the target tier / was dropped everywhere
+        self._on_target_drop: Callable[[BlockKey], None] | None = None
+
+    # -- books -----------------------------------------------------------------------------------
+
+    @property
+    def fastest_tier(self) -> TierName:
+        return self.tiers[0]
+
+    def _below(self, tier: TierName) -> TierName | None:
+        return self._below_of[tier]
+
+    def _add(self, key: BlockKey, tier: TierName, slot: int, depth: int = 0, parent: BlockKey | None = None) -> None:
+        self.index.add(key, tier, slot, depth, parent)
+        policy = self.policies[tier]
+        if key in policy:
+            policy.access(key)
+        else:
+            policy.insert(key, parent)
+
+    def _drop(self, key: BlockKey, tier: TierName) -> None:
+        if tier is self.prefetch_target and self._on_target_drop is not None:
+            self._on_target_drop(key)
+        self.index.drop(key, tier)
+        policy = self.policies[tier]
+        if key in policy:
+            policy.remove(key)
+        table = self.tables.get(tier)
+        if table is not None:
+            table.free(key)
+
+    def count_in(self, tier: TierName) -> int:
+        return len(self.tables[tier]) if tier in self.tables else len(self.policies[tier])
+
+    def _capacity(self, tier: TierName) -> int:
+        return self.tables[tier].num_slots if tier in self.tables else self.disk_slots
+
+    def _free_in(self, tier: TierName) -> int:
+        return self._capacities[tier] - len(self._held[tier])
+
+    def _make_room(self, tier: TierName, num: int, out: list[Command], request_id: str | None) -> int:
+        """Frees up to `num` slots in `tier` (demoting or dropping victims); returns how many are free.
+
+        Victims are never pinned, nor protected in the prefetch target tier (module docstring).
+        """
+        capacity, held = self._capacities[tier], self._held[tier]
+        free = capacity - len(held)
+        if free >= num:
+            return free
+        policy, keep = self.policies[tier], self._keep[tier]
+        while capacity - len(held) < num:
+            victim = policy.victim(keep)
+            if victim is None:
+                break
+            self._evict(victim, tier, out, request_id)
+        return max(0, capacity - len(held))
+
+    def _evict(self, key: BlockKey, tier: TierName, out: list[Command], request_id: str | None) -> None:
+        entry = self.index.get(key)
+        below = self._below_of[tier]
+        demote = (entry is not None and below is not None and below not in entry.slots
+                  and (tier is not TierName.HOST or self.config.write_mode is WriteMode.WRITE_BACK
+                       or below is not TierName.DISK))
+        if demote and self._make_room(below, 1, out, request_id) > 0:
+            dst_slot = self._allocate(below, key)
+            if dst_slot is not None:
+                src_slot = entry.slots.get(tier)
+                self._add(key, below, dst_slot, entry.depth, entry.parent)
+                move = Move(tier, below, (key,), (src_slot,) if src_slot is not None and src_slot >= 0 else (),
+                            (dst_slot,) if dst_slot >= 0 else (), request_id, MoveReason.DEMOTE)
+                self._track(move, lambda c, k=key, t=below: self._after_demote(c, k, t))
+                out.append(move)
+                self.stats.demoted_blocks += 1
+                self._drop(key, tier)  # the copy runs before any later command can reuse the slot
+                return
+        self.stats.dropped_blocks += 1
+        self._drop(key, tier)
+        if tier is TierName.DISK:
+            out.append(Evict(TierName.DISK, (key,), request_id))
+
+    def _after_demote(self, completion: Completion, key: BlockKey, below: TierName) -> list[Command]:
+        if not completion.ok and self.index.holds(key, below):
+            self.stats.failed_blocks += 1
+            self._drop(key, below)
+        return []
+
+    def _allocate(self, tier: TierName, key: BlockKey) -> int | None:
+        table = self.tables.get(tier)
+        if table is None:  # the disk
+            return DISK_SLOT if len(self.policies[tier]) < self.disk_slots else None
+        return table.allocate(key)
+
+    def _track(self, command: Command, on_done: Callable[[Completion], list[Command]] | None) -> None:
+        self.pending[command.command_id] = _Pending(command, on_done)
+
+    def _forget(self, key: BlockKey) -> None:
+        """Drops every copy of a block whose bytes failed (a corrupt disk value): recomputed next time."""
+        entry = self.index.get(key)
+        if entry is None:
+            return
+        for tier in list(entry.slots):
+            self._drop(key, tier)
+
+    def tier_counts(self) -> dict[str, Any]:
+        """Blocks each tier holds (by name)."""
+        return {str(t): self.count_in(t) for t in self.tiers}
