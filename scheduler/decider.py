@@ -41,7 +41,7 @@ from kvtier.tiers.tier import TierName
 
 from kvtier.scheduler.config import OffloadConfig, WriteMode
 from kvtier.scheduler.index import DISK_SLOT, Entry, Index
-from kvtier.scheduler.policies import make_policy
+from kvtier.scheduler.policies import AutoPolicy, RetentionHint, make_policy
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +59,8 @@ class RequestState:
     #: `Index.epoch` when a prefetch scan last found nothing to promote (-1: not so), and the prefix length then
     idle_epoch: int = -1
     idle_blocks: int = 0
+    #: what the engine said about the request's blocks (session, continues, priority), if anything
+    hint: RetentionHint | None = None
 
 
 @dataclass(slots=True)
@@ -107,6 +109,8 @@ class Decider:
         if self.disk_slots:
             self.tiers.append(TierName.DISK)
         self.policies = {tier: make_policy(config.policy, self._capacity(tier)) for tier in self.tiers}
+        #: the policies that learn from whole requests and take retention hints (`auto`)
+        self._learners = [p for p in self.policies.values() if isinstance(p, AutoPolicy)]
         self.queue: OrderedDict[str, RequestState] = OrderedDict()
         self.running: dict[str, RequestState] = {}
         self.pending: dict[int, _Pending] = {}
@@ -231,10 +235,15 @@ class Decider:
 
     # -- queue and prefetch ----------------------------------------------------------------------
 
-    def enqueue(self, request_id: str, keys: Sequence[BlockKey], num_tokens: int) -> None:
-        """Records a queued request (its keys computed by the caller)."""
+    def enqueue(self, request_id: str, keys: Sequence[BlockKey], num_tokens: int,
+                hint: RetentionHint | None = None) -> None:
+        """Records a queued request (its keys computed by the caller) and its optional retention hint;
+        policies that learn from the request stream (`auto`) see its keys now."""
         with self.lock:
-            self.queue[request_id] = RequestState(request_id, tuple(keys), num_tokens, time.monotonic())
+            state = RequestState(request_id, tuple(keys), num_tokens, time.monotonic(), hint=hint)
+            self.queue[request_id] = state
+            for policy in self._learners:
+                policy.observe(state.keys)
 
     def request(self, request_id: str) -> RequestState | None:
         return self.queue.get(request_id) or self.running.get(request_id)
@@ -340,7 +349,19 @@ class Decider:
             if state is not None:
                 self.index.unprotect(request_id, state.protected)
 
-    finish = cancel
+    def finish(self, request_id: str, hint: RetentionHint | None = None) -> None:
+        """The request is done: its protections go, and its retention hint (this one, else the one given
+        at `enqueue`) reaches the policies that take hints (`auto`): a session that ends lets its
+        own blocks go first."""
+        with self.lock:
+            state = self.queue.pop(request_id, None) or self.running.pop(request_id, None)
+            if state is None:
+                return
+            self.index.unprotect(request_id, state.protected)
+            hint = hint or state.hint
+            if hint is not None:
+                for policy in self._learners:
+                    policy.hint(state.keys, hint)
 
     # -- lookup, plan, load ----------------------------------------------------------------------
 

@@ -71,7 +71,7 @@ class SimSettings:
     gpu_blocks: int | None = None
     host_blocks: int | None = None
     disk_blocks: int | None = None
-    policy: str = "lru"
+    policy: str = "auto"
     prefetch: bool = True
     prefetch_window: int = 8
     prefetch_budget_bytes: int | None = None
