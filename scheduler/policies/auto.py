@@ -34,6 +34,8 @@ from kvtier.scheduler.policies.base import Key, Policy, Protected, protector
 from kvtier.scheduler.policies.basic import LRUPolicy
 
 _MASK = (1 << 64) - 1
+#: the owner of a key that several sessions' requests held
+_SHARED = object()
 _GOLDEN = 0x9E3779B97F4A7C15
 #: 1 / SAMPLE_SPACE is the finest sampling rate
 SAMPLE_SPACE = 1 << 12
@@ -144,7 +146,7 @@ class AutoPolicy(Policy):
         self.leader = 0
         self._sampled: dict[Key, bool] = {}
         self._released: OrderedDict[Key, None] = OrderedDict()
-        self._owner: dict[Key, str] = {}
+        self._owner: dict[Key, object] = {}
 
     # -- books ------------------------------------------------------------------------------------
 
@@ -216,23 +218,28 @@ class AutoPolicy(Policy):
             self.leader = best
 
     def hint(self, keys: Sequence[Key], hint: RetentionHint | None) -> None:
-        """Applies a request's retention hint once its blocks are placed (cached keys only)."""
+        """Applies a request's retention hint once its blocks are placed (cached keys only).
+
+        A cached key belongs to the session that placed it until another session's request holds it
+        too (then it is shared: a system prompt, a document). When the hint says the session ends (or
+        the priority is negative), the keys that belong to its session become first victims.
+        """
         if hint is None:
             return
-        owner = hint.session if hint.session is not None else ""
+        session = hint.session if hint.session is not None else ""
+        owner = self._owner
         mine = []
         for key in keys:
             if key not in self:
                 continue
-            first = self._owner.setdefault(key, owner)
-            if first == owner:
+            first = owner.setdefault(key, session)
+            if first == session:
                 mine.append(key)
+            elif first is not _SHARED:
+                owner[key] = _SHARED
         if hint.releases:
             for key in mine:
                 self._released[key] = None
-        else:
-            for key in mine:
-                self._released.pop(key, None)
 
     def replay_request(self, keys: Sequence[Key], hint: RetentionHint | None = None,
                        partial_last: bool = True) -> int:
