@@ -122,7 +122,7 @@ class AutoPolicy(Policy):
     name = "auto"
 
     def __init__(self, capacity: int, candidates: Sequence[str] | None = None, min_shadow: int = 1024,
-                 half_life: int = 500, margin: float = 1.0) -> None:
+                 half_life: int = 500, margin: float = 0.0) -> None:
         super().__init__(capacity)
         names = list(candidates) if candidates is not None else list(CANDIDATES)
         unknown = [n for n in names if n not in CANDIDATES]
@@ -238,11 +238,11 @@ class AutoPolicy(Policy):
             elif first is not _SHARED:
                 owner[key] = _SHARED
         if hint.releases:
-            for key in mine:
+            for key in reversed(mine):  # deepest first: no block outlives its prefix
                 self._released[key] = None
 
     def replay_request(self, keys: Sequence[Key], hint: RetentionHint | None = None,
-                       partial_last: bool = True) -> int:
+                       partial_last: bool = False) -> int:
         """The hit-only step, suffix first; then the shadows learn from the request.
 
         Hits are the leading cached keys, as for every policy. Then the request's cached keys are

@@ -141,7 +141,7 @@ def run_policy(work: HitOnlyWorkload, name: str | PolicyName, capacity: int,
         policy = make_policy(pname, capacity)
     step = policy.replay_request
     if isinstance(policy, AutoPolicy):
-        extras = zip(work.hints or [None] * len(work.keys), work.partial_last or [True] * len(work.keys))
+        extras = zip(work.hints or [None] * len(work.keys), work.partial_last or [False] * len(work.keys))
 
         def step(keys: tuple[Hashable, ...], _replay=policy.replay_request, _extras=iter(extras)) -> int:
             hint, partial = next(_extras)
