@@ -12,6 +12,12 @@ Everything is learned from the request stream as it is served: nothing from the 
 to a trace. Since LRU, ARC and S3-FIFO are themselves candidates, `auto` cannot fall far below the
 best of them; the S3-FIFO with a deep ghost (4x the capacity) is what wins on conversations.
 
+Two prefix-rule refinements apply whichever candidate leads (`replay_request`, the hit-only step):
+a request's blocks are refreshed and inserted deepest first, so in every candidate's order a prompt's
+tail ranks older than its head (a cached head still gives hits, a tail without its head never does);
+and a prompt's partial last block, which the next turn of a conversation rewrites (hence rehashes),
+is released to go first when the caller says it is partial.
+
 Hints (`RetentionHint`, optional): blocks of a session that will not continue (or of a request with
 negative priority) that no other session inserted become the first victims, whatever the leader says.
 
@@ -117,6 +123,8 @@ class AutoPolicy(Policy):
         min_shadow: the smallest shadow capacity in keys: the sampling rate is
             max(1/64, min(1, min_shadow / capacity)) (rounded to 1/SAMPLE_SPACE).
         half_life: requests after which a shadow hit counts half (the memory of the comparison).
+        margin: a challenger leads once its score exceeds the leader's by `margin` standard
+            deviations (Poisson, sqrt of the leader's score); 0 (default): as soon as it is ahead.
     """
 
     name = "auto"
@@ -130,6 +138,8 @@ class AutoPolicy(Policy):
             raise ConfigError(f"candidates: {names!r}; expected names from {', '.join(CANDIDATES)}")
         if not isinstance(min_shadow, int) or min_shadow < 1:
             raise ConfigError(f"min_shadow: {min_shadow!r}; expected an int >= 1")
+        if not margin >= 0:
+            raise ConfigError(f"margin: {margin!r}; expected a number >= 0")
         if not isinstance(half_life, int) or half_life < 1:
             raise ConfigError(f"half_life: {half_life!r}; expected an int >= 1 (requests)")
         self.candidate_names = tuple(names)

@@ -34,25 +34,26 @@ def test_one_capacity_one_policy_json(trace, tmp_path, capsys):
     assert doc["block_hit_ratio"] == pytest.approx(4 / 11, abs=1e-6)  # hand-computed in test_hitonly
     assert doc["policy"] == "lru" and doc["cache_blocks"] == 3
     assert doc["bounds"]["infinite"] == pytest.approx(7 / 11, abs=1e-6)
-    assert 0 <= doc["bounds"]["belady"] <= doc["bounds"]["infinite"]
+    assert doc["block_hit_ratio"] <= doc["bounds"]["opt"] <= doc["bounds"]["infinite"]  # opt bounds every policy
     assert doc["results"][0]["block_hit_ratio"] == doc["block_hit_ratio"]
 
 
 def test_sweep_json_and_table(trace, tmp_path, capsys):
     out = tmp_path / "r.json"
     assert main(["replay", str(trace), "--hit-only", "--cache-blocks", "2,3,8", "--policy", "lru,arc,s3fifo,suffix-arc",
-                 "--weight", "tokens", "--warmup-fraction", "0.25", "--bounds", "belady,min", "--jobs", "1",
+                 "--weight", "tokens", "--warmup-fraction", "0.25", "--bounds", "opt,belady,min", "--jobs", "1",
                  "--json", str(out)]) == 0
     table = capsys.readouterr().out
-    assert "suffix-arc" in table and "belady (bound)" in table and "infinite (bound)" in table
+    assert "suffix-arc" in table and "opt (bound)" in table and "infinite (bound)" in table
+    assert "belady (reference)" in table and "classic MIN (reference)" in table
     doc = json.loads(out.read_text())
     assert "block_hit_ratio" not in doc  # a sweep: results only
     assert doc["weight"] == "tokens" and doc["measured_requests"] == 3
     assert len(doc["results"]) == 12
     for r in doc["results"]:
         assert {"policy", "cache_blocks", "block_hit_ratio", "bounds"} <= set(r)
-        assert {"infinite", "belady", "min"} <= set(r["bounds"])
-        assert 0 <= r["block_hit_ratio"] <= r["bounds"]["infinite"] + 1e-9
+        assert {"infinite", "opt", "belady", "min"} <= set(r["bounds"])
+        assert 0 <= r["block_hit_ratio"] <= r["bounds"]["opt"] + 1e-9 <= r["bounds"]["infinite"] + 2e-9
 
 
 def test_builtin_workload_and_gen_trace_round_trip(tmp_path, capsys):
@@ -74,7 +75,7 @@ def test_builtin_workload_and_gen_trace_round_trip(tmp_path, capsys):
     (["--cache-blocks", "0"], "--cache-blocks: 0; expected ints >= 1"),
     (["--policy", "lru,mru"], "policy: 'mru'; expected one of"),
     (["--warmup-fraction", "1.5"], "--warmup-fraction: 1.5"),
-    (["--bounds", "arc"], "bounds: 'arc'; expected belady, min or none"),
+    (["--bounds", "arc"], "bounds: 'arc'; expected opt, belady, min or none"),
 ])
 def test_bad_arguments_exit_2(trace, capsys, args, message):
     assert main(["replay", str(trace), "--hit-only", "--quiet", *args]) == 2
