@@ -104,3 +104,28 @@ def test_hit_only_does_not_import_torch(trace):
             "print(rc, 'torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.stdout.split() == ["0", "False"], out.stderr
+
+
+def test_hints_reach_auto(tmp_path):
+    plain, hinted = tmp_path / "p.json", tmp_path / "h.json"
+    common = ["replay", "chat", "--requests", "400", "--hit-only", "--cache-blocks", "150", "--policy", "lru,auto",
+              "--bounds", "none", "--quiet", "--jobs", "1"]
+    assert main(common + ["--json", str(plain)]) == 0
+    assert main(common + ["--hints", "--json", str(hinted)]) == 0
+    p, h = (json.loads(f.read_text()) for f in (plain, hinted))
+    ratio = lambda doc, name: next(r["block_hit_ratio"] for r in doc["results"] if r["policy"] == name)  # noqa: E731
+    assert ratio(h, "lru") == ratio(p, "lru")  # hints are auto's alone
+    assert ratio(h, "auto") > ratio(p, "auto")  # chat's ended sessions make room for the live ones
+    assert h["hints"] is True and p["hints"] is False
+
+
+def test_bench_policy_quick(tmp_path, capsys):
+    out = tmp_path / "b.json"
+    assert main(["bench", "policy", "--quick", "--requests", "150", "--jobs", "1", "--json", str(out)]) == 0
+    doc = json.loads(out.read_text())
+    assert {"min_margin_vs_best_classic", "shared_trace_gain_2k", "gap_closed_2k", "hint_gain", "cells"} <= set(doc)
+    for cell in doc["cells"]:
+        best = max(cell[p] for p in ("lru", "arc", "s3fifo"))
+        assert cell["margin"] == pytest.approx(cell["auto"] - best, abs=2e-4)
+        assert cell["auto"] <= cell["opt"] + 1e-9  # opt bounds auto
+    assert doc["min_margin_vs_best_classic"] == pytest.approx(min(c["margin"] for c in doc["cells"]), abs=2e-4)
