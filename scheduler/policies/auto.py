@@ -143,7 +143,11 @@ class AutoPolicy(Policy):
         if not isinstance(half_life, int) or half_life < 1:
             raise ConfigError(f"half_life: {half_life!r}; expected an int >= 1 (requests)")
         self.candidate_names = tuple(names)
-        self._real = [CANDIDATES[n](capacity) for n in names]
+        #: the candidates' books of the cache, built when the cache first needs a victim; until then
+        #: every candidate would hold the same keys, so one recency order stands for them (cheap
+        #: while a tier is filling, and for tiers that never fill)
+        self._real: list[Policy] | None = None
+        self._warm: OrderedDict[Key, None] | None = OrderedDict()
         rate = max(1.0 / 64, min(1.0, min_shadow / capacity))
         self._threshold = max(1, round(rate * SAMPLE_SPACE))
         self.sampling_rate = self._threshold / SAMPLE_SPACE
@@ -161,27 +165,46 @@ class AutoPolicy(Policy):
     # -- books ------------------------------------------------------------------------------------
 
     def __len__(self) -> int:
-        return len(self._real[0])
+        return len(self._warm) if self._warm is not None else len(self._real[0])
 
     def __contains__(self, key: object) -> bool:
-        return key in self._real[0]
+        return key in self._warm if self._warm is not None else key in self._real[0]
 
     def keys(self) -> Iterator[Key]:
-        return self._real[0].keys()
+        return iter(self._warm) if self._warm is not None else self._real[0].keys()
 
     @property
     def leader_name(self) -> str:
         """The candidate whose victims the cache takes now."""
         return self.candidate_names[self.leader]
 
+    def _books(self) -> list[Policy]:
+        """The candidates' books, built from the warm-up recency order (oldest first) on first use."""
+        if self._real is None:
+            self._real = [CANDIDATES[n](self.capacity) for n in self.candidate_names]
+            for policy in self._real:
+                for key in self._warm:
+                    policy.insert(key, None)
+            self._warm = None
+        return self._real
+
     def access(self, key: Key) -> None:
-        for policy in self._real:
-            policy.access(key)
-        self._released.pop(key, None)
+        if self._warm is not None:
+            self._warm.move_to_end(key)
+        else:
+            for policy in self._real:
+                policy.access(key)
+        if self._released:
+            self._released.pop(key, None)
 
     def insert(self, key: Key, parent: Key | None = None) -> None:
-        for policy in self._real:
-            policy.insert(key, parent)
+        if self._warm is not None:
+            if key in self._warm:
+                raise KeyError(f"{key!r} is already cached")
+            self._warm[key] = None
+        else:
+            for policy in self._real:
+                policy.insert(key, parent)
 
     def victim(self, protected: Protected = None, incoming: Key | None = None) -> Key | None:
         if self._released:
@@ -189,11 +212,14 @@ class AutoPolicy(Policy):
             for key in self._released:
                 if not is_protected(key):
                     return key
-        return self._real[self.leader].victim(protected, incoming)
+        return self._books()[self.leader].victim(protected, incoming)
 
     def remove(self, key: Key) -> None:
-        for policy in self._real:
-            policy.remove(key)
+        if self._warm is not None:
+            del self._warm[key]
+        else:
+            for policy in self._real:
+                policy.remove(key)
         self._released.pop(key, None)
         self._owner.pop(key, None)
 
@@ -262,28 +288,22 @@ class AutoPolicy(Policy):
         block that the next turn of a conversation extends, hence rehashes), becomes a first victim.
         """
         hits = self.lookup(keys)
-        real = self._real
-        first = real[0]
         new = []
         for i in range(len(keys) - 1, -1, -1):
             key = keys[i]
-            if key in first:
-                for policy in real:
-                    policy.access(key)
-                if self._released:
-                    self._released.pop(key, None)
+            if key in self:
+                self.access(key)
             else:
                 new.append(key)
         for key in new:
-            if len(first) >= self.capacity:
+            if len(self) >= self.capacity:
                 victim = self.victim(None, key)
                 if victim is None:
                     break
                 self.remove(victim)
-            for policy in real:
-                policy.insert(key, None)
+            self.insert(key, None)
         self.observe(keys)
-        if partial_last and keys and keys[-1] in first:
+        if partial_last and keys and keys[-1] in self:
             self._released[keys[-1]] = None
         if hint is not None:
             self.hint(keys, hint)
