@@ -144,10 +144,10 @@ class AutoPolicy(Policy):
             raise ConfigError(f"half_life: {half_life!r}; expected an int >= 1 (requests)")
         self.candidate_names = tuple(names)
         #: the candidates' books of the cache, built when the cache first needs a victim; until then
-        #: every candidate would hold the same keys, so one recency order stands for them (cheap
-        #: while a tier is filling, and for tiers that never fill)
+        #: every candidate would hold the same keys, so one recency order with hit counts stands for
+        #: them (cheap while a tier is filling, and for tiers that never fill)
         self._real: list[Policy] | None = None
-        self._warm: OrderedDict[Key, None] | None = OrderedDict()
+        self._warm: OrderedDict[Key, int] | None = OrderedDict()
         rate = max(1.0 / 64, min(1.0, min_shadow / capacity))
         self._threshold = max(1, round(rate * SAMPLE_SPACE))
         self.sampling_rate = self._threshold / SAMPLE_SPACE
@@ -179,18 +179,23 @@ class AutoPolicy(Policy):
         return self.candidate_names[self.leader]
 
     def _books(self) -> list[Policy]:
-        """The candidates' books, built from the warm-up recency order (oldest first) on first use."""
+        """The candidates' books, built on first use from the warm-up order (oldest first), each key
+        inserted then hit as often as it was (at most 3 times: what frequency policies tell apart)."""
         if self._real is None:
             self._real = [CANDIDATES[n](self.capacity) for n in self.candidate_names]
             for policy in self._real:
-                for key in self._warm:
+                for key, hits in self._warm.items():
                     policy.insert(key, None)
+                    for _ in range(min(hits, 3)):
+                        policy.access(key)
             self._warm = None
         return self._real
 
     def access(self, key: Key) -> None:
-        if self._warm is not None:
-            self._warm.move_to_end(key)
+        warm = self._warm
+        if warm is not None:
+            warm[key] += 1
+            warm.move_to_end(key)
         else:
             for policy in self._real:
                 policy.access(key)
@@ -201,7 +206,7 @@ class AutoPolicy(Policy):
         if self._warm is not None:
             if key in self._warm:
                 raise KeyError(f"{key!r} is already cached")
-            self._warm[key] = None
+            self._warm[key] = 0
         else:
             for policy in self._real:
                 policy.insert(key, parent)

@@ -40,8 +40,6 @@ from kvtier.scheduler.engines.vllm.metadata import KvtierMeta
 log = logging.getLogger(__name__)
 
 
-@dataclass(slots=True)
-
 def request_hint(request: Any) -> RetentionHint | None:
     """The retention hint in a vLLM request's `kv_transfer_params` (`session`, `continues`,
     `priority`), or None; a malformed hint is logged and ignored (it must never fail a request)."""
@@ -51,6 +49,8 @@ def request_hint(request: Any) -> RetentionHint | None:
         log.warning("kvtier: request %s: retention hint ignored (%s)", getattr(request, "request_id", "?"), err)
         return None
 
+
+@dataclass(slots=True)
 class _Req:
     keys: tuple[BlockKey, ...]
     num_tokens: int
