@@ -1,8 +1,8 @@
 """Figure 3: hit ratio and TTFT vs host-tier capacity on the shared Mooncake conversation trace, per policy.
 
 Left panel: prefix hit ratio (hit-only replay, `kvtier.scheduler.replay.hitonly`, whole trace, one cache of
-C blocks) for each policy (lru, arc, s3fifo, suffix-arc) at host capacities C, with the infinite-cache
-ratio and Belady's at each C as bounds. Right panel: TTFT p50 and p99 (log y) from the replay simulator
+C blocks) for each policy (lru, arc, s3fifo, suffix-arc and the default auto) at host capacities C, with
+the bounds: the infinite-cache ratio and `opt` (the exact offline optimum under the prefix rule) at each C. Right panel: TTFT p50 and p99 (log y) from the replay simulator
 (`kvtier.scheduler.replay.simulate`: the real Decider on a simulated engine; llama-3-8b on h100-sxm,
 16 requests at most per batch) on the first `SIM_REQUESTS` requests of the same trace, with a small
 fixed GPU tier, the host tier of C blocks and no disk (so the host tier is the last level and its size
@@ -30,7 +30,7 @@ from kvtier.scheduler.replay.simulate import SimSettings, prepare, simulate  # n
 from kvtier.scheduler.replay.traces import MOONCAKE_TRACE  # noqa: E402
 
 TRACE = MOONCAKE_TRACE
-POLICIES = ["lru", "arc", "s3fifo", "suffix-arc"]
+POLICIES = ["lru", "arc", "s3fifo", "suffix-arc", "auto"]
 CAPACITIES = [2000, 6000, 20000, 60000]
 SIM_REQUESTS = 3000  # a full-trace simulation takes 15-40 s here; 16 of them would not fit in minutes
 GPU_BLOCKS = 500
@@ -50,9 +50,9 @@ def main() -> None:
     trace, name = load_requests(args)
     reqs = trace.requests
 
-    # hit-only: whole trace, each policy at each capacity, infinite and Belady bounds
+    # hit-only: whole trace, each policy at each capacity, the infinite and opt bounds
     work = hitonly.HitOnlyWorkload.from_requests(reqs)
-    sweep = hitonly.sweep(work, CAPACITIES, POLICIES, ("belady",), jobs=1)
+    sweep = hitonly.sweep(work, CAPACITIES, POLICIES, ("opt",), jobs=2)
     hit = {(r.policy, r.cache_blocks): r.block_hit_ratio for r in sweep.results}
 
     # simulation: trace prefix, gpu fixed, host = C, no disk
@@ -68,7 +68,7 @@ def main() -> None:
             doc = summarize(simulate(workload, s), workload)
             rows.append({"policy": policy, "host_blocks": c,
                          "hit_ratio_full_trace": round(hit[(policy, c)], 4),
-                         "belady_full_trace": round(sweep.belady[c], 4),
+                         "opt_full_trace": round(sweep.opt[c], 4),
                          "infinite_full_trace": round(sweep.infinite, 4),
                          "sim_block_hit_ratio": doc["block_hit_ratio"],
                          "ttft_p50_ms": doc["ttft_ms"]["p50"], "ttft_p99_ms": doc["ttft_ms"]["p99"],
@@ -78,7 +78,7 @@ def main() -> None:
             "sim_requests": SIM_REQUESTS, "sim_unique_blocks": workload.unique_blocks,
             "block_tokens": workload.block_tokens, "model": base.model, "hardware": base.hardware,
             "gpu_blocks": GPU_BLOCKS, "disk_blocks": 0, "time_scale": scale, "target_load": TARGET_LOAD,
-            "infinite": sweep.infinite, "belady": sweep.belady,
+            "infinite": sweep.infinite, "opt": sweep.opt,
             "no_cache_ttft_ms": nocache["ttft_ms"]}
     write_json("fig_capacity.json", {"meta": meta, "rows": rows})
 
@@ -90,7 +90,7 @@ def main() -> None:
         ax1.plot(xs, [r["hit_ratio_full_trace"] for r in sel], f"C{i}o-", label=policy)
         ax2.plot(xs, [r["ttft_p50_ms"] for r in sel], f"C{i}o-", label=f"{policy} p50")
         ax2.plot(xs, [r["ttft_p99_ms"] for r in sel], f"C{i}s--", label=f"{policy} p99")
-    ax1.plot(CAPACITIES, [sweep.belady[c] for c in CAPACITIES], "k^:", label="Belady")
+    ax1.plot(CAPACITIES, [sweep.opt[c] for c in CAPACITIES], "k^:", label="opt (bound)")
     ax1.axhline(sweep.infinite, color="k", lw=1.2, label=f"infinite cache ({sweep.infinite:.3f})")
     ax1.set_xscale("log")
     ax1.set_ylim(0, min(1.0, sweep.infinite * 1.15))
@@ -120,8 +120,9 @@ def main() -> None:
     lo, hi = CAPACITIES[0], CAPACITIES[-1]
     best = max(POLICIES, key=lambda p: r(p, 20000)["hit_ratio_full_trace"])
     print(f"findings: whole trace, hit ratio rises from {r('lru', lo)['hit_ratio_full_trace']:.3f} (lru) at "
-          f"{lo:,} blocks to {r('lru', hi)['hit_ratio_full_trace']:.3f} at {hi:,} (Belady "
-          f"{sweep.belady[lo]:.3f} -> {sweep.belady[hi]:.3f}, infinite {sweep.infinite:.3f}); at 20,000 blocks "
+          f"{lo:,} blocks to {r('lru', hi)['hit_ratio_full_trace']:.3f} at {hi:,} (auto "
+          f"{r('auto', lo)['hit_ratio_full_trace']:.3f} -> {r('auto', hi)['hit_ratio_full_trace']:.3f}; opt "
+          f"{sweep.opt[lo]:.3f} -> {sweep.opt[hi]:.3f}, infinite {sweep.infinite:.3f}); at 20,000 blocks "
           f"{best} is best ({r(best, 20000)['hit_ratio_full_trace']:.3f} vs lru "
           f"{r('lru', 20000)['hit_ratio_full_trace']:.3f}). Simulated TTFT (first {SIM_REQUESTS:,} requests, "
           f"load {TARGET_LOAD}, lru): p50 {r('lru', lo)['ttft_p50_ms']:.0f} -> {r('lru', hi)['ttft_p50_ms']:.0f} ms, "

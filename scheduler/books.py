@@ -31,7 +31,7 @@ from kvtier.tiers.tier import TierName
 
 from kvtier.scheduler.config import OffloadConfig, WriteMode
 from kvtier.scheduler.index import DISK_SLOT, Index
-from kvtier.scheduler.policies import make_policy
+from kvtier.scheduler.policies import AutoPolicy, make_policy
 
 log = logging.getLogger(__name__)
 
@@ -102,6 +102,8 @@ class Books:
         if self.disk_slots:
             self.tiers.append(TierName.DISK)
         self.policies = {tier: make_policy(config.policy, self._capacity(tier)) for tier in self.tiers}
+        #: the policies that learn from whole requests and take retention hints (`auto`)
+        self.learners = [p for p in self.policies.values() if isinstance(p, AutoPolicy)]
         self.pending: dict[int, _Pending] = {}
         self.stats = Stats()
         self._bytes_per_block = spec.bytes_per_block  # a property computed on every call: hoisted

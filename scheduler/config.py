@@ -59,7 +59,7 @@ class OffloadConfig:
     disk_bytes: int = 0
     disk_path: str | None = None
     codec: str = "none"
-    policy: str = "lru"
+    policy: str = "auto"
     write_mode: WriteMode = WriteMode.WRITE_THROUGH
     prefetch: bool = True
     prefetch_window: int = 16

@@ -29,10 +29,8 @@ Invariants:
 from __future__ import annotations
 
 import logging
-import math
 import time
 from collections import OrderedDict
-from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
 from kvtier.tiers.commands import Command, Completion, Load, Move, MoveReason, Save
@@ -44,30 +42,10 @@ from kvtier.scheduler.admission import Canceller, PrefetchAdmission
 from kvtier.scheduler.books import Books, Stats  # noqa: F401 (Stats re-exported)
 from kvtier.scheduler.config import OffloadConfig, WriteMode
 from kvtier.scheduler.index import DISK_SLOT, Entry
+from kvtier.scheduler.policies import RetentionHint
+from kvtier.scheduler.request_state import RequestState
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(slots=True)
-class RequestState:
-    """What the decider knows of one request.
-
-    Attributes:
-        protected: blocks it protects in host (its prefix there or on its way there) until its load ends.
-        planned_s / started_s: its plan's predicted prefill and when its load started (nan: not yet),
-            so the admission knows how much of its prefill is left ahead of the queue.
-        predicted: the admission's cached plan of it ((prefix signature), `Plan`).
-    """
-
-    request_id: str
-    keys: tuple[BlockKey, ...]
-    num_tokens: int
-    queued_s: float
-    protected: set[BlockKey] = field(default_factory=set)
-    running: bool = False
-    planned_s: float = 0.0
-    started_s: float = math.nan
-    predicted: tuple[tuple[int, int, int], Any] | None = None
 
 
 class Decider(Books):
@@ -98,10 +76,15 @@ class Decider(Books):
 
     # -- queue and prefetch ----------------------------------------------------------------------
 
-    def enqueue(self, request_id: str, keys: Sequence[BlockKey], num_tokens: int) -> None:
-        """Records a queued request (its keys computed by the caller)."""
+    def enqueue(self, request_id: str, keys: Sequence[BlockKey], num_tokens: int,
+                hint: RetentionHint | None = None) -> None:
+        """Records a queued request (its keys computed by the caller) and its optional retention hint;
+        policies that learn from the request stream (`auto`) see its keys now."""
         with self.lock:
-            self.queue[request_id] = RequestState(request_id, tuple(keys), num_tokens, self.clock())
+            state = RequestState(request_id, tuple(keys), num_tokens, self.clock(), hint=hint)
+            self.queue[request_id] = state
+            for policy in self.learners:
+                policy.observe(state.keys)
 
     def request(self, request_id: str) -> RequestState | None:
         return self.queue.get(request_id) or self.running.get(request_id)
@@ -118,16 +101,26 @@ class Decider(Books):
                 log.exception("prefetch round failed")
         return out
 
-    def cancel(self, request_id: str) -> None:
+    def cancel(self, request_id: str) -> RequestState | None:
         """Forgets a queued or running request: its promotions not yet begun are cancelled, its
-        protections go (promotions already reading land)."""
+        protections go (promotions already reading land). Returns what was known of it."""
         with self.lock:
             state = self.queue.pop(request_id, None) or self.running.pop(request_id, None)
             if state is not None:
                 self.admission.cancel_request(request_id)
                 self.admission.release(state)
+            return state
 
-    finish = cancel
+    def finish(self, request_id: str, hint: RetentionHint | None = None) -> None:
+        """The request is done (`cancel`), and its retention hint (this one, else the one given at
+        `enqueue`) reaches the policies that take hints (`auto`): a session that ends lets its own
+        blocks go first."""
+        with self.lock:
+            state = self.cancel(request_id)
+            hint = hint or (state.hint if state is not None else None)
+            if state is not None and hint is not None:
+                for policy in self.learners:
+                    policy.hint(state.keys, hint)
 
     # -- lookup, plan, load ----------------------------------------------------------------------
 

@@ -34,6 +34,7 @@ from kvtier.tiers.worker import TransferHandle
 from kvtier.scheduler.config import OffloadConfig
 from kvtier.scheduler.decider import Decider
 from kvtier.scheduler.plan import Plan
+from kvtier.scheduler.policies import RetentionHint
 from kvtier.scheduler.prefetcher import Prefetcher
 
 log = logging.getLogger(__name__)
@@ -149,19 +150,24 @@ class OffloadManager:
 
     # -- engine events ---------------------------------------------------------------------------
 
-    def enqueue(self, request_id: str, token_ids: Any) -> int:
+    def enqueue(self, request_id: str, token_ids: Any, hint: RetentionHint | None = None) -> int:
         """A request joined the engine's waiting queue; prefetch of its cached blocks starts.
+
+        Args:
+            hint: optional retention hint (session id, whether the conversation continues, priority),
+                used by the `auto` policy; see `kvtier.scheduler.policies.RetentionHint`.
 
         Returns:
             The number of leading tokens cached now (any tier).
         """
-        return self.enqueue_keys(request_id, self.keys(token_ids), len(token_ids))
+        return self.enqueue_keys(request_id, self.keys(token_ids), len(token_ids), hint)
 
-    def enqueue_keys(self, request_id: str, keys: Sequence[BlockKey], num_tokens: int) -> int:
+    def enqueue_keys(self, request_id: str, keys: Sequence[BlockKey], num_tokens: int,
+                     hint: RetentionHint | None = None) -> int:
         """`enqueue` with the block keys already computed (e.g. a trace's ids, or an engine's own hashes
         mapped to kvtier keys); returns the leading tokens cached now."""
         self._check_open()
-        self.decider.enqueue(request_id, keys, num_tokens)
+        self.decider.enqueue(request_id, keys, num_tokens, hint)
         if self._prefetcher is not None:
             self._prefetcher.wake()
         return len(self.decider.index.lookup(keys)) * self.spec.block_tokens
@@ -235,9 +241,10 @@ class OffloadManager:
             return handles[-1]
         return TransferHandle.completed(keys)
 
-    def finish(self, request_id: str) -> None:
-        """The request is done: its protections are released."""
-        self.decider.finish(request_id)
+    def finish(self, request_id: str, hint: RetentionHint | None = None) -> None:
+        """The request is done: its protections are released; `hint` (else the one given at `enqueue`)
+        tells the `auto` policy whether its session continues."""
+        self.decider.finish(request_id, hint)
 
     def cancel(self, request_id: str) -> None:
         """The request left the queue: its prefetch protections are released (promotions in flight land)."""

@@ -1,8 +1,8 @@
 """`kvtier replay TRACE`: what would kvtier do for this traffic?
 
 Modes:
-- `--hit-only`: prefix hit ratios for each `--cache-blocks` capacity and `--policy`, with the
-  infinite-cache and Belady bounds (`kvtier.scheduler.replay.hitonly`); seconds for a whole trace.
+- `--hit-only`: prefix hit ratios for each `--cache-blocks` capacity and `--policy` (default `auto`),
+  with the infinite-cache and `opt` bounds (`kvtier.scheduler.replay.hitonly`); seconds for a whole trace.
 - default: the discrete-event simulation (`kvtier.scheduler.cli.simulate.run_simulation`);
   `--real` runs the same trace through the real tiers.
 
@@ -69,15 +69,18 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     hit.add_argument("--hit-only", action="store_true", help="hit ratios only (no timing model)")
     hit.add_argument("--cache-blocks", default="20000", metavar="N[,N...]",
                      help="cache capacities in blocks, comma-separated (default 20000)")
-    hit.add_argument("--policy", default="lru", metavar="P[,P...]",
-                     help="policies, comma-separated: fifo, lru, arc, s3fifo, prefix-aware, cost-aware, "
-                          "suffix-arc, belady, min (default lru)")
+    hit.add_argument("--policy", default="auto", metavar="P[,P...]",
+                     help="policies, comma-separated: auto, fifo, lru, arc, s3fifo, prefix-aware, cost-aware, "
+                          "suffix-arc, and the offline opt, belady, min (default auto)")
     hit.add_argument("--weight", choices=("blocks", "tokens"), default="blocks",
                      help="count each hit as one block, or as its tokens (kvcache-simulator) (default blocks)")
     hit.add_argument("--warmup-fraction", type=float, default=0.0, metavar="F",
                      help="measure only the last 1-F of the requests (kvcache-simulator: 0.5) (default 0)")
-    hit.add_argument("--bounds", default="belady", metavar="B[,B...]",
-                     help="bounds at each capacity: belady, min, or none (default belady; infinite always)")
+    hit.add_argument("--bounds", default="opt", metavar="B[,B...]",
+                     help="bound and references at each capacity: opt (the bound), belady, min (references), "
+                          "or none (default opt; infinite always)")
+    hit.add_argument("--hints", action="store_true",
+                     help="give auto the trace's retention hints (session, continues, priority)")
     sim = p.add_argument_group("simulation mode (default) and --real")
     sim.add_argument("--gpu", default=None, help="gpu tier capacity (bytes like 16GiB, or blocks like 2000b)")
     sim.add_argument("--host", default=None, help="host tier capacity")
@@ -147,7 +150,7 @@ def run_hit_only(args: argparse.Namespace) -> int:
     if not 0.0 <= args.warmup_fraction < 1.0:
         raise ConfigError(f"--warmup-fraction: {args.warmup_fraction}; expected 0 <= F < 1")
     trace, name = load_requests(args)
-    work = hitonly.HitOnlyWorkload.from_requests(trace.requests, args.weight, args.warmup_fraction)
+    work = hitonly.HitOnlyWorkload.from_requests(trace.requests, args.weight, args.warmup_fraction, args.hints)
     progress = _progress(not args.quiet and sys.stderr.isatty())
     jobs = args.jobs if args.jobs is not None else min(4, os.cpu_count() or 1)
     if jobs < 1:
@@ -155,7 +158,8 @@ def run_hit_only(args: argparse.Namespace) -> int:
     result = hitonly.sweep(work, capacities, policies, bounds, progress, jobs=jobs)
     meta = {"trace": name, "format": trace.format.value, "requests": len(trace.requests),
             "blocks": sum(len(k) for k in work.keys), "skipped": trace.skipped, "weight": args.weight,
-            "warmup_fraction": args.warmup_fraction, "measured_requests": work.num_requests - work.start}
+            "warmup_fraction": args.warmup_fraction, "measured_requests": work.num_requests - work.start,
+            "hints": args.hints}
     if trace.skipped and not args.quiet:
         print(f"kvtier replay: skipped {trace.skipped} malformed record(s); first: {trace.errors[0]}",
               file=sys.stderr)

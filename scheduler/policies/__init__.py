@@ -13,9 +13,10 @@ and `kvtier replay` use these same classes: one implementation, never a simulato
 | prefix-aware | PrefixAwarePolicy | least recently used *leaf*: a suffix leaves before its prefix |
 | cost-aware | CostAwarePolicy | GreedyDual on seconds saved per byte (deeper = dearer), leaves only |
 | suffix-arc | SuffixARCPolicy | ours: ARC with deep ghost history and suffix-first order |
-| belady | BeladyPolicy | offline bound: farthest next request, never the request served |
-| belady-bypass | BeladyBypassPolicy | offline bound of a cache that may refuse keys (kvcache-simulator's optimal) |
-| min | MinPolicy | offline bound: classic MIN at event granularity |
+| auto | AutoPolicy | the default: follows whichever candidate (LRU, ARC, S3-FIFO, deep-ghost S3-FIFO) its sampled shadow caches score best |
+| opt | BeladyBypassPolicy | offline bound: the exact optimum under the prefix rule (request-level Belady with bypass, leaves only) |
+| belady | BeladyPolicy | offline reference (not a bound): farthest next request, forced insertion |
+| min | MinPolicy | offline reference (not a bound): classic MIN at event granularity |
 
 Primitives: `PolicyName` (the names), `POLICIES` (name -> class), `make_policy`,
 `parse_policy_names`, `ONLINE` (the policies a tier may use: no future knowledge).
@@ -29,6 +30,7 @@ from typing import Any, Sequence
 from kvtier.tiers.errors import ConfigError
 
 from kvtier.scheduler.policies.adaptive import ARCPolicy, S3FIFOPolicy, SuffixARCPolicy
+from kvtier.scheduler.policies.auto import AutoPolicy, RetentionHint
 from kvtier.scheduler.policies.base import Key, Policy, Protected, protector
 from kvtier.scheduler.policies.basic import FIFOPolicy, LRUPolicy
 from kvtier.scheduler.policies.belady import NEVER, BeladyPolicy, MinPolicy, next_uses
@@ -36,8 +38,8 @@ from kvtier.scheduler.policies.bypass import BeladyBypassPolicy
 from kvtier.scheduler.policies.tree import CostAwarePolicy, PrefixAwarePolicy
 
 __all__ = [
-    "ARCPolicy", "BeladyBypassPolicy", "BeladyPolicy", "CostAwarePolicy", "FIFOPolicy", "Key", "LRUPolicy", "MinPolicy", "NEVER",
-    "ONLINE", "POLICIES", "Policy", "PolicyName", "PrefixAwarePolicy", "Protected", "S3FIFOPolicy",
+    "ARCPolicy", "AutoPolicy", "BeladyBypassPolicy", "BeladyPolicy", "CostAwarePolicy", "FIFOPolicy", "Key", "LRUPolicy", "MinPolicy", "NEVER",
+    "ONLINE", "POLICIES", "Policy", "PolicyName", "PrefixAwarePolicy", "Protected", "RetentionHint", "S3FIFOPolicy",
     "SuffixARCPolicy", "make_policy", "next_uses", "parse_policy_names", "protector",
 ]
 
@@ -52,14 +54,20 @@ class PolicyName(str, Enum):
     PREFIX_AWARE = "prefix-aware"
     COST_AWARE = "cost-aware"
     SUFFIX_ARC = "suffix-arc"
+    AUTO = "auto"
+    OPT = "opt"
     BELADY = "belady"
-    BELADY_BYPASS = "belady-bypass"
     MIN = "min"
 
     @property
     def offline(self) -> bool:
-        """True for the bounds that read the future (replay only)."""
-        return self in (PolicyName.BELADY, PolicyName.BELADY_BYPASS, PolicyName.MIN)
+        """True for the policies that read the future (replay only)."""
+        return self in (PolicyName.OPT, PolicyName.BELADY, PolicyName.MIN)
+
+    @property
+    def is_bound(self) -> bool:
+        """True for `opt`, the only offline policy no online policy can beat (the others are references)."""
+        return self is PolicyName.OPT
 
 
 POLICIES: dict[PolicyName, type[Policy]] = {
@@ -70,8 +78,9 @@ POLICIES: dict[PolicyName, type[Policy]] = {
     PolicyName.PREFIX_AWARE: PrefixAwarePolicy,
     PolicyName.COST_AWARE: CostAwarePolicy,
     PolicyName.SUFFIX_ARC: SuffixARCPolicy,
+    PolicyName.AUTO: AutoPolicy,
+    PolicyName.OPT: BeladyBypassPolicy,
     PolicyName.BELADY: BeladyPolicy,
-    PolicyName.BELADY_BYPASS: BeladyBypassPolicy,
     PolicyName.MIN: MinPolicy,
 }
 
@@ -79,7 +88,7 @@ POLICIES: dict[PolicyName, type[Policy]] = {
 ONLINE: tuple[PolicyName, ...] = tuple(n for n in PolicyName if not n.offline)
 
 _ALIASES = {"s3-fifo": PolicyName.S3FIFO, "prefix": PolicyName.PREFIX_AWARE, "cost": PolicyName.COST_AWARE,
-            "optimal": PolicyName.BELADY, "opt": PolicyName.BELADY, "ours": PolicyName.SUFFIX_ARC}
+            "optimal": PolicyName.OPT, "belady-bypass": PolicyName.OPT, "ours": PolicyName.SUFFIX_ARC}
 
 
 def policy_name(name: str | PolicyName) -> PolicyName:

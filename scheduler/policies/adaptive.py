@@ -113,13 +113,21 @@ class S3FIFOPolicy(Policy):
     Args:
         capacity: keys cached at most.
         small_fraction: the small queue's share of the capacity (0.1 in the paper).
+        ghost: the ghost queue's length in multiples of the capacity (the paper: as many keys as M
+            holds, 0.9). A longer ghost lets blocks that come back after many requests (the next turn
+            of a conversation) enter M directly.
     """
 
     name = "s3fifo"
 
-    def __init__(self, capacity: int, small_fraction: float = 0.1) -> None:
+    def __init__(self, capacity: int, small_fraction: float = 0.1, ghost: float | None = None) -> None:
         super().__init__(capacity)
+        if not 0.0 < small_fraction < 1.0:
+            raise ConfigError(f"small_fraction: {small_fraction!r}; expected 0 < f < 1")
+        if ghost is not None and not ghost > 0:
+            raise ConfigError(f"ghost: {ghost!r}; expected a multiple of the capacity > 0")
         self.small_target = max(1, int(capacity * small_fraction))
+        self.ghost_limit = max(1, capacity - self.small_target if ghost is None else round(ghost * capacity))
         self._small: OrderedDict[Key, None] = OrderedDict()
         self._main: OrderedDict[Key, None] = OrderedDict()
         self._ghost: OrderedDict[Key, None] = OrderedDict()
@@ -184,7 +192,7 @@ class S3FIFOPolicy(Policy):
         if key in self._small:
             del self._small[key]
             self._ghost[key] = None
-            while len(self._ghost) > max(1, self.capacity - self.small_target):
+            while len(self._ghost) > self.ghost_limit:
                 self._ghost.popitem(last=False)
         else:
             del self._main[key]

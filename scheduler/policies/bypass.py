@@ -29,7 +29,7 @@ class BeladyBypassPolicy(BeladyPolicy):
     filters; docs/design.md's `belady` inserts every key.
     """
 
-    name = "belady-bypass"
+    name = "opt"
 
     def __init__(self, capacity: int, requests: Sequence[Sequence[Key]],
                  future: Sequence[tuple[float, ...]] | None = None) -> None:

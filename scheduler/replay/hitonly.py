@@ -9,7 +9,9 @@ only the last 1 - F of the requests (the first floor(n * F) still fill the cache
 
 Primitives: `Weight`, `HitOnlyWorkload.from_requests` (keys, weights, measured window: built once,
 shared by every run), `run_policy`, `infinite_ratio`, `sweep` (capacities x policies, plus the
-infinite bound and Belady / classic MIN at each capacity), `HitOnlyResult`.
+infinite bound, the `opt` bound and the Belady / classic MIN references at each capacity),
+`HitOnlyResult`. Only `opt` and the infinite cache are bounds: forced-insertion Belady and classic MIN
+are references that online policies can beat under the prefix rule.
 
 The policies are `kvtier.scheduler.policies` (the tiers' own classes). Nothing here imports torch.
 """
@@ -19,13 +21,13 @@ from __future__ import annotations
 import math
 import multiprocessing
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import Enum
 from typing import Callable, Hashable, Sequence
 
 from kvtier.tiers.errors import ConfigError
 
-from kvtier.scheduler.policies import PolicyName, make_policy, next_uses, policy_name
+from kvtier.scheduler.policies import AutoPolicy, PolicyName, RetentionHint, make_policy, next_uses, policy_name
 from kvtier.scheduler.replay.traces import Request, block_weights
 
 #: progress(done, total, label)
@@ -58,17 +60,23 @@ class HitOnlyWorkload:
         weights: per request, each block's weight (tokens), or None when every block counts 1.
         start: index of the first measured request (the warm-up requests before it only fill).
         total: the measured weight (blocks or tokens) of all measured requests.
+        partial_last: per request, whether its last key is a partial block (the next turn of a
+            conversation rewrites it, so `auto` lets it go first).
+        hints: per request, its retention hint (`RetentionHint`: session, continues, priority) for
+            the policies that take hints (`auto`); None when hints are off.
     """
 
     keys: list[tuple[Hashable, ...]]
     weights: list[tuple[int, ...]] | None
     start: int
     total: float
+    hints: list[RetentionHint] | None = None
+    partial_last: list[bool] | None = None
 
     @classmethod
     def from_requests(cls, requests: Sequence[Request], weight: Weight | str = Weight.BLOCKS,
-                      warmup_fraction: float = 0.0) -> "HitOnlyWorkload":
-        """Keys, weights and measured window of `requests`.
+                      warmup_fraction: float = 0.0, hints: bool = False) -> "HitOnlyWorkload":
+        """Keys, weights and measured window of `requests` (and their retention hints when `hints`).
 
         Raises:
             ConfigError: warmup_fraction outside [0, 1), an unknown weight, or no block to measure.
@@ -94,7 +102,9 @@ class HitOnlyWorkload:
             total = float(sum(len(k) for k in keys[start:]))
         if total <= 0:
             raise ConfigError("trace: no block in the measured requests (all prompts shorter than a block?)")
-        return cls(keys, weights, start, total)
+        hint_list = [RetentionHint(r.session, r.continues, r.priority) for r in requests] if hints else None
+        partial = [r.block_ids is not None and r.input_tokens % r.block_tokens != 0 for r in requests]
+        return cls(keys, weights, start, total, hint_list, partial)
 
     @property
     def num_requests(self) -> int:
@@ -130,6 +140,12 @@ def run_policy(work: HitOnlyWorkload, name: str | PolicyName, capacity: int,
     else:
         policy = make_policy(pname, capacity)
     step = policy.replay_request
+    if isinstance(policy, AutoPolicy):
+        extras = zip(work.hints or [None] * len(work.keys), work.partial_last or [False] * len(work.keys))
+
+        def step(keys: tuple[Hashable, ...], _replay=policy.replay_request, _extras=iter(extras)) -> int:
+            hint, partial = next(_extras)
+            return _replay(keys, hint, partial)
     keys, weights, start = work.keys, work.weights, work.start
     for r in range(start):
         step(keys[r])
@@ -170,6 +186,7 @@ class SweepResult:
     belady: dict[int, float]
     min: dict[int, float]
     seconds: float
+    opt: dict[int, float] = field(default_factory=dict)
 
 
 #: what a forked worker inherits: the workload and the offline policies' futures
@@ -183,8 +200,8 @@ def _run_forked(task: tuple[int, PolicyName]) -> HitOnlyResult:
 
 
 def sweep(work: HitOnlyWorkload, capacities: Sequence[int], policies: Sequence[str | PolicyName],
-          bounds: Sequence[str] = ("belady",), progress: Progress | None = None, jobs: int = 1) -> SweepResult:
-    """Runs every policy at every capacity, and the bounds ("belady", "min") at each capacity.
+          bounds: Sequence[str] = ("opt",), progress: Progress | None = None, jobs: int = 1) -> SweepResult:
+    """Runs every policy at every capacity, and the bound "opt" and references "belady", "min" at each capacity.
 
     Args:
         jobs: worker processes (forked, so the workload is shared copy-on-write); 1 runs in this
@@ -200,8 +217,8 @@ def sweep(work: HitOnlyWorkload, capacities: Sequence[int], policies: Sequence[s
             raise ConfigError(f"cache_blocks: {c!r}; expected ints >= 1")
     bound_names = [policy_name(b) for b in bounds]
     for b in bound_names:
-        if b not in (PolicyName.BELADY, PolicyName.MIN):
-            raise ConfigError(f"bounds: {b.value!r}; expected belady, min or none")
+        if b not in (PolicyName.OPT, PolicyName.BELADY, PolicyName.MIN):
+            raise ConfigError(f"bounds: {b.value!r}; expected opt, belady, min or none")
     futures: dict[PolicyName, list] = {}
 
     def future(p: PolicyName) -> list | None:
@@ -242,6 +259,7 @@ def sweep(work: HitOnlyWorkload, capacities: Sequence[int], policies: Sequence[s
     results = [done[(c, p)] for c in capacities for p in names]
     belady = {c: done[(c, PolicyName.BELADY)].block_hit_ratio for c in capacities if (c, PolicyName.BELADY) in done}
     mins = {c: done[(c, PolicyName.MIN)].block_hit_ratio for c in capacities if (c, PolicyName.MIN) in done}
+    opts = {c: done[(c, PolicyName.OPT)].block_hit_ratio for c in capacities if (c, PolicyName.OPT) in done}
     if infinite is None:
         infinite = infinite_ratio(work)
-    return SweepResult(results, infinite, belady, mins, time.perf_counter() - start_s)
+    return SweepResult(results, infinite, belady, mins, time.perf_counter() - start_s, opts)

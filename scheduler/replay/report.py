@@ -1,12 +1,13 @@
 """Hit-only reports: the summary table and the JSON document of `kvtier replay --hit-only`.
 
 JSON (`hit_only_json`): `results`, one object per (capacity, policy) with `policy`,
-`cache_blocks`, `block_hit_ratio`, `hits`, `total`, `seconds` and `bounds` {`infinite`, `belady`,
-and `min` when computed}; when the run is one capacity and one policy, `policy`, `cache_blocks`,
+`cache_blocks`, `block_hit_ratio`, `hits`, `total`, `seconds` and `bounds` {`infinite`, `opt`, and the
+references `belady` and `min` when computed}; when the run is one capacity and one policy, `policy`, `cache_blocks`,
 `block_hit_ratio` and `bounds` are also at the top level. Plus what was replayed (`trace`, `format`,
 `requests`, `blocks`, `skipped`, `weight`, `warmup_fraction`) and `seconds`.
 
-Table (`hit_only_table`): a row per policy and bound, a column per capacity, ratios to 4 places.
+Table (`hit_only_table`): a row per policy, bound (`opt (bound)`, `infinite (bound)`) and reference
+(`belady (reference)`, `classic MIN (reference)`), a column per capacity, ratios to 4 places.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ RATIO_DIGITS = 6
 
 def _bounds(sweep: SweepResult, capacity: int) -> dict[str, float]:
     out = {"infinite": round(sweep.infinite, RATIO_DIGITS)}
+    if capacity in sweep.opt:
+        out["opt"] = round(sweep.opt[capacity], RATIO_DIGITS)
     if capacity in sweep.belady:
         out["belady"] = round(sweep.belady[capacity], RATIO_DIGITS)
     if capacity in sweep.min:
@@ -52,9 +55,11 @@ def hit_only_table(sweep: SweepResult, meta: dict[str, Any]) -> str:
     ratio = {(r.policy, r.cache_blocks): r.block_hit_ratio for r in sweep.results}
     rows = [[p] + [f"{ratio[(p, c)]:.4f}" for c in capacities] for p in policies]
     if sweep.belady and "belady" not in policies:
-        rows.append(["belady (bound)"] + [f"{sweep.belady[c]:.4f}" if c in sweep.belady else "-" for c in capacities])
+        rows.append(["belady (reference)"] + [f"{sweep.belady[c]:.4f}" if c in sweep.belady else "-" for c in capacities])
     if sweep.min and "min" not in policies:
-        rows.append(["classic MIN (bound)"] + [f"{sweep.min[c]:.4f}" if c in sweep.min else "-" for c in capacities])
+        rows.append(["classic MIN (reference)"] + [f"{sweep.min[c]:.4f}" if c in sweep.min else "-" for c in capacities])
+    if sweep.opt and "opt" not in policies:
+        rows.append(["opt (bound)"] + [f"{sweep.opt[c]:.4f}" if c in sweep.opt else "-" for c in capacities])
     rows.append(["infinite (bound)"] + [f"{sweep.infinite:.4f}"] * len(capacities))
     header = ["policy \\ blocks"] + [f"{c:,}" for c in capacities]
     widths = [max(len(row[i]) for row in rows + [header]) for i in range(len(header))]

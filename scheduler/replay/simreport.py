@@ -10,7 +10,7 @@ Primitives:
   a block vanished), `commands`, `decider` (the Decider's own counters), `makespan_s`, `gpu_utilization`.
 - `simulation_json(...)`: the run's summary at the top level plus `mode`, `settings` (defaults filled in),
   `capacities`, `time_scale`, `no_cache_load`, `load`, `baselines` {name: summary}, `bounds`
-  {infinite, belady, ...}, `seconds`.
+  {infinite, opt (the bounds), belady (a reference), ...}, `seconds`.
 - `simulation_table(doc)`, `progress_bar()`, `check_plotting()`, `plot(simulation, doc, path)`.
 
 No torch; matplotlib only inside `plot` (the `plot` extra), with a clear error when it is missing.
@@ -144,10 +144,12 @@ def simulation_table(doc: dict[str, Any]) -> str:
                      f"{_ms(r['ttft_ms'])}")
     b = doc.get("bounds") or {}
     if b:
-        bound = f"bounds: infinite cache {b['infinite']:.4f}, Belady at {b['belady_cache_blocks']:,} blocks " \
-                f"{b['belady']:.4f}"
-        if "belady_gpu" in b:
-            bound += f", Belady at the gpu's {b['belady_gpu_cache_blocks']:,} blocks {b['belady_gpu']:.4f}"
+        bound = f"bounds: infinite cache {b['infinite']:.4f}"
+        if "opt" in b:
+            bound += f", opt at {b['belady_cache_blocks']:,} blocks {b['opt']:.4f}"
+        if "opt_gpu" in b:
+            bound += f", opt at the gpu's {b['belady_gpu_cache_blocks']:,} blocks {b['opt_gpu']:.4f}"
+        bound += f" (reference: Belady {b['belady']:.4f})"
         lines.append(bound)
     tiers = doc["hit_ratio_by_tier"]
     lines += [

@@ -71,7 +71,7 @@ class SimSettings:
     gpu_blocks: int | None = None
     host_blocks: int | None = None
     disk_blocks: int | None = None
-    policy: str = "lru"
+    policy: str = "auto"
     prefetch: bool = True
     prefetch_window: int = 16
     prefetch_budget_bytes: int | None = None
@@ -247,7 +247,8 @@ def baseline_settings(settings: SimSettings, caps: dict[str, int]) -> dict[str, 
 
 
 def bounds(workload: Workload, caps: dict[str, int]) -> dict[str, Any]:
-    """Infinite-cache and Belady hit ratios (the hit-only code's), at the hierarchy's and the gpu's size."""
+    """Infinite-cache and `opt` hit ratios (the bounds) and the Belady reference (the hit-only code's), at
+    the hierarchy's and the gpu's size."""
     from kvtier.scheduler.replay.hitonly import HitOnlyWorkload, infinite_ratio, run_policy
 
     keys = [r.keys for r in workload.requests]
@@ -257,14 +258,16 @@ def bounds(workload: Workload, caps: dict[str, int]) -> dict[str, Any]:
     total_blocks = caps["gpu"] + caps["host"] + caps["disk"]
     out: dict[str, Any] = {"infinite": infinite, "belady_cache_blocks": total_blocks}
 
-    def belady(capacity: int) -> float:
+    def ratio(policy: str, capacity: int) -> float:
         if capacity >= workload.unique_blocks:
             return infinite  # nothing is ever evicted
-        return run_policy(work, "belady", capacity).block_hit_ratio
+        return run_policy(work, policy, capacity).block_hit_ratio
 
-    out["belady"] = belady(total_blocks)
+    out["opt"] = ratio("opt", total_blocks)
+    out["belady"] = ratio("belady", total_blocks)
     if caps["gpu"]:
-        out["belady_gpu"] = belady(caps["gpu"])
+        out["opt_gpu"] = ratio("opt", caps["gpu"])
+        out["belady_gpu"] = ratio("belady", caps["gpu"])
         out["belady_gpu_cache_blocks"] = caps["gpu"]
     return out
 

@@ -3,13 +3,15 @@
 Formats (`TraceFormat`):
 - `mooncake`: one JSON object a line: `timestamp` (ms), `input_length`, `output_length`, `hash_ids`
   (one already-chained id per 512-token block, the partial last block included).
-- `kvtier`: one JSON object a line: `timestamp` (s), optional `session_id`, either `hash_ids` or
-  `token_ids`, `input_length` (optional with `token_ids`), `output_length`, optional `block_size`
-  (tokens per hash id; default 512) and `request_id`. `kvtier gen-trace` writes this format.
+- `kvtier`: one JSON object a line: `timestamp` (s), optional `session` (or `session_id`), either
+  `hash_ids` or `token_ids`, `input_length` (optional with `token_ids`), `output_length`, optional
+  `block_size` (tokens per hash id; default 512) and `request_id`, and the optional retention hints
+  `priority` (int; negative: keep its blocks least) and `continues` (bool: false when the session ends
+  with this request). `kvtier gen-trace` writes this format.
 - `azure-csv`: the Azure LLM inference trace: a header with `TIMESTAMP`, `ContextTokens`,
   `GeneratedTokens`; every request is a unique prompt (fresh ids no other request shares).
 A `.gz` file is read through gzip. The format is detected from the first record unless given:
-a CSV header -> azure-csv; a JSON object with `token_ids`, `session_id` or `block_size` -> kvtier;
+a CSV header -> azure-csv; a JSON object with `token_ids`, `session`, `session_id` or `block_size` -> kvtier;
 otherwise mooncake.
 
 Primitives: `Request` (one record), `Trace` (the records and what was skipped), `read_trace`,
@@ -66,6 +68,8 @@ class Request:
         session: conversation or agent id when the trace has one.
         block_tokens: tokens per block id.
         line: the record's line number in its file (1-based), for messages.
+        priority: retention hint: negative when the request's own blocks may go first (default 0).
+        continues: retention hint: False when its session ends with this request; None: not said.
     """
 
     request_id: int | str
@@ -77,6 +81,8 @@ class Request:
     session: str | None = None
     block_tokens: int = MOONCAKE_BLOCK_TOKENS
     line: int = 0
+    priority: int = 0
+    continues: bool | None = None
 
     @property
     def num_blocks(self) -> int:
@@ -143,7 +149,7 @@ def detect_format(path: str | Path) -> TraceFormat:
                     record = json.loads(text)
                 except json.JSONDecodeError as err:
                     raise TraceFormatError(f"{p.name}:{number}: not JSON ({err.msg})") from None
-                if isinstance(record, dict) and ({"token_ids", "session_id", "block_size"} & record.keys()):
+                if isinstance(record, dict) and ({"token_ids", "session", "session_id", "block_size"} & record.keys()):
                     return TraceFormat.KVTIER
                 return TraceFormat.MOONCAKE
     except (OSError, EOFError, gzip.BadGzipFile, UnicodeDecodeError) as err:
@@ -223,10 +229,16 @@ def _kvtier(record: dict, index: int, number: int, where: str, t0: list[float]) 
     n_in = _int_field(record, "input_length", where, required=has_hash, minimum=1 if has_hash else 0)
     if tokens is not None:
         n_in = n_in or len(tokens)
-    session = record.get("session_id")
+    session = record.get("session", record.get("session_id"))
     rid = record.get("request_id", index)
+    priority = record.get("priority", 0)
+    if type(priority) is not int:
+        raise TraceFormatError(f"{where}: 'priority' must be an int, got {priority!r:.30}")
+    continues = record.get("continues")
+    if continues is not None and type(continues) is not bool:
+        raise TraceFormatError(f"{where}: 'continues' must be true or false, got {continues!r:.30}")
     return Request(rid, s - t0[0], n_in, _int_field(record, "output_length", where, required=False), ids, tokens,
-                   None if session is None else str(session), block, number)
+                   None if session is None else str(session), block, number, priority, continues)
 
 
 def _parse_azure_time(value: str, where: str) -> float:
@@ -375,7 +387,11 @@ def iter_lines(requests: list[Request]) -> Iterator[dict[str, Any]]:
         record: dict[str, Any] = {"timestamp": round(r.arrival_s, 6), "input_length": r.input_tokens,
                                   "output_length": r.output_tokens, "block_size": r.block_tokens}
         if r.session is not None:
-            record["session_id"] = r.session
+            record["session"] = r.session
+        if r.priority:
+            record["priority"] = r.priority
+        if r.continues is not None:
+            record["continues"] = r.continues
         if r.block_ids is not None:
             record["hash_ids"] = list(r.block_ids)
         else:

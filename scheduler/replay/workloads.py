@@ -11,7 +11,9 @@ Kinds (`KINDS`):
   prompt + one document + a fresh question, so popular documents are shared prefixes.
 
 Every request carries chained block ids (`hash_ids`: equal id, equal prefix; the partial last
-block gets an id of its own, as Mooncake's), its lengths, its session, and `block_size`.
+block gets an id of its own, as Mooncake's), its lengths, its session, `block_size`, and the retention
+hint `continues` an application knows: whether its session sends another request (a chat's last
+turn, an agent's final step; a document question never continues).
 `generate(kind, num_requests, seed)` is deterministic for a given seed; requests come in arrival
 order; `kvtier gen-trace` prints them as kvtier JSONL.
 """
@@ -134,6 +136,9 @@ def _bisect(cumulative: list[float], u: float) -> int:
     return lo
 
 
+#: the kinds whose sessions are conversations (the application knows whether one continues)
+_CONVERSATIONS = ("chat", "agents")
+
 _GENERATORS: dict[str, Callable[[random.Random, int, int], list[Request]]] = {
     "chat": _chat, "agents": _agents, "docqa": _docqa}
 
@@ -152,5 +157,11 @@ def generate(kind: str, num_requests: int, seed: int = 0, block_tokens: int = DE
         raise ConfigError(f"block_tokens: {block_tokens!r}; expected an int >= 1")
     rng = random.Random(f"{kind}:{seed}")
     reqs = sorted(_GENERATORS[kind](rng, num_requests, block_tokens), key=lambda r: r.arrival_s)[:num_requests]
+    continues: list[bool | None] = [None] * len(reqs)
+    if kind in _CONVERSATIONS:
+        later: set[str | None] = set()
+        for i in range(len(reqs) - 1, -1, -1):  # a session continues when it has a later request
+            continues[i] = reqs[i].session in later
+            later.add(reqs[i].session)
     return [Request(i, round(r.arrival_s, 6), r.input_tokens, r.output_tokens, r.block_ids, None, r.session,
-                    r.block_tokens, 0) for i, r in enumerate(reqs)]
+                    r.block_tokens, 0, 0, more) for i, (r, more) in enumerate(zip(reqs, continues))]

@@ -34,25 +34,26 @@ def test_one_capacity_one_policy_json(trace, tmp_path, capsys):
     assert doc["block_hit_ratio"] == pytest.approx(4 / 11, abs=1e-6)  # hand-computed in test_hitonly
     assert doc["policy"] == "lru" and doc["cache_blocks"] == 3
     assert doc["bounds"]["infinite"] == pytest.approx(7 / 11, abs=1e-6)
-    assert 0 <= doc["bounds"]["belady"] <= doc["bounds"]["infinite"]
+    assert doc["block_hit_ratio"] <= doc["bounds"]["opt"] <= doc["bounds"]["infinite"]  # opt bounds every policy
     assert doc["results"][0]["block_hit_ratio"] == doc["block_hit_ratio"]
 
 
 def test_sweep_json_and_table(trace, tmp_path, capsys):
     out = tmp_path / "r.json"
     assert main(["replay", str(trace), "--hit-only", "--cache-blocks", "2,3,8", "--policy", "lru,arc,s3fifo,suffix-arc",
-                 "--weight", "tokens", "--warmup-fraction", "0.25", "--bounds", "belady,min", "--jobs", "1",
+                 "--weight", "tokens", "--warmup-fraction", "0.25", "--bounds", "opt,belady,min", "--jobs", "1",
                  "--json", str(out)]) == 0
     table = capsys.readouterr().out
-    assert "suffix-arc" in table and "belady (bound)" in table and "infinite (bound)" in table
+    assert "suffix-arc" in table and "opt (bound)" in table and "infinite (bound)" in table
+    assert "belady (reference)" in table and "classic MIN (reference)" in table
     doc = json.loads(out.read_text())
     assert "block_hit_ratio" not in doc  # a sweep: results only
     assert doc["weight"] == "tokens" and doc["measured_requests"] == 3
     assert len(doc["results"]) == 12
     for r in doc["results"]:
         assert {"policy", "cache_blocks", "block_hit_ratio", "bounds"} <= set(r)
-        assert {"infinite", "belady", "min"} <= set(r["bounds"])
-        assert 0 <= r["block_hit_ratio"] <= r["bounds"]["infinite"] + 1e-9
+        assert {"infinite", "opt", "belady", "min"} <= set(r["bounds"])
+        assert 0 <= r["block_hit_ratio"] <= r["bounds"]["opt"] + 1e-9 <= r["bounds"]["infinite"] + 2e-9
 
 
 def test_builtin_workload_and_gen_trace_round_trip(tmp_path, capsys):
@@ -74,7 +75,7 @@ def test_builtin_workload_and_gen_trace_round_trip(tmp_path, capsys):
     (["--cache-blocks", "0"], "--cache-blocks: 0; expected ints >= 1"),
     (["--policy", "lru,mru"], "policy: 'mru'; expected one of"),
     (["--warmup-fraction", "1.5"], "--warmup-fraction: 1.5"),
-    (["--bounds", "arc"], "bounds: 'arc'; expected belady, min or none"),
+    (["--bounds", "arc"], "bounds: 'arc'; expected opt, belady, min or none"),
 ])
 def test_bad_arguments_exit_2(trace, capsys, args, message):
     assert main(["replay", str(trace), "--hit-only", "--quiet", *args]) == 2
@@ -103,3 +104,28 @@ def test_hit_only_does_not_import_torch(trace):
             "print(rc, 'torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.stdout.split() == ["0", "False"], out.stderr
+
+
+def test_hints_reach_auto(tmp_path):
+    plain, hinted = tmp_path / "p.json", tmp_path / "h.json"
+    common = ["replay", "chat", "--requests", "400", "--hit-only", "--cache-blocks", "150", "--policy", "lru,auto",
+              "--bounds", "none", "--quiet", "--jobs", "1"]
+    assert main(common + ["--json", str(plain)]) == 0
+    assert main(common + ["--hints", "--json", str(hinted)]) == 0
+    p, h = (json.loads(f.read_text()) for f in (plain, hinted))
+    ratio = lambda doc, name: next(r["block_hit_ratio"] for r in doc["results"] if r["policy"] == name)  # noqa: E731
+    assert ratio(h, "lru") == ratio(p, "lru")  # hints are auto's alone
+    assert ratio(h, "auto") > ratio(p, "auto")  # chat's ended sessions make room for the live ones
+    assert h["hints"] is True and p["hints"] is False
+
+
+def test_bench_policy_quick(tmp_path, capsys):
+    out = tmp_path / "b.json"
+    assert main(["bench", "policy", "--quick", "--requests", "150", "--jobs", "1", "--json", str(out)]) == 0
+    doc = json.loads(out.read_text())
+    assert {"min_margin_vs_best_classic", "shared_trace_gain_2k", "gap_closed_2k", "hint_gain", "cells"} <= set(doc)
+    for cell in doc["cells"]:
+        best = max(cell[p] for p in ("lru", "arc", "s3fifo"))
+        assert cell["margin"] == pytest.approx(cell["auto"] - best, abs=2e-4)
+        assert cell["auto"] <= cell["opt"] + 1e-9  # opt bounds auto
+    assert doc["min_margin_vs_best_classic"] == pytest.approx(min(c["margin"] for c in doc["cells"]), abs=2e-4)

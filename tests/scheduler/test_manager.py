@@ -300,3 +300,28 @@ def test_config_errors(spec, tmp_path):
     m.close()
     with pytest.raises(ClosedError):
         m.enqueue("x", tokens(16))
+
+
+def test_retention_hint_lets_an_ended_session_go_first(spec):
+    from kvtier.scheduler.policies import RetentionHint
+
+    def run(hinted: bool) -> tuple[int, int]:
+        config = blocks_config(spec, host=8, prefetch=False, policy="auto")
+        with OffloadManager(spec, config, model_config=MODEL) as m:
+            older, newer = tokens(64, 1), tokens(64, 2)
+            # session b stores first (least recent), then session a, whose conversation then ends
+            for rid, prompt, hint in (("b1", older, RetentionHint("b")), ("a1", newer, RetentionHint("a"))):
+                m.enqueue(rid, prompt, hint)
+                m.store(rid, prompt, engine_with_kv(spec, 4, 1)).wait(10)
+                m.finish(rid, RetentionHint("a", continues=False) if hinted and rid == "a1" else None)
+            m.flush()
+            # two new blocks: the cache (8 blocks, full) evicts two
+            m.store("c1", tokens(32, 3), engine_with_kv(spec, 2, 3)).wait(10)
+            m.flush()
+            return m.lookup(older), m.lookup(newer)
+
+    # no hint: the least recent (session b) loses its tail; hinted: the ended session a goes first
+    older_plain, newer_plain = run(False)
+    assert older_plain < 64 and newer_plain == 64
+    older_hinted, newer_hinted = run(True)
+    assert older_hinted == 64 and newer_hinted < 64

@@ -141,7 +141,9 @@ class KvtierConnector(KVConnectorBase_V1):
             self.scheduler.completed(meta.completions)
 
     def request_finished(self, request: "Request", block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
-        self.scheduler.finished(request.request_id)
+        from kvtier.scheduler.engines.vllm.scheduler_side import request_hint  # lazily, as SchedulerSide
+
+        self.scheduler.finished(request.request_id, request_hint(request))
         return False, None
 
     def on_new_request(self, request: "Request") -> None:  # type: ignore[override]

@@ -25,6 +25,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from kvtier.tiers.commands import Command, Completion, Move, MoveReason
+from kvtier.tiers.errors import ConfigError
 from kvtier.tiers.keys import BlockKey, KeyChain
 from kvtier.tiers.spec import KVSpec
 from kvtier.tiers.tier import TierName
@@ -33,12 +34,23 @@ from kvtier.scheduler.config import OffloadConfig
 from kvtier.scheduler.decider import Decider
 from kvtier.scheduler.manager import default_cost_model
 from kvtier.scheduler.planner import Planner
+from kvtier.scheduler.policies import RetentionHint
 from kvtier.scheduler.engines.vllm.metadata import KvtierMeta
 
 log = logging.getLogger(__name__)
 
 #: finished requests between two logs of the prefetch counters
 STATS_EVERY = 100
+
+
+def request_hint(request: Any) -> RetentionHint | None:
+    """The retention hint in a vLLM request's `kv_transfer_params` (`session`, `continues`,
+    `priority`), or None; a malformed hint is logged and ignored (it must never fail a request)."""
+    try:
+        return RetentionHint.from_params(getattr(request, "kv_transfer_params", None))
+    except ConfigError as err:
+        log.warning("kvtier: request %s: retention hint ignored (%s)", getattr(request, "request_id", "?"), err)
+        return None
 
 
 @dataclass(slots=True)
@@ -106,7 +118,7 @@ class SchedulerSide:
             tokens = np.asarray(request.prompt_token_ids, dtype=np.int32)
             state = _Req(tuple(self.keychain.keys(tokens)), len(tokens))
             self.reqs[request.request_id] = state
-            self.decider.enqueue(request.request_id, state.keys, state.num_tokens)
+            self.decider.enqueue(request.request_id, state.keys, state.num_tokens, request_hint(request))
         return state
 
     # -- hooks -----------------------------------------------------------------------------------------
@@ -203,10 +215,11 @@ class SchedulerSide:
         if completions:
             self._prefetch()
 
-    def finished(self, request_id: str) -> None:
-        """The request finished or was aborted: its protections go (saves were done in its steps)."""
+    def finished(self, request_id: str, hint: RetentionHint | None = None) -> None:
+        """The request finished or was aborted: its protections go (saves were done in its steps) and
+        its retention hint (this one, else the one read when it was queued) reaches the policy."""
         self.reqs.pop(request_id, None)
-        self.decider.finish(request_id)
+        self.decider.finish(request_id, hint)
         self.num_finished += 1
         if self.num_finished % STATS_EVERY == 0:
             self.log_stats()

@@ -30,7 +30,8 @@ def test_registry_covers_every_name():
 
 def test_parse_policy_names_and_aliases():
     assert parse_policy_names("lru, ARC,s3-fifo,lru") == [PolicyName.LRU, PolicyName.ARC, PolicyName.S3FIFO]
-    assert parse_policy_names(["optimal", "ours"]) == [PolicyName.BELADY, PolicyName.SUFFIX_ARC]
+    assert parse_policy_names(["optimal", "ours"]) == [PolicyName.OPT, PolicyName.SUFFIX_ARC]
+    assert parse_policy_names("belady-bypass,opt,belady") == [PolicyName.OPT, PolicyName.BELADY]
     with pytest.raises(ConfigError, match="policy: 'lfu'; expected one of fifo, lru"):
         parse_policy_names("lru,lfu")
     with pytest.raises(ConfigError, match="at least one"):

@@ -151,22 +151,22 @@ def test_json_document_has_every_figure(docqa):
     back = json.loads(text)
     assert 0.0 < back["block_hit_ratio"] <= back["bounds"]["infinite"] + 1e-9
     assert set(back["ttft_ms"]) >= {"p50", "p90", "p99", "mean"}
-    assert set(back["bounds"]) >= {"infinite", "belady"}
+    assert set(back["bounds"]) >= {"infinite", "opt", "belady"}
     assert set(back["baselines"]) == {"no_cache", "gpu_only", "offload_no_prefetch"}
     for b in back["baselines"].values():
         assert {"block_hit_ratio", "ttft_ms"} <= set(b)
     assert back["baselines"]["no_cache"]["block_hit_ratio"] == 0.0
     assert back["baselines"]["gpu_only"]["block_hit_ratio"] <= back["block_hit_ratio"] + 1e-9
     assert set(back["hit_ratio_by_tier"]) == {"blocks", "tokens"}
-    assert back["settings"]["policy"] == "lru" and back["time_scale_auto"] is True
+    assert back["settings"]["policy"] == "auto" and back["time_scale_auto"] is True
     assert "kvtier" in simreport.simulation_table(back)
 
 
 def test_bounds_use_the_hit_only_code(docqa):
     workload = prepare(docqa, SimSettings())
     found = bounds(workload, {"gpu": 30, "host": 0, "disk": 0})
-    assert found["belady"] <= found["infinite"]
-    assert found["belady_gpu"] == found["belady"]
+    assert found["belady"] <= found["opt"] <= found["infinite"]
+    assert found["belady_gpu"] == found["belady"] and found["opt_gpu"] == found["opt"]
 
 
 def test_simulation_path_does_not_import_torch(tmp_path):

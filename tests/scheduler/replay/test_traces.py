@@ -72,6 +72,15 @@ def test_kvtier_format_hash_and_token_ids(tmp_path):
     assert (a.session, a.block_tokens, a.block_ids, a.arrival_s) == ("s1", 16, (5, 6, 7), 0.0)
     assert b.block_ids is None and b.token_ids == tuple(range(40)) and b.input_tokens == 40
     assert b.num_blocks == 3 and b.arrival_s == 0.5
+    assert (a.priority, a.continues) == (0, None)
+
+
+def test_kvtier_format_retention_hints(tmp_path):
+    lines = [{"timestamp": 0, "session": "s7", "input_length": 40, "hash_ids": [5, 6, 7], "priority": -2,
+              "continues": False}]
+    (r,) = read_trace(write_lines(tmp_path / "h.jsonl", lines)).requests  # `session` alone: kvtier format
+    assert (r.session, r.priority, r.continues) == ("s7", -2, False)
+    assert list(traces.iter_lines([r]))[0] | {"priority": -2, "continues": False} == list(traces.iter_lines([r]))[0]
 
 
 @pytest.mark.parametrize("record, message", [
@@ -80,6 +89,10 @@ def test_kvtier_format_hash_and_token_ids(tmp_path):
     ({"timestamp": 0, "input_length": 4, "hash_ids": [1], "block_size": 0}, "'block_size' must be an int >= 1, got 0"),
     ({"timestamp": 0, "token_ids": [1, 2.5], "block_size": 4}, "'token_ids' must be a list of ints"),
     ({"timestamp": "soon", "hash_ids": [1], "input_length": 3, "block_size": 4}, "'timestamp' must be a number"),
+    ({"timestamp": 0, "hash_ids": [1], "input_length": 3, "session": "s", "priority": "high"},
+     "'priority' must be an int, got 'high'"),
+    ({"timestamp": 0, "hash_ids": [1], "input_length": 3, "session": "s", "continues": 1},
+     "'continues' must be true or false, got 1"),
 ])
 def test_kvtier_bad_records(tmp_path, record, message):
     path = write_lines(tmp_path / "k.jsonl", [record])
@@ -156,6 +169,12 @@ def test_workloads_are_seeded_and_share_prefixes(tmp_path, kind):
     back = read_trace(path).requests
     assert [r.block_ids for r in back] == [r.block_ids for r in a]
     assert [r.session for r in back] == [r.session for r in a]
+    assert [r.continues for r in back] == [r.continues for r in a]
+    if kind == "docqa":
+        assert all(r.continues is None for r in a)  # a question does not say whether its document returns
+    else:  # a session's last request does not continue, every earlier one does
+        last = {r.session: i for i, r in enumerate(a)}
+        assert all(r.continues == (last[r.session] != i) for i, r in enumerate(a))
 
 
 def test_workload_bad_arguments():
