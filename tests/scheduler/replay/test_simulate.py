@@ -73,8 +73,9 @@ def test_prefetch_on_a_disk_resident_workload_promotes_to_host_only_what_is_used
     reqs = _requests("docqa", 300, seed=3)
     workload = prepare(reqs, SimSettings())
     u = workload.unique_blocks
+    # LRU: the policy stays out of what is compared (`kvtier bench prefetch` measures the default's)
     settings = SimSettings(gpu_blocks=round(0.02 * u), host_blocks=round(0.05 * u), disk_blocks=u,
-                           time_scale=workload.auto_time_scale(0.9))
+                           time_scale=workload.auto_time_scale(0.9), policy="lru")
     on_sim = simulate(workload, settings)
     off_sim = simulate(workload, replace(settings, prefetch=False))
     on, off = (simreport.summarize(s, workload) for s in (on_sim, off_sim))
