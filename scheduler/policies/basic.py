@@ -56,16 +56,8 @@ class FIFOPolicy(Policy):
         del self._order[key]
 
     def replay_request(self, keys: Sequence[Key]) -> int:
-        order = self._order
-        hits = leading_hits(order, keys)
-        room = self.capacity - len(order)  # kept here: the loop runs once per key of the trace
-        for key in keys[hits:]:
-            if key not in order:
-                if room > 0:
-                    room -= 1
-                else:
-                    order.popitem(last=False)
-                order[key] = None
+        hits = leading_hits(self._order, keys)
+        _admit_in_order(self._order, keys[hits:], self.capacity, refresh=False)
         return hits
 
 
@@ -78,18 +70,24 @@ class LRUPolicy(FIFOPolicy):
         self._order.move_to_end(key)
 
     def replay_request(self, keys: Sequence[Key]) -> int:
-        order = self._order
-        capacity = self.capacity
-        hits = leading_hits(order, keys)
-        move = order.move_to_end
-        room = capacity - len(order)
-        for key in keys:
-            if key in order:
-                move(key)
-            else:
-                if room > 0:
-                    room -= 1
-                else:
-                    order.popitem(last=False)
-                order[key] = None
+        hits = leading_hits(self._order, keys)
+        _admit_in_order(self._order, keys, self.capacity, refresh=True)
         return hits
+
+
+def _admit_in_order(order: "OrderedDict[Key, None]", keys: Sequence[Key], capacity: int, refresh: bool) -> None:
+    """The hit-only step of the queue policies: each key in prompt order is inserted at the recent end,
+    evicting from the old end when full; a cached key moves to the recent end only when `refresh`
+    (LRU, not FIFO). One loop per key of the trace: the room is counted here, not asked per key."""
+    move = order.move_to_end
+    room = capacity - len(order)
+    for key in keys:
+        if key in order:
+            if refresh:
+                move(key)
+        else:
+            if room > 0:
+                room -= 1
+            else:
+                order.popitem(last=False)
+            order[key] = None
