@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import itertools
 import math
-import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
@@ -373,8 +372,3 @@ class PrefetchAdmission:
         if key in self.unused:
             self.unused.discard(key)
             self.books.stats.prefetch_used_blocks += 1
-
-
-def now_monotonic() -> float:
-    """The default clock of the decision half."""
-    return time.monotonic()

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Callable
 
 from kvtier.tiers.commands import Command, Completion, Evict, Move, MoveReason
 from kvtier.tiers.keys import BlockKey
@@ -137,9 +137,6 @@ class Books:
     def fastest_tier(self) -> TierName:
         return self.tiers[0]
 
-    def _below(self, tier: TierName) -> TierName | None:
-        return self._below_of[tier]
-
     def _add(self, key: BlockKey, tier: TierName, slot: int, depth: int = 0, parent: BlockKey | None = None) -> None:
         self.index.add(key, tier, slot, depth, parent)
         policy = self.policies[tier]
@@ -164,9 +161,6 @@ class Books:
 
     def _capacity(self, tier: TierName) -> int:
         return self.tables[tier].num_slots if tier in self.tables else self.disk_slots
-
-    def _free_in(self, tier: TierName) -> int:
-        return self._capacities[tier] - len(self._held[tier])
 
     def _make_room(self, tier: TierName, num: int, out: list[Command], request_id: str | None) -> int:
         """Frees up to `num` slots in `tier` (demoting or dropping victims); returns how many are free.
@@ -230,7 +224,3 @@ class Books:
             return
         for tier in list(entry.slots):
             self._drop(key, tier)
-
-    def tier_counts(self) -> dict[str, Any]:
-        """Blocks each tier holds (by name)."""
-        return {str(t): self.count_in(t) for t in self.tiers}
