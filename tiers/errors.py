@@ -54,3 +54,12 @@ class TraceFormatError(KVTierError, ValueError):
 
 class ClosedError(KVTierError, RuntimeError):
     """An object was used after `close()`."""
+
+
+class RemoteError(KVTierError):
+    """The remote tier cannot start: no node reachable, wrong mode, or redis-py missing (calls after
+    start never raise it: a failed call is a miss)."""
+
+
+class RemoteAuthError(RemoteError, ConfigError):
+    """The remote refused the credentials (a wrong or missing password), named at start."""

@@ -1,7 +1,7 @@
 """The interface every tier offers, and the tier names.
 
 Primitives:
-- `TierName`: `gpu`, `host`, `disk` (ordered fastest first).
+- `TierName`: `gpu`, `host`, `disk`, `remote` (ordered fastest first).
 - `Tier`: a store of whole-block payloads with a byte capacity: `put` / `get` / `contains` / `delete`,
   their batched forms (`put_many`, `get_many`, which loop over the single-key form unless a tier can do
   better) and asynchronous forms (`put_async`, `get_async`, returning a `TransferHandle`).
@@ -35,17 +35,19 @@ class TierName(str, enum.Enum):
     GPU = "gpu"
     HOST = "host"
     DISK = "disk"
+    #: a store shared by serving replicas (Redis / Valkey), below the disk
+    REMOTE = "remote"
 
     @property
     def rank(self) -> int:
-        """0 for gpu, 1 for host, 2 for disk."""
+        """0 for gpu, 1 for host, 2 for disk, 3 for remote."""
         return _RANK[self]
 
     def __str__(self) -> str:
         return self.value
 
 
-_RANK = {TierName.GPU: 0, TierName.HOST: 1, TierName.DISK: 2}
+_RANK = {TierName.GPU: 0, TierName.HOST: 1, TierName.DISK: 2, TierName.REMOTE: 3}
 
 
 def parse_size(value: int | str, what: str = "size") -> int:
