@@ -114,10 +114,10 @@ class _Server:
     def join(self) -> None:
         if self.proc is not None:
             self.proc.wait(10)
-            if self.proc.stdout is not None:
-                self.proc.stdout.close()
         if self._reader is not None:
-            self._reader.join(10)
+            self._reader.join(10)  # ends at the pipe's end of file
+        if self.proc is not None and self.proc.stdout is not None:
+            self.proc.stdout.close()
 
 
 class LocalRedis:

@@ -65,7 +65,7 @@ class Node:
     def __init__(self, host: str, port: int, settings: RemoteSettings) -> None:
         redis = _redis()
         self.host, self.port = host, port
-        self.pool = redis.ConnectionPool(host=host, port=port, lib_name=None, lib_version=None,
+        self.pool = redis.ConnectionPool(host=host, port=port,
                                          **settings.connection_kwargs())
         self.down_until = 0.0
         self.last_error = ""
