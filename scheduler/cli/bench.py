@@ -1,4 +1,5 @@
-"""`kvtier bench tiers|scheduler|engine|replay|vllm|prefetch|policy|all`: the benchmarks behind docs/measurements.md.
+"""`kvtier bench tiers|scheduler|engine|replay|vllm|prefetch|policy|remote|all`: the benchmarks behind
+docs/measurements.md (remote: docs/remote.md).
 
 Each benchmark lives in `kvtier.scheduler.bench.<name>` (imported only when run) with
 `add_arguments(parser)` and `run(args) -> int`; `all` (`bench.suite`) runs the acceptance ones in
@@ -10,7 +11,7 @@ from __future__ import annotations
 import argparse
 import importlib
 
-BENCHES = ("tiers", "scheduler", "engine", "replay", "vllm", "prefetch", "policy", "all")
+BENCHES = ("tiers", "scheduler", "engine", "replay", "vllm", "prefetch", "policy", "remote", "all")
 #: benchmark -> module under kvtier.scheduler.bench, where it is not <name>
 MODULES = {"all": "suite"}
 
