@@ -52,6 +52,15 @@ class OffloadConfig:
             present, else a built-in default).
         salt: cache salt that keeps tenants apart (part of every key).
         load_timeout_s: longest wait on a load before the engine gives up and recomputes.
+        remote_url: the remote tier shared by serving replicas, below the disk (None: none):
+            `redis://host:port`, `rediss://...` (TLS), `redis+cluster://host:port[,host:port...]` or a
+            comma-separated seed list; a password absent from the URL comes from `$KVTIER_REMOTE_PASSWORD`.
+        remote_timeout_s: the longest a remote call waits on a silent node (a node that fails or overruns
+            turns its blocks into misses).
+        remote_bytes: what the decision half assumes the remote keeps for this model (its books of remote
+            blocks); the server's maxmemory and LRU decide what it really keeps.
+        remote_codec: codec of values written to the remote ("none", "zstd", "zstd-shuffle").
+        remote_ttl_s: expiry of saved values in seconds (0: none, the server's LRU evicts).
     """
 
     gpu_bytes: int = 0
@@ -71,9 +80,14 @@ class OffloadConfig:
     hardware: str | None = None
     salt: str = ""
     load_timeout_s: float = 30.0
+    remote_url: str | None = None
+    remote_timeout_s: float = 1.0
+    remote_bytes: int = 64 << 30
+    remote_codec: str = "none"
+    remote_ttl_s: int = 0
 
     def __post_init__(self) -> None:
-        for name in ("gpu_bytes", "host_bytes", "disk_bytes", "prefetch_budget_bytes"):
+        for name in ("gpu_bytes", "host_bytes", "disk_bytes", "prefetch_budget_bytes", "remote_bytes"):
             object.__setattr__(self, name, parse_size(getattr(self, name), name))
         try:
             object.__setattr__(self, "write_mode", WriteMode(self.write_mode))
@@ -101,6 +115,18 @@ class OffloadConfig:
             raise ConfigError(f"prefetch_room_share: expected 0 <= share <= 1, got {self.prefetch_room_share}")
         if self.load_timeout_s <= 0:
             raise ConfigError(f"load_timeout_s: expected > 0, got {self.load_timeout_s}")
+        if self.remote_url is not None:
+            from kvtier.tiers.remote.settings import parse_remote_url
+
+            parse_remote_url(self.remote_url, self.remote_timeout_s, env={})  # a bad URL fails here, named
+        if not isinstance(self.remote_timeout_s, (int, float)) or not self.remote_timeout_s > 0:
+            raise ConfigError(f"remote_timeout_s: expected > 0, got {self.remote_timeout_s!r}")
+        try:
+            Codec.parse(self.remote_codec)
+        except (KeyError, ValueError):
+            raise ConfigError(f"remote_codec: {self.remote_codec!r}; expected one of none, zstd, zstd-shuffle") from None
+        if not isinstance(self.remote_ttl_s, int) or self.remote_ttl_s < 0:
+            raise ConfigError(f"remote_ttl_s: expected a non-negative int, got {self.remote_ttl_s!r}")
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], source: str = "config") -> "OffloadConfig":
