@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Sequence
 
 from kvtier.tiers.commands import Command, Completion, Evict, Move, MoveReason
 from kvtier.tiers.keys import BlockKey
@@ -76,6 +76,8 @@ class Stats:
     dropped_blocks: int = 0
     failed_blocks: int = 0
     written_to_disk_blocks: int = 0
+    written_to_remote_blocks: int = 0
+    remote_probes: int = 0
 
 
 @dataclass(slots=True)
@@ -98,9 +100,15 @@ class Books:
             if capacity:
                 self.tables[tier] = SlotTable(max(1, capacity // spec.bytes_per_block))
         self.disk_slots = config.disk_bytes // spec.bytes_per_block if config.disk_bytes else 0
+        #: the books of remote blocks (what probes found and saves wrote; the server may have evicted them)
+        self.remote_slots = max(1, config.remote_bytes // spec.bytes_per_block) if config.remote_url else 0
+        #: `probe(keys) -> leading keys the remote holds` (the remote tier's, or a client of it); None: no probing
+        self.remote_probe: Callable[[Sequence[BlockKey]], int] | None = None
         self.tiers = [t for t in (TierName.GPU, TierName.HOST) if t in self.tables]
         if self.disk_slots:
             self.tiers.append(TierName.DISK)
+        if self.remote_slots:
+            self.tiers.append(TierName.REMOTE)
         self.policies = {tier: make_policy(config.policy, self._capacity(tier)) for tier in self.tiers}
         #: the policies that learn from whole requests and take retention hints (`auto`)
         self.learners = [p for p in self.policies.values() if isinstance(p, AutoPolicy)]
@@ -160,7 +168,9 @@ class Books:
         return len(self.tables[tier]) if tier in self.tables else len(self.policies[tier])
 
     def _capacity(self, tier: TierName) -> int:
-        return self.tables[tier].num_slots if tier in self.tables else self.disk_slots
+        if tier in self.tables:
+            return self.tables[tier].num_slots
+        return self.disk_slots if tier is TierName.DISK else self.remote_slots
 
     def _make_room(self, tier: TierName, num: int, out: list[Command], request_id: str | None) -> int:
         """Frees up to `num` slots in `tier` (demoting or dropping victims); returns how many are free.
@@ -182,8 +192,9 @@ class Books:
     def _evict(self, key: BlockKey, tier: TierName, out: list[Command], request_id: str | None) -> None:
         entry = self.index.get(key)
         below = self._below_of[tier]
+        # nothing is demoted into the remote: every saved block was written through to it already
         demote = (entry is not None and below is not None and below not in entry.slots
-                  and (tier is not TierName.HOST or self.config.write_mode is WriteMode.WRITE_BACK
+                  and below is not TierName.REMOTE and (tier is not TierName.HOST or self.config.write_mode is WriteMode.WRITE_BACK
                        or below is not TierName.DISK))
         if demote and self._make_room(below, 1, out, request_id) > 0:
             dst_slot = self._allocate(below, key)
@@ -210,8 +221,8 @@ class Books:
 
     def _allocate(self, tier: TierName, key: BlockKey) -> int | None:
         table = self.tables.get(tier)
-        if table is None:  # the disk
-            return DISK_SLOT if len(self.policies[tier]) < self.disk_slots else None
+        if table is None:  # the disk or the remote
+            return DISK_SLOT if len(self.policies[tier]) < self._capacities[tier] else None
         return table.allocate(key)
 
     def _track(self, command: Command, on_done: Callable[[Completion], list[Command]] | None) -> None:

@@ -206,7 +206,7 @@ class Decider(Books):
                     slots.append(incoming[1])
                     continue
                 tier = entry.best_tier
-                if tier is TierName.DISK:
+                if tier is TierName.DISK or tier is TierName.REMOTE:
                     if entry.incoming:  # a promotion the load could not join: read twice (never expected)
                         self.stats.double_reads += 1
                     host = TierName.HOST
@@ -330,32 +330,76 @@ class Decider(Books):
         for key in completion.failed:
             self._forget(key)
         self.stats.saved_blocks += len(completion.ok)
-        if self.config.write_mode is not WriteMode.WRITE_THROUGH or TierName.DISK not in self.tiers:
-            return []
         out: list[Command] = []
-        keys, slots = [], []
-        for key in completion.ok:
-            entry = self.index.get(key)
-            if entry is None or TierName.DISK in entry.slots or tier not in entry.slots:
-                continue
-            if self._make_room(TierName.DISK, 1, out, completion.request_id) <= 0:
-                break
-            self._add(key, TierName.DISK, DISK_SLOT, entry.depth, entry.parent)
-            keys.append(key)
-            slots.append(entry.slots[tier])
-        if keys:
-            move = Move(tier, TierName.DISK, tuple(keys), tuple(slots), (), completion.request_id,
-                        MoveReason.WRITE_THROUGH)
-            self._track(move, lambda c, t=tier: self._after_write(c, t))
-            out.append(move)
+        below = []  # the disk under write-through; the remote always (it is how replicas share)
+        if self.config.write_mode is WriteMode.WRITE_THROUGH and TierName.DISK in self.tiers:
+            below.append(TierName.DISK)
+        if TierName.REMOTE in self.tiers:
+            below.append(TierName.REMOTE)
+        for dst in below:
+            keys, slots = [], []
+            for key in completion.ok:
+                entry = self.index.get(key)
+                if entry is None or dst in entry.slots or tier not in entry.slots:
+                    continue
+                if self._make_room(dst, 1, out, completion.request_id) <= 0:
+                    break
+                self._add(key, dst, DISK_SLOT, entry.depth, entry.parent)
+                keys.append(key)
+                slots.append(entry.slots[tier])
+            if keys:
+                move = Move(tier, dst, tuple(keys), tuple(slots), (), completion.request_id, MoveReason.WRITE_THROUGH)
+                self._track(move, lambda c, d=dst: self._after_write(c, d))
+                out.append(move)
         return out
 
-    def _after_write(self, completion: Completion, tier: TierName) -> list[Command]:
-        self.stats.written_to_disk_blocks += len(completion.ok)
+    def _after_write(self, completion: Completion, dst: TierName) -> list[Command]:
+        if dst is TierName.DISK:
+            self.stats.written_to_disk_blocks += len(completion.ok)
+        else:
+            self.stats.written_to_remote_blocks += len(completion.ok)
         for key in completion.failed:
-            if self.index.holds(key, TierName.DISK):
-                self._drop(key, TierName.DISK)
+            if self.index.holds(key, dst):
+                self._drop(key, dst)
         return []
+
+    # -- remote ----------------------------------------------------------------------------------
+
+    def probe_remote(self, keys: Sequence[BlockKey]) -> int:
+        """Asks the remote which blocks of a prefix it holds now, and books them; returns how many blocks
+        of `keys` the remote holds beyond the memory and disk tiers' prefix.
+
+        The part of the prefix that only the remote holds (or nobody) is probed again on every call, one
+        round trip per node, with no lock held: kvtier never assumes a block it saved is still there.
+        Blocks the probe did not find lose their remote booking (the server evicted them).
+        """
+        probe = self.remote_probe
+        if probe is None or not keys:
+            return 0
+        with self.lock:
+            entries = self.index.lookup(keys)
+            first = next((i for i, e in enumerate(entries) if e.best_tier is TierName.REMOTE), len(entries))
+        if first >= len(keys):
+            return 0
+        num = probe(keys[first:])
+        with self.lock:
+            self.stats.remote_probes += 1
+            parent = keys[first - 1] if first else None
+            for i, key in enumerate(keys[first:first + num], first):
+                entry = self.index.get(key)
+                if entry is None or TierName.REMOTE not in entry.slots:
+                    if self._make_room(TierName.REMOTE, 1, [], None) <= 0:
+                        num = i - first
+                        break
+                    self._add(key, TierName.REMOTE, DISK_SLOT, entry.depth if entry else i, parent)
+                parent = key
+            for key in keys[first + num:]:
+                entry = self.index.get(key)
+                if entry is None:
+                    break
+                if TierName.REMOTE in entry.slots and not entry.pins:
+                    self._drop(key, TierName.REMOTE)
+        return num
 
     # -- completions -----------------------------------------------------------------------------
 

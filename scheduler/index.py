@@ -1,7 +1,7 @@
 """Index: which tiers hold each block, where, who uses it, and how it was used.
 
 Primitives:
-- `Entry`: one block's record: the tiers holding it with their slots (`DISK_SLOT` for the disk),
+- `Entry`: one block's record: the tiers holding it with their slots (`DISK_SLOT` for the disk and the remote),
   pin count (in use by a running load or an outgoing copy), protecting requests (queued requests that
   need it), the promotion bringing it to host (`incoming`: in flight, and when it is expected is the
   admission's `Promotion`), hits and last access.
@@ -30,7 +30,7 @@ from kvtier.tiers.keys import BlockKey
 from kvtier.tiers.tier import TierName
 
 DISK_SLOT = -1
-_BY_RANK = (TierName.GPU, TierName.HOST, TierName.DISK)
+_BY_RANK = (TierName.GPU, TierName.HOST, TierName.DISK, TierName.REMOTE)
 
 
 @dataclass(slots=True)

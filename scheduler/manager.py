@@ -120,6 +120,9 @@ class OffloadManager:
         self._stall = [0.0]
         if TierName.DISK in self.tiers:
             self.decider.rebuild_from_disk(self.tiers[TierName.DISK].keys())
+        remote = self.tiers.get(TierName.REMOTE)
+        if remote is not None and TierName.REMOTE in self.decider.tiers:
+            self.decider.remote_probe = remote.probe
         self._prefetcher = (Prefetcher(self._prefetch_round)
                             if config.prefetch and len(self.decider.tiers) > 1 else None)
 
@@ -168,20 +171,23 @@ class OffloadManager:
         mapped to kvtier keys); returns the leading tokens cached now."""
         self._check_open()
         self.decider.enqueue(request_id, keys, num_tokens, hint)
+        self.decider.probe_remote(keys)
         if self._prefetcher is not None:
             self._prefetcher.wake()
         return len(self.decider.index.lookup(keys)) * self.spec.block_tokens
 
     def lookup(self, token_ids: Any) -> int:
-        """Leading tokens of `token_ids` cached in any tier (whole blocks)."""
-        return len(self.decider.lookup(self.keys(token_ids))) * self.spec.block_tokens
+        """Leading tokens of `token_ids` cached in any tier (whole blocks; the remote probed)."""
+        keys = self.keys(token_ids)
+        self.decider.probe_remote(keys)
+        return len(self.decider.lookup(keys)) * self.spec.block_tokens
 
     def plan(self, request_id: str, token_ids: Any = None) -> Plan:
         """The restore-vs-recompute plan of a request (enqueued, or given its tokens now)."""
         self._check_open()
         if token_ids is not None:
             if self.decider.request(request_id) is None:
-                self.decider.enqueue(request_id, self.keys(token_ids), len(token_ids))
+                self.enqueue_keys(request_id, self.keys(token_ids), len(token_ids))
             return self.decider.plan(request_id, self.keys(token_ids), len(token_ids))
         return self.decider.plan(request_id)
 
@@ -263,6 +269,9 @@ class OffloadManager:
         disk = self.tiers.get(TierName.DISK)
         if disk is not None and hasattr(disk, "stats"):
             s["disk"] = asdict(disk.stats) if not callable(disk.stats) else asdict(disk.stats())
+        remote = self.tiers.get(TierName.REMOTE)
+        if remote is not None and hasattr(remote, "stats"):
+            s["remote"] = asdict(remote.stats())
         return s
 
     def flush(self, timeout: float = 60.0) -> None:
@@ -313,7 +322,17 @@ def build_tiers(spec: KVSpec, config: OffloadConfig) -> dict[TierName, Tier]:
         tiers[TierName.HOST] = HostTier(spec, config.host_bytes)
     if config.disk_bytes:
         tiers[TierName.DISK] = DiskTier(config.disk_path, spec, config.disk_bytes, codec=Codec.parse(config.codec))
+    if config.remote_url:
+        tiers[TierName.REMOTE] = remote_tier(spec, config)
     return tiers
+
+
+def remote_tier(spec: KVSpec, config: OffloadConfig) -> Tier:
+    """The remote tier a config names (connected and checked: a wrong password fails here)."""
+    from kvtier.tiers.remote import RemoteTier
+
+    return RemoteTier(spec, config.remote_url, config.remote_bytes, timeout_s=config.remote_timeout_s,
+                      codec=config.remote_codec, salt=config.salt, ttl_s=config.remote_ttl_s)
 
 
 def default_cost_model(spec: KVSpec, hardware: str | None, model_config: Any = None) -> Any:

@@ -16,7 +16,7 @@ from kvtier.tiers.errors import ConfigError
 from kvtier.tiers.tier import TierName
 
 #: tier of each tier code (TierName.rank): gpu 0, host 1, disk 2
-TIERS = (TierName.GPU, TierName.HOST, TierName.DISK)
+TIERS = (TierName.GPU, TierName.HOST, TierName.DISK, TierName.REMOTE)
 
 
 @dataclass(frozen=True, slots=True)

@@ -45,7 +45,8 @@ from kvtier.scheduler.cost.model import CostModel
 from kvtier.scheduler.plan import TIERS as _TIERS, Plan
 
 #: tier codes of the fast input form (a numpy integer array): TierName.rank
-_CODES = {TierName.GPU: 0, TierName.HOST: 1, TierName.DISK: 2, "gpu": 0, "host": 1, "disk": 2}
+_CODES = {TierName.GPU: 0, TierName.HOST: 1, TierName.DISK: 2, TierName.REMOTE: 3, "gpu": 0, "host": 1, "disk": 2,
+          "remote": 3}
 #: plans of at most this many matched blocks take the pure-Python path (module docstring)
 SMALL_K = 16
 
@@ -75,8 +76,12 @@ class Planner:
         if cached is None:
             model = self.cost_model.with_block_tokens(block_tokens)
             # link: (tier codes it carries, latency, seconds per block)
+            # the host link carries every block from host, disk and remote (codes >= 1); the network only
+            # remote blocks (a cost model without a remote path never sees one)
+            remote = ((3,), model.path("remote")) if "remote" in model.paths else ()
             links = tuple((codes, cost.latency_s, cost.block_s) for codes, cost in (
-                ((0,), model.path("gpu")), ((1, 2), model.path("host")), ((2,), model.path(self.disk_path))))
+                ((0,), model.path("gpu")), ((1, 2, 3), model.path("host")), ((2,), model.path(self.disk_path)),
+                *((remote,) if remote else ())))
             cached = self._links[block_tokens] = (model.recompute, links)
         return cached
 

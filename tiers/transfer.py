@@ -47,6 +47,9 @@ from kvtier.tiers.kvbuffer import KVBuffer, runs_by_tier, slot_runs
 
 log = logging.getLogger(__name__)
 
+#: tiers outside this process's memory, read and written by key on background workers
+OUTSIDE = (TierName.DISK, TierName.REMOTE)
+
 
 class Transferer:
     """Runs batched copies between the tiers it is given, on background workers.
@@ -70,7 +73,8 @@ class Transferer:
             check_same_spec(specs[0].spec, tier.spec, "Transferer")
         self.spec = specs[0].spec
         self._copies = Worker("kvtier-copy")
-        self._disk = Worker("kvtier-disk-read") if TierName.DISK in self.tiers else None
+        # reads of the tiers outside this process's memory (disk, remote) run on their own worker
+        self._disk = Worker("kvtier-disk-read") if any(t in self.tiers for t in OUTSIDE) else None
         self._stream = torch.cuda.Stream() if cuda_available() else None
         self.fence_timeout_s = 60.0
         self._copier = ParallelCopier(min(os.cpu_count() or 1, 4))
@@ -125,14 +129,15 @@ class Transferer:
         if not keys:
             handle.finish()
             return handle
-        if src is TierName.DISK:
-            if priority > PRIORITY_LOAD and len(keys) > self.DISK_LOAD_BATCH:
+        if src is TierName.DISK or src is TierName.REMOTE:
+            if src is TierName.DISK and priority > PRIORITY_LOAD and len(keys) > self.DISK_LOAD_BATCH:
                 _check_len(keys, dst_slots, "dst_slots")
                 return self._pieces.submit(self._disk_worker(), handle, keys, dst_slots,
                                            lambda k, d: self._read_disk(k, dst, d), self.DISK_LOAD_BATCH, priority)
-            return self._disk_worker().submit(lambda: self._read_disk(keys, dst, dst_slots), handle, priority)
-        if dst is TierName.DISK:
-            return self._write_disk(keys, src, src_slots, handle)
+            return self._disk_worker().submit(
+                lambda: self._read_disk(keys, dst, dst_slots, src_tiers=[src] * len(keys)), handle, priority)
+        if dst in OUTSIDE:
+            return self._write_disk(keys, src, src_slots, handle, dst)
         _check_len(keys, src_slots, "src_slots")
         _check_len(keys, dst_slots, "dst_slots")
         src_pool, dst_pool = self._pool(src).pool, self._pool(dst).pool
@@ -171,12 +176,29 @@ class Transferer:
 
     def _disk_worker(self) -> Worker:
         if self._disk is None:
-            raise ConfigError("no disk tier was given to this Transferer")
+            raise ConfigError("no disk or remote tier was given to this Transferer")
         return self._disk
 
+    def _get_outside(self, tiers: Sequence[TierName], keys: Sequence[BlockKey], outs: Sequence[object],
+                     on_landed: Callable[[list[int]], None] | None, batch_blocks: int) -> list[bool]:
+        """`get_many` of blocks held by the disk and / or the remote tier (each block's tier in `tiers`):
+        disk blocks first, then remote ones; `on_landed` gets indices into `keys`."""
+        found = [False] * len(keys)
+        for tier in OUTSIDE:
+            idx = [j for j, t in enumerate(tiers) if t is tier]
+            if not idx:
+                continue
+            landed = None if on_landed is None else (lambda b, idx=idx: on_landed([idx[j] for j in b]))
+            got = self.tiers[tier].get_many([keys[j] for j in idx], [outs[j] for j in idx], landed, batch_blocks)
+            for j, ok in zip(idx, got):
+                found[j] = ok
+        return found
+
     def _read_disk(self, keys: Sequence[BlockKey], dst: TierName, dst_slots: Sequence[int],
-                   on_landed: Callable[[list[int]], None] | None = None) -> list[BlockKey]:
-        """Reads blocks from disk into pool slots; returns the keys that missed.
+                   on_landed: Callable[[list[int]], None] | None = None, src_tier: TierName = TierName.DISK,
+                   src_tiers: Sequence[TierName] | None = None) -> list[BlockKey]:
+        """Reads blocks from disk (or the remote: `src_tier`, or per block `src_tiers`) into pool slots;
+        returns the keys that missed.
 
         First waits until copies queued before this read (a demotion snapshotting a slot about to be
         filled) have read their source slots, and until in-flight disk writes of these keys have
@@ -184,14 +206,15 @@ class Transferer:
         """
         _check_len(keys, dst_slots, "dst_slots")
         self._fence(keys)
-        disk, pool = self.tiers[TierName.DISK], self._pool(dst).pool
+        tiers = list(src_tiers) if src_tiers is not None else [src_tier] * len(keys)
+        pool = self._pool(dst).pool
         if pool.device.type == "cpu":
-            found = disk.get_many(keys, [pool.block(s) for s in dst_slots], on_landed, self.DISK_LOAD_BATCH)
+            found = self._get_outside(tiers, keys, [pool.block(s) for s in dst_slots], on_landed, self.DISK_LOAD_BATCH)
         else:  # CUDA destination: through one reused pinned staging block
             staging = torch.empty(self.spec.bytes_per_block, dtype=torch.uint8, pin_memory=True)
             found = []
             for i, (key, slot) in enumerate(zip(keys, dst_slots)):
-                ok = disk.get(key, staging) is not None
+                ok = self.tiers[tiers[i]].get(key, staging) is not None
                 if ok:
                     pool.block(slot).copy_(staging)
                     if on_landed is not None:
@@ -208,10 +231,12 @@ class Transferer:
             h.wait(self.fence_timeout_s) if not h.done() else None
 
     def _write_disk(self, keys: Sequence[BlockKey], src: TierName, src_slots: Sequence[int],
-                    handle: TransferHandle) -> TransferHandle:
+                    handle: TransferHandle, dst: TierName = TierName.DISK) -> TransferHandle:
+        """Snapshots pool slots on the copy worker, then hands them to the disk (or remote) tier's
+        asynchronous writer; `handle` completes when the store acknowledged them."""
         _check_len(keys, src_slots, "src_slots")
         pool = self._pool(src).pool
-        disk = self.tiers[TierName.DISK]
+        disk = self.tiers[dst]
 
         def snapshot() -> None:
             try:
@@ -269,7 +294,7 @@ class Transferer:
             handle.finish()
             return handle
         tiers = [TierName(t) for t in src_tiers]
-        disk_idx = [i for i, t in enumerate(tiers) if t is TierName.DISK]
+        disk_idx = [i for i, t in enumerate(tiers) if t in OUTSIDE]  # disk and remote blocks
         submitted = self._submitted()
 
         def copy_groups(failed: set[BlockKey], done: frozenset[int] = frozenset()) -> list[BlockKey]:
@@ -305,8 +330,8 @@ class Transferer:
                 # then the other tiers' blocks, and the handle ends
                 try:
                     self._fence(disk_keys)
-                    found = self.tiers[TierName.DISK].get_many(
-                        disk_keys, memory, lambda batch: self._copies.submit(
+                    found = self._get_outside(
+                        [tiers[i] for i in disk_idx], disk_keys, memory, lambda batch: self._copies.submit(
                             lambda: fill_host([disk_idx[j] for j in batch]), TransferHandle(), PRIORITY_LOAD),
                         self.DISK_LOAD_BATCH)
                 except BaseException as err:
@@ -333,7 +358,8 @@ class Transferer:
                     self._copies.submit(lambda: write_whole(whole), TransferHandle(), PRIORITY_LOAD)
 
                 missed = set(self._read_disk([keys[i] for i in disk_idx], TierName.HOST,
-                                             [src_slots[i] for i in disk_idx], landed)) | failed_of(wait_for, keys)
+                                             [src_slots[i] for i in disk_idx], landed,
+                                             src_tiers=[tiers[i] for i in disk_idx])) | failed_of(wait_for, keys)
                 # disk blocks were written whole as they landed (`done`): not re-marked host (runs would merge)
                 self._copies.submit(lambda: copy_groups(missed, frozenset(disk_idx)), handle, PRIORITY_LOAD)
             except BaseException as err:

@@ -41,6 +41,10 @@ PROFILE_DIR_ENV = "KVTIER_PROFILE_DIR"
 
 FORMAT = "kvtier-profile/1"
 
+#: the network profile a profile file without one gets: 100 Gb/s Ethernet at 80% efficiency, a 100 us round trip
+DEFAULT_REMOTE_BYTES_PER_S = 100e9 / 8 * 0.8
+DEFAULT_REMOTE_RTT_S = 100e-6
+
 
 @dataclass(frozen=True, slots=True)
 class HardwareProfile:
@@ -61,6 +65,9 @@ class HardwareProfile:
         zstd_decode_bytes_per_s: zstd decode throughput, uncompressed bytes out per second, all threads.
         zstd_ratio: uncompressed / compressed size of KV blocks (>= 1).
         layer_launch_s: fixed cost per layer of one forward pass (kernel launches), summed over layers.
+        remote_bytes_per_s: the network profile of the remote tier: bytes per second of pipelined GETs from
+            the shared pool (default: 100 Gb/s at 80% efficiency).
+        remote_rtt_s: one round trip to the remote, server time included (default 100 us).
         notes: sources of the numbers and assumptions.
         cost_model: raw `cost_model` section (model, spec and fitted coefficients; written by
             `CostModel.to_json`, e.g. from `kvtier calibrate`), or None.
@@ -80,6 +87,8 @@ class HardwareProfile:
     zstd_ratio: float
     layer_launch_s: float
     mfu: float = 0.5
+    remote_bytes_per_s: float = DEFAULT_REMOTE_BYTES_PER_S
+    remote_rtt_s: float = DEFAULT_REMOTE_RTT_S
     description: str = ""
     notes: str = ""
     cost_model: Mapping[str, Any] | None = field(default=None, compare=False, repr=False)
@@ -125,7 +134,7 @@ class HardwareProfile:
         if unknown:
             raise ConfigError(f"{where}: unknown key(s) {', '.join(map(repr, unknown))}; "
                               f"expected keys among {', '.join(sorted(known))}")
-        missing = [name for name in ("name", *_NUMERIC) if name not in data and name != "mfu"]
+        missing = [name for name in ("name", *_NUMERIC) if name not in data and name not in _OPTIONAL]
         if missing:
             raise ConfigError(f"{where}: missing key(s) {', '.join(map(repr, missing))}")
         notes = data.get("notes", "")
@@ -157,8 +166,10 @@ class HardwareProfile:
 
 _NUMERIC = ("peak_flops", "mfu", "hbm_bytes_per_s", "host_link_bytes_per_s", "host_link_latency_s",
             "copy_overhead_s", "disk_bytes_per_s", "disk_latency_s", "disk_block_overhead_s",
-            "zstd_decode_bytes_per_s", "zstd_ratio", "layer_launch_s")
-_MAY_BE_ZERO = {"host_link_latency_s", "copy_overhead_s", "disk_latency_s", "disk_block_overhead_s",
+            "zstd_decode_bytes_per_s", "zstd_ratio", "layer_launch_s", "remote_bytes_per_s", "remote_rtt_s")
+#: numeric fields a profile file may leave out (their defaults apply)
+_OPTIONAL = {"mfu", "remote_bytes_per_s", "remote_rtt_s"}
+_MAY_BE_ZERO = {"remote_rtt_s", "host_link_latency_s", "copy_overhead_s", "disk_latency_s", "disk_block_overhead_s",
                 "layer_launch_s"}
 
 

@@ -11,6 +11,8 @@ host link, the disk is shared and reads every shard):
 - gpu: a device-to-device copy (read + write: bytes / (HBM / 2));
 - disk, disk_zstd: disk -> host -> GPU pipelined, so per block the slowest stage counts (disk read of
   bytes / ratio, zstd decode of bytes, host link of bytes plus copies); latencies add;
+- remote: network -> host -> GPU pipelined the same way (the network profile: one round trip, then bytes at
+  `remote_bytes_per_s`; the host link);
 - recompute: per_token_s = 2 x active params / (peak x MFU x TP); per_token_ctx_s = attention FLOPs per
   context token / (peak x MFU x TP); fixed_s = layers x launch overhead + one token's LM head.
 
@@ -289,9 +291,14 @@ def _derive_paths(profile: HardwareProfile, spec: KVSpec, tp: int,
     zstd_decode = PathCost(latency_s=disk_latency, bytes_per_s=p.zstd_decode_bytes_per_s * scale,
                            bytes_per_block=link_bytes, copies_per_block=0)
     link = replace(host, latency_s=disk_latency)
+    # the remote: the network (a round trip, then the shared pool's bytes of every shard), then the host link
+    net_latency = p.remote_rtt_s + p.host_link_latency_s
+    net = PathCost(latency_s=net_latency, bytes_per_s=p.remote_bytes_per_s * scale, bytes_per_block=link_bytes,
+                   per_block_s=p.disk_block_overhead_s, copies_per_block=0)
     return {"gpu": gpu, "host": host,
             "disk": max(disk_read, link, key=lambda c: c.block_s),
-            "disk_zstd": max(zstd_read, zstd_decode, link, key=lambda c: c.block_s)}
+            "disk_zstd": max(zstd_read, zstd_decode, link, key=lambda c: c.block_s),
+            "remote": max(net, replace(host, latency_s=net_latency), key=lambda c: c.block_s)}
 
 
 __all__ = ["CopyGranularity", "CostModel", "PathCost", "RecomputeCost", "RestorePath", "UNBOUNDED"]

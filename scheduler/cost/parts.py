@@ -28,6 +28,8 @@ class RestorePath(str, enum.Enum):
     HOST = "host"
     DISK = "disk"
     DISK_ZSTD = "disk_zstd"
+    #: the remote tier shared by serving replicas, over the network
+    REMOTE = "remote"
 
     def __str__(self) -> str:
         return self.value

@@ -3,6 +3,7 @@ no call waits past its deadline, nothing wrong is delivered; once it is back, sa
 
 from __future__ import annotations
 
+import shutil
 import threading
 import time
 
@@ -16,6 +17,9 @@ from kvtier.tiers.remote.local import LocalRedis
 from kvtier.tiers.remote.tier import MIN_BYTES_PER_S
 
 TIMEOUT_S = 2.0
+
+pytest.importorskip("redis", reason="the remote tier needs the 'remote' extra (redis-py)")
+pytestmark = pytest.mark.skipif(shutil.which("redis-server") is None, reason="redis-server not installed")
 
 
 @pytest.fixture

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import redis
 import torch
 
 from kvtier.tiers.diskformat import HEADER_BYTES
@@ -13,6 +12,8 @@ from kvtier.tiers.keys import KeyChain
 from kvtier.tiers.remote import RemoteTier
 from kvtier.tiers.remote.settings import parse_remote_url
 from kvtier.tiers.spec import KVSpec
+
+redis = pytest.importorskip("redis", reason="the remote tier needs the 'remote' extra (redis-py)")
 
 
 def _blocks(spec: KVSpec, n: int, seed: int) -> list[torch.Tensor]:
