@@ -2,11 +2,15 @@
 
     kvtier calibrate --model smollm2-135m --out profile.json [--json FILE] [--quick] [--disk-dir D] [--repeats N]
     kvtier calibrate --check --profile profile.json [--json FILE] [--disk-dir D]
+    kvtier calibrate ... --remote redis+cluster://host:port   (or $KVTIER_REMOTE_URL)
 
 The first form measures host restores, cold disk restores and prefills (see `kvtier.scheduler.cost.calibrate`),
 fits on half of the points, reports the errors on the other half and saves the fitted model (a profile JSON
 that `CostModel.load` and `OffloadConfig.hardware` read). `--check` measures a smaller sweep again and reports
-the saved model's errors (no target: the machine's load changes between runs).
+the saved model's errors (no target: the machine's load changes between runs). With a remote configured
+(`--remote URL` or `$KVTIER_REMOTE_URL`) the first form also measures the network profile of the remote
+tier (round trip, restore bandwidth; `kvtier.scheduler.calibrate_remote`) and saves it in the profile, so
+the planner weighs a remote restore against recompute with this network's numbers.
 """
 
 from __future__ import annotations
@@ -36,6 +40,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--block-tokens", type=int, default=64, help="tokens per block of the restores (default 64)")
     p.add_argument("--check", action="store_true", help="re-measure and report the errors of --profile")
     p.add_argument("--profile", help="with --check: the profile JSON written by `kvtier calibrate --out`")
+    p.add_argument("--remote", default=os.environ.get("KVTIER_REMOTE_URL"), metavar="URL",
+                   help="also measure this remote tier's network profile (default: $KVTIER_REMOTE_URL)")
     p.set_defaults(run=run)
 
 
@@ -103,6 +109,14 @@ def run(args: argparse.Namespace) -> int:
                  f"{len(sweep.recompute_points)} prefill points, {sweep.warmup} + {sweep.repeats} rounds")
             result = cal.calibrate(name if name in _presets() else config, sweep, disk_dir=disk_root,
                                    block_tokens=args.block_tokens, progress=_say)
+            if args.remote:
+                from kvtier.scheduler import calibrate_remote
+
+                network = calibrate_remote.measure_network(result.model.spec, args.remote, repeats=sweep.repeats,
+                                                           progress=_say)
+                result = replace(result, model=calibrate_remote.with_network(result.model, network),
+                                 report={**result.report, **network.to_dict()})
+                result.report["coefficients"]["remote"] = result.model.paths["remote"].to_dict()
             try:
                 result.model.save(out)
             except OSError as err:

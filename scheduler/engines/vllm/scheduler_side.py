@@ -9,7 +9,8 @@ Invariants:
   decisions) and the `Planner`'s (restore vs recompute); this module only maps vLLM's events onto
   them and ships the resulting commands in the step's `KvtierMeta`, in decision order;
 - a block is counted loadable only when it is in the host tier now; a block whose promotion is in
-  flight makes the request wait ("not yet"), so a load never races its source;
+  flight makes the request wait ("not yet"), so a load never races its source; blocks on disk or on the
+  remote (probed once per new request) are promoted first;
 - the disk index is rebuilt from the store's key listing at start (opened read-only, closed at once:
   the worker process owns the store).
 """
@@ -41,6 +42,9 @@ log = logging.getLogger(__name__)
 
 #: finished requests between two logs of the prefetch counters
 STATS_EVERY = 100
+
+#: tiers whose blocks are promoted into host memory before vLLM is told they are loadable
+_PROMOTED = (TierName.DISK, TierName.REMOTE)
 
 
 def request_hint(request: Any) -> RetentionHint | None:
@@ -85,6 +89,13 @@ class SchedulerSide:
         self.num_finished = 0
         if config.disk_bytes and config.disk_path:
             self._rebuild_disk_index()
+        # the remote is probed from here (one round trip per node per new request); the worker moves the bytes
+        self._remote = None
+        if config.remote_url:
+            from kvtier.scheduler.manager import remote_tier
+
+            self._remote = remote_tier(spec, config)
+            self.decider.remote_probe = self._remote.probe
 
     def _rebuild_disk_index(self) -> None:
         from kvtier.tiers.disk.store import DiskTier
@@ -119,6 +130,7 @@ class SchedulerSide:
             state = _Req(tuple(self.keychain.keys(tokens)), len(tokens))
             self.reqs[request.request_id] = state
             self.decider.enqueue(request.request_id, state.keys, state.num_tokens, request_hint(request))
+            self.decider.probe_remote(state.keys)
         return state
 
     # -- hooks -----------------------------------------------------------------------------------------
@@ -139,7 +151,7 @@ class SchedulerSide:
             return 0, False
         if any(e.key in self.inflight_keys for e in entries[first:]):
             return None, False
-        if any(e.best_tier is TierName.DISK for e in entries[first:]) and self.config.prefetch:
+        if any(e.best_tier in _PROMOTED for e in entries[first:]) and self.config.prefetch:
             self._prefetch()
             if any(e.key in self.inflight_keys for e in entries[first:]):
                 return None, False
@@ -246,3 +258,6 @@ class SchedulerSide:
 
     def close(self) -> None:
         self.log_stats()
+        if self._remote is not None:
+            self._remote.close()
+            self._remote = None
