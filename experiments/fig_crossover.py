@@ -3,7 +3,8 @@
 For each model preset (MHA llama-2-7b; GQA llama-3-8b, llama-3-70b at TP=8, qwen2.5-7b; MLA deepseek-v3)
 on each named hardware profile (h100-pcie5, h200, gh200, a100-pcie4), the predicted time to recompute a
 prefix of 1k..128k tokens against restoring it from host RAM over the host link, from one NVMe drive,
-and from NVMe with zstd; plus the break-even bandwidth (restore = recompute) at 8k tokens. A second
+from NVMe with zstd, and from the remote tier shared by serving replicas over a 100 Gb/s network (80%
+efficiency, 100 us round trip; then the host link); plus the break-even bandwidth (restore = recompute) at 8k tokens. A second
 table settles the claim that restoring KV "still does not make sense for Llama 3 70B on H100s": for
 which tier and copy granularity it holds.
 
@@ -19,12 +20,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import out_path, pyplot, write_csv, write_json  # noqa: E402
 
+from kvtier.scheduler.cost.hardware import load_profile  # noqa: E402
 from kvtier.scheduler.cost.model import CostModel  # noqa: E402
 
 MODELS = [("llama-2-7b", 1, "MHA"), ("llama-3-8b", 1, "GQA"), ("llama-3-70b", 8, "GQA, TP=8"),
           ("qwen2.5-7b", 1, "GQA"), ("deepseek-v3", 8, "MLA, TP=8")]
 PROFILES = ["h100-pcie5", "h200", "gh200", "a100-pcie4"]
-PATHS = [("host", "host RAM"), ("disk", "1 NVMe"), ("disk_zstd", "NVMe + zstd")]
+PATHS = [("host", "host RAM"), ("disk", "1 NVMe"), ("disk_zstd", "NVMe + zstd"), ("remote", "remote, 100 Gb/s")]
+#: the remote tier's network: 100 Gb/s Ethernet at 80% efficiency, one 100 us round trip
+NETWORK = {"remote_bytes_per_s": 100e9 / 8 * 0.8, "remote_rtt_s": 100e-6}
+
+
+def with_network(profile: str):
+    """The named profile with the 100 Gb/s network of the remote line."""
+    return load_profile(profile).with_(**NETWORK)
 LENGTHS = [1024, 2048, 4096, 8192, 16384, 32768, 65536, 131072]
 
 
@@ -32,7 +41,8 @@ def main() -> None:
     rows = []
     for model, tp, kind in MODELS:
         for profile in PROFILES:
-            cm = CostModel.from_profile(profile, model, block_tokens=16 if model != "deepseek-v3" else 64, tp=tp)
+            cm = CostModel.from_profile(with_network(profile), model, block_tokens=16 if model != "deepseek-v3" else 64,
+                                        tp=tp)
             for n in LENGTHS:
                 row = {"model": model, "attention": kind, "tp": tp, "profile": profile, "tokens": n,
                        "recompute_ms": round(cm.recompute_s(0, n) * 1e3, 3)}
@@ -47,7 +57,7 @@ def main() -> None:
     claim = []
     for profile in ("h100-sxm", "h100-pcie5"):
         for granularity, block_tokens in (("block", 16), ("layer-kv", 16), ("block", 64)):
-            cm = CostModel.from_profile(profile, "llama-3-70b", block_tokens=block_tokens, tp=8,
+            cm = CostModel.from_profile(with_network(profile), "llama-3-70b", block_tokens=block_tokens, tp=8,
                                         copy_granularity=granularity)
             rec = cm.recompute_s(0, 8192)
             for path, label in PATHS:
@@ -65,7 +75,7 @@ def main() -> None:
             sel = [r for r in rows if r["model"] == model and r["profile"] == profile]
             xs = [r["tokens"] for r in sel]
             ax.plot(xs, [r["recompute_ms"] for r in sel], "k-", lw=2, label="recompute")
-            for (path, label), style in zip(PATHS, ("C0-", "C1--", "C2:")):
+            for (path, label), style in zip(PATHS, ("C0-", "C1--", "C2:", "C3-.")):
                 ax.plot(xs, [r[f"{path}_ms"] for r in sel], style, label=label)
             be = next(r["host_break_even_gbps"] for r in sel if r["tokens"] == 8192)
             ax.text(0.97, 0.04, f"break-even @8k: {be:.1f} GB/s", transform=ax.transAxes, ha="right", fontsize=7)
@@ -93,7 +103,9 @@ def main() -> None:
           f"NVMe {m2['disk_ms']:.0f} ms. Llama-3-70B TP=8 on h100-sxm at 8k: batched host restore "
           f"{c[('h100-sxm', 'block', 16, 'host RAM')]['speedup']}x faster than recompute; one copy per layer per "
           f"K/V per 16-token block only {c[('h100-sxm', 'layer-kv', 16, 'host RAM')]['speedup']}x; one NVMe "
-          f"{c[('h100-sxm', 'block', 16, '1 NVMe')]['speedup']}x.")
+          f"{c[('h100-sxm', 'block', 16, '1 NVMe')]['speedup']}x; the remote tier over 100 Gb/s "
+          f"{c[('h100-sxm', 'block', 16, 'remote, 100 Gb/s')]['speedup']}x. llama-3-8b on h100-pcie5 at 8k from the "
+          f"remote: {m3['remote_ms']:.0f} ms.")
 
 
 if __name__ == "__main__":
