@@ -85,6 +85,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     sim.add_argument("--gpu", default=None, help="gpu tier capacity (bytes like 16GiB, or blocks like 2000b)")
     sim.add_argument("--host", default=None, help="host tier capacity")
     sim.add_argument("--disk", default=None, help="disk tier capacity")
+    sim.add_argument("--remote", default=None, metavar="CAPACITY",
+                     help="a remote tier shared by replicas, below the disk (simulation: the server's capacity under "
+                     "its LRU; --real: needs --remote-url)")
+    sim.add_argument("--remote-url", default=None, metavar="URL",
+                     help="--real: a live Redis / Redis Cluster for the remote tier (redis://, redis+cluster://)")
     sim.add_argument("--model", default="llama-3-8b", help="model preset (default llama-3-8b)")
     sim.add_argument("--hardware", default="h100-sxm", help="hardware profile (default h100-sxm)")
     sim.add_argument("--prefetch", action=argparse.BooleanOptionalAction, default=True,

@@ -67,7 +67,8 @@ def settings_from_args(args: argparse.Namespace, bytes_per_block: int | None = N
         block_tokens=getattr(args, "block_tokens", None))
     if bytes_per_block is not None:
         settings = replace(settings, **{f"{t}_blocks": capacity_blocks(args, t, bytes_per_block)
-                                        for t in ("gpu", "host", "disk")})
+                                        for t in ("gpu", "host", "disk")},
+                           remote_blocks=capacity_blocks(args, "remote", bytes_per_block) or 0)
     return settings
 
 
@@ -146,7 +147,8 @@ def run_real(args: argparse.Namespace, trace: Any, name: str, progress: Any) -> 
     settings = settings_from_args(args, spec.bytes_per_block)
     doc = realmode.run_real(workload, settings, spec, trace_name=name, trace_format=trace.format.value,
                             transfer_profile=getattr(args, "transfer_profile", None) or "cpu-this-machine",
-                            disk_path=getattr(args, "disk_path", None), progress=progress)
+                            disk_path=getattr(args, "disk_path", None), progress=progress,
+                            remote_url=getattr(args, "remote_url", None))
     if not getattr(args, "quiet", False):
         print(realmode.real_table(doc))
     write_json(getattr(args, "json", None), doc)

@@ -1,7 +1,8 @@
 """The simulator's byte half: links with priorities, served in simulated time (no bytes).
 
 Links: gpu (device copies), h2d and d2h (the host link, one per direction), disk-read and disk-write
-(separate queues, as the real executor's disk reader and writer). Each command occupies its link for
+(separate queues, as the real executor's disk reader and writer), net-read and net-write (the remote
+tier's network: the cost model's remote path). Each command occupies its link for
 the cost model's time of its path (`PathCost.time_s`: the gpu, host or disk path; a disk write is
 charged as a disk read of the same bytes). A `Load` uses its links in parallel (the planner's load
 model: a disk block occupies the disk and the host link); an `Evict` takes no time.
@@ -37,7 +38,8 @@ from kvtier.tiers.tier import TierName
 
 from kvtier.scheduler.cost.model import CostModel
 
-LINKS = ("gpu", "h2d", "d2h", "disk-read", "disk-write")
+LINKS = ("gpu", "h2d", "d2h", "disk-read", "disk-write", "net-read", "net-write")
+_TIERS = ("gpu", "host", "disk", "remote")
 #: blocks a background job is served in at a time (the real disk reader's batch, `Transferer.DISK_LOAD_BATCH`)
 PIECE_BLOCKS = 4
 #: priority class of each move reason (lower first); loads and saves are class 0
@@ -55,8 +57,8 @@ class SimCounters:
 
     blocks: int = 0
     tokens: int = 0
-    hit_blocks_by_tier: dict[str, int] = field(default_factory=lambda: {t: 0 for t in ("gpu", "host", "disk")})
-    hit_tokens_by_tier: dict[str, int] = field(default_factory=lambda: {t: 0 for t in ("gpu", "host", "disk")})
+    hit_blocks_by_tier: dict[str, int] = field(default_factory=lambda: dict.fromkeys(_TIERS, 0))
+    hit_tokens_by_tier: dict[str, int] = field(default_factory=lambda: dict.fromkeys(_TIERS, 0))
     decisions: dict[str, int] = field(default_factory=lambda: {
         "none-cached": 0, "restore": 0, "recompute": 0, "split": 0, "fallback-recompute": 0})
     bytes_by_link: dict[str, int] = field(default_factory=lambda: {link: 0 for link in LINKS})
@@ -112,8 +114,9 @@ class SimExecutor:
         self.schedule = schedule
         self.on_complete = on_complete
         paths = {name: cost_model.path(name) for name in ("gpu", "host", "disk")}
+        net = cost_model.paths.get("remote", paths["disk"])  # the remote tier's network
         by_link = {"gpu": paths["gpu"], "h2d": paths["host"], "d2h": paths["host"],
-                   "disk-read": paths["disk"], "disk-write": paths["disk"]}
+                   "disk-read": paths["disk"], "disk-write": paths["disk"], "net-read": net, "net-write": net}
         self.links = {name: _Link(cost.latency_s, cost.block_s) for name, cost in by_link.items()}
         self.jobs: dict[int, _Job] = {}
         self._seq = itertools.count()
@@ -147,8 +150,12 @@ class SimExecutor:
         if kind is Move:
             if command.dst is TierName.DISK:
                 name = "disk-write"
+            elif command.dst is TierName.REMOTE:
+                name = "net-write"
             elif command.src is TierName.DISK:
                 name = "disk-read"
+            elif command.src is TierName.REMOTE:
+                name = "net-read"
             elif command.dst is TierName.GPU:
                 name = "h2d"
             elif command.src is TierName.GPU:
@@ -169,13 +176,15 @@ class SimExecutor:
             tiers = command.src_tiers
             n_gpu = tiers.count(TierName.GPU)
             n_disk = tiers.count(TierName.DISK)
-            n_host = len(tiers) - n_gpu - n_disk
+            n_remote = tiers.count(TierName.REMOTE)
+            n_host = len(tiers) - n_gpu - n_disk - n_remote
             if n_disk and self._promoting:
                 self.counters.double_reads += sum(1 for k, t in zip(command.keys, tiers)
                                                   if t is TierName.DISK and k in self._promoting)
             end = max(self._foreground("gpu", n_gpu, now, "load"),
-                      self._foreground("h2d", n_host + n_disk, now, "load"),
-                      self._foreground("disk-read", n_disk, now, "load"))
+                      self._foreground("h2d", n_host + n_disk + n_remote, now, "load"),
+                      self._foreground("disk-read", n_disk, now, "load"),
+                      self._foreground("net-read", n_remote, now, "load"))
             for cid in command.after:  # joined promotions: their remaining pieces were cancelled
                 job = self.jobs.get(cid)
                 if job is not None and not job.done:

@@ -56,7 +56,7 @@ def _pattern(key: BlockKey) -> float:
 
 def run_real(workload: Any, settings: Any, spec: KVSpec, *, trace_name: str, trace_format: str,
              transfer_profile: str = "cpu-this-machine", disk_path: str | None = None,
-             progress: Any = None) -> dict[str, Any]:
+             progress: Any = None, remote_url: str | None = None) -> dict[str, Any]:
     """Replays a prepared workload through a real `OffloadManager` (module docstring).
 
     Args:
@@ -65,6 +65,8 @@ def run_real(workload: Any, settings: Any, spec: KVSpec, *, trace_name: str, tra
         spec: the scaled KV geometry (`scaled_spec`).
         transfer_profile: hardware profile that predicts this machine's transfers.
         disk_path: the disk store's directory; a temporary one (removed after) when None.
+        remote_url: a live Redis / Redis Cluster for the remote tier (`settings.remote_blocks` is then the
+            size the books assume; None: no remote tier).
         progress: a progress callback or None.
 
     Returns:
@@ -88,7 +90,10 @@ def run_real(workload: Any, settings: Any, spec: KVSpec, *, trace_name: str, tra
         own_dir = tempfile.TemporaryDirectory(prefix="kvtier-replay-")
         disk_path = own_dir.name
     bpb = spec.bytes_per_block
-    config = OffloadConfig(gpu_bytes=caps["gpu"] * bpb, host_bytes=caps["host"] * bpb,
+    if caps.get("remote") and not remote_url:
+        raise ConfigError("--remote with --real needs --remote-url URL (a live Redis or Redis Cluster)")
+    remote = {"remote_url": remote_url, "remote_bytes": (caps.get("remote") or 1 << 20) * bpb} if remote_url else {}
+    config = OffloadConfig(gpu_bytes=caps["gpu"] * bpb, host_bytes=caps["host"] * bpb, **remote,
                            disk_bytes=caps["disk"] * bpb, disk_path=disk_path if caps["disk"] else None,
                            policy=settings.policy, write_mode=settings.write_mode, prefetch=settings.prefetch,
                            prefetch_window=settings.prefetch_window,
@@ -132,7 +137,7 @@ def _replay(manager: Any, requests: Sequence[Any], bt: int, spec: KVSpec, window
     buffer = buffer_cls(spec, max_blocks)
     data = buffer.data
     full = [tuple(r.keys[:r.num_tokens // bt]) for r in requests]
-    hits = {"gpu": 0, "host": 0, "disk": 0}
+    hits = {"gpu": 0, "host": 0, "disk": 0, "remote": 0}
     out: dict[str, Any] = {"measured_load_s": [], "predicted_load_s": [], "prefill_s": [], "planned_prefill_s": []}
     total_blocks = hit_blocks = corrupt = restored = 0
     enqueued = 0

@@ -54,7 +54,7 @@ _TIER_NAMES = tuple(t.value for t in sorted(TierName, key=lambda t: t.rank))
 #: progress(done, total, label)
 Progress = Callable[[int, int, str], None]
 
-LINKS = ("gpu", "h2d", "d2h", "disk-read", "disk-write")
+LINKS = ("gpu", "h2d", "d2h", "disk-read", "disk-write", "net-read", "net-write")
 
 _ARRIVAL, _COMPLETE, _PREFILL_DONE, _DECODE_DONE, _LINK = 0, 1, 2, 3, 4
 

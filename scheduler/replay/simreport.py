@@ -214,8 +214,8 @@ def plot(sim: Any, doc: dict[str, Any], path: str) -> None:
     ax1.legend(fontsize=8)
     runs = [("kvtier", doc)] + list(doc.get("baselines", {}).items())
     bottom = np.zeros(len(runs))
-    for tier in ("gpu", "host", "disk"):
-        values = np.array([r["hit_ratio_by_tier"]["blocks"][tier] or 0.0 for _, r in runs])
+    for tier in ("gpu", "host", "disk", "remote"):
+        values = np.array([r["hit_ratio_by_tier"]["blocks"].get(tier) or 0.0 for _, r in runs])
         ax2.bar([n for n, _ in runs], values, bottom=bottom, label=tier)
         bottom += values
     if doc.get("bounds"):

@@ -54,6 +54,8 @@ class SimSettings:
         hardware: hardware profile name or JSON path.
         gpu_blocks, host_blocks, disk_blocks: tier capacities in blocks (None: the default fraction of the
             unique blocks; 0: no such tier).
+        remote_blocks: the remote tier's capacity in blocks (`--remote`; 0: none): the shared server's
+            maxmemory with its LRU, modelled by the decision half's books of it.
         policy: eviction policy of every tier (`kvtier.scheduler.policies`).
         prefetch: whether queued requests' blocks are promoted.
         prefetch_window: queued requests the prefetcher looks over.
@@ -71,6 +73,7 @@ class SimSettings:
     gpu_blocks: int | None = None
     host_blocks: int | None = None
     disk_blocks: int | None = None
+    remote_blocks: int = 0
     policy: str = "auto"
     prefetch: bool = True
     prefetch_window: int = 16
@@ -89,7 +92,7 @@ class SimSettings:
             raise ConfigError(f"--time-scale: {self.time_scale!r}; expected a number > 0 or 'auto'")
         if not 0 < self.target_load < 10:
             raise ConfigError(f"target load: {self.target_load!r}; expected 0 < load < 10")
-        for name in ("gpu_blocks", "host_blocks", "disk_blocks"):
+        for name in ("gpu_blocks", "host_blocks", "disk_blocks", "remote_blocks"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 0):
                 raise ConfigError(f"{name}: {value!r}; expected an int >= 0 (blocks)")
@@ -192,6 +195,8 @@ def capacities(workload: Workload, settings: SimSettings) -> dict[str, int]:
     for tier, fraction in DEFAULT_FRACTIONS.items():
         given = getattr(settings, f"{tier}_blocks")
         out[tier] = given if given is not None else max(1, round(workload.unique_blocks * fraction))
+    if settings.remote_blocks:
+        out["remote"] = settings.remote_blocks
     if out["gpu"] == 0 and out["host"] == 0:
         raise ConfigError("--gpu/--host: at least one memory tier must hold a block (both are 0)")
     return out
@@ -217,7 +222,10 @@ def make_decider(workload: Workload, settings: SimSettings, caps: dict[str, int]
     config = OffloadConfig(gpu_bytes=caps["gpu"] * bpb, host_bytes=caps["host"] * bpb, disk_bytes=caps["disk"] * bpb,
                            disk_path="(simulated)" if caps["disk"] else None, policy=settings.policy,
                            write_mode=settings.write_mode, prefetch=settings.prefetch,
-                           prefetch_window=settings.prefetch_window, **extra)
+                           prefetch_window=settings.prefetch_window,
+                           # a remote in simulation: the decision half's books stand for the server (one instance)
+                           remote_url="redis://simulated" if caps.get("remote") else None,
+                           remote_bytes=caps.get("remote", 0) * bpb, **extra)
     return Decider(workload.cost_model.spec, config, Planner(workload.cost_model))
 
 
@@ -239,7 +247,8 @@ def baseline_settings(settings: SimSettings, caps: dict[str, int]) -> dict[str, 
     """The same run's baselines: no cache, a GPU-only prefix cache, offload without prefetch."""
     out = {"no_cache": replace(settings, cache=False)}
     if caps["gpu"]:
-        out["gpu_only"] = replace(settings, gpu_blocks=caps["gpu"], host_blocks=0, disk_blocks=0, prefetch=False)
+        out["gpu_only"] = replace(settings, gpu_blocks=caps["gpu"], host_blocks=0, disk_blocks=0, remote_blocks=0,
+                                  prefetch=False)
     if settings.prefetch and (caps["host"] or caps["disk"]):
         out["offload_no_prefetch"] = replace(settings, gpu_blocks=caps["gpu"], host_blocks=caps["host"],
                                              disk_blocks=caps["disk"], prefetch=False)
@@ -255,7 +264,7 @@ def bounds(workload: Workload, caps: dict[str, int]) -> dict[str, Any]:
     total = float(sum(len(k) for k in keys))
     work = HitOnlyWorkload(keys, None, 0, total)
     infinite = infinite_ratio(work)
-    total_blocks = caps["gpu"] + caps["host"] + caps["disk"]
+    total_blocks = caps["gpu"] + caps["host"] + caps["disk"] + caps.get("remote", 0)
     out: dict[str, Any] = {"infinite": infinite, "belady_cache_blocks": total_blocks}
 
     def ratio(policy: str, capacity: int) -> float:
