@@ -21,7 +21,9 @@ max_tokens=1 request, each figure the median of interleaved repeats (A, B, C, D,
   256 user tokens and a fixed 32-token scripted reply, turns round-robin over sessions, prefix caching
   on, `num_gpu_blocks_override=48` (6,144 tokens, less than the sessions need: vLLM's own cache must
   evict); vLLM alone vs vLLM + kvtier, each request run on one engine then the other (interleaved);
-  mean and p90 TTFT over turns 2-4.
+  mean and p90 TTFT over turns 2-4;
+- `remote_speedup_2k`: a second engine restoring a 2,048-token prompt from kvtier's remote tier (a local
+  3-master Redis Cluster) vs recomputing it (`bench_vllm_remote`; skipped without redis-server).
 
 Every engine pins `VLLM_CPU_NUM_OF_RESERVED_CPU=1` (the harness's default) so all arms run on the
 same cores (see `harness.EngineConfig.reserved_cpus`).
@@ -54,6 +56,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "current directory's file system)")
     parser.add_argument("--skip-multiturn", action="store_true", help="leave out the multi-turn workload")
     vllm_lmcache.add_arguments(parser)
+    parser.add_argument("--skip-remote", action="store_true", help="leave out the remote-tier arm (it needs "
+                        "redis-server and the `remote` extra; skipped without them)")
 
 
 def _cuda_available() -> bool:
@@ -242,6 +246,13 @@ def _run(args: argparse.Namespace, result: dict[str, Any], sizes: tuple[int, ...
         if peer is not None:
             peer.close()
 
+    # a second engine restoring a 2k prompt from the remote tier (bench_vllm_remote) vs recompute
+    from kvtier.scheduler import bench_vllm_remote
+
+    if not args.skip_remote and bench_vllm_remote.redis_available():
+        shared = {k: v for k, v in kv_extra.items() if k != "disk_path"}
+        result["remote"] = bench_vllm_remote.remote_speedup(common, shared, work, repeats)
+        result["remote_speedup_2k"] = result["remote"]["speedup"]
     if not args.skip_multiturn:
         mt_peer = None
         if peer is not None:
@@ -270,7 +281,7 @@ def _run(args: argparse.Namespace, result: dict[str, Any], sizes: tuple[int, ...
                 for k, v in result["ttft"].items()]
         bu.print_table(rows, list(rows[0]), "kvtier vs LMCache (multiprocess mode), TTFT (s), medians")
     for key in ("host_speedup_2k", "disk_speedup_2k", "vs_example_connector_2k", "miss_overhead",
-                "miss_overhead_example", "vs_offloading_connector_2k", "multiturn_ttft_speedup",
+                "miss_overhead_example", "vs_offloading_connector_2k", "remote_speedup_2k", "multiturn_ttft_speedup",
                 "vs_lmcache_host_2k", "vs_lmcache_disk_2k", "vs_lmcache_multiturn", "lmcache_outputs_match"):
         print(f"{key}: {result.get(key)}")
     bu.write_json(args.json, result)
