@@ -23,7 +23,7 @@ max_tokens=1 request, each figure the median of interleaved repeats (A, B, C, D,
   evict); vLLM alone vs vLLM + kvtier, each request run on one engine then the other (interleaved);
   mean and p90 TTFT over turns 2-4;
 - `remote_speedup_2k`: a second engine restoring a 2,048-token prompt from kvtier's remote tier (a local
-  3-master Redis Cluster) vs recomputing it (`bench_vllm_remote`; skipped without redis-server).
+  3-master Redis Cluster) vs recomputing it (`bench.vllm_remote`; skipped without redis-server).
 
 Every engine pins `VLLM_CPU_NUM_OF_RESERVED_CPU=1` (the harness's default) so all arms run on the
 same cores (see `harness.EngineConfig.reserved_cpus`).
@@ -246,8 +246,8 @@ def _run(args: argparse.Namespace, result: dict[str, Any], sizes: tuple[int, ...
         if peer is not None:
             peer.close()
 
-    # a second engine restoring a 2k prompt from the remote tier (bench_vllm_remote) vs recompute
-    from kvtier.scheduler import bench_vllm_remote
+    # a second engine restoring a 2k prompt from the remote tier (bench.vllm_remote) vs recompute
+    from kvtier.scheduler.bench import vllm_remote as bench_vllm_remote
 
     if not args.skip_remote and bench_vllm_remote.redis_available():
         shared = {k: v for k, v in kv_extra.items() if k != "disk_path"}

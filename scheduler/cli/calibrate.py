@@ -9,7 +9,7 @@ fits on half of the points, reports the errors on the other half and saves the f
 that `CostModel.load` and `OffloadConfig.hardware` read). `--check` measures a smaller sweep again and reports
 the saved model's errors (no target: the machine's load changes between runs). With a remote configured
 (`--remote URL` or `$KVTIER_REMOTE_URL`) the first form also measures the network profile of the remote
-tier (round trip, restore bandwidth; `kvtier.scheduler.calibrate_remote`) and saves it in the profile, so
+tier (round trip, restore bandwidth; `kvtier.scheduler.cost.network`) and saves it in the profile, so
 the planner weighs a remote restore against recompute with this network's numbers.
 """
 
@@ -110,7 +110,7 @@ def run(args: argparse.Namespace) -> int:
             result = cal.calibrate(name if name in _presets() else config, sweep, disk_dir=disk_root,
                                    block_tokens=args.block_tokens, progress=_say)
             if args.remote:
-                from kvtier.scheduler import calibrate_remote
+                from kvtier.scheduler.cost import network as calibrate_remote
 
                 network = calibrate_remote.measure_network(result.model.spec, args.remote, repeats=sweep.repeats,
                                                            progress=_say)

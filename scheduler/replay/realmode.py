@@ -32,6 +32,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from kvtier.tiers.errors import ConfigError
 from kvtier.tiers.keys import BlockKey
 from kvtier.tiers.spec import KVSpec, preset_config
 from kvtier.tiers.tier import format_size

@@ -16,7 +16,7 @@ from kvtier.scheduler.config import OffloadConfig
 from kvtier.scheduler.manager import OffloadManager
 from kvtier.tiers.spec import KVSpec
 from kvtier.tiers.tier import TierName
-from kvtier.tiers.transfer import BlockKVBuffer
+from kvtier.tiers.kvbuffer import BlockKVBuffer
 
 MODEL = {"_name_or_path": "test/tiny", "num_hidden_layers": 4, "hidden_size": 32, "num_attention_heads": 4,
          "num_key_value_heads": 2, "intermediate_size": 64, "vocab_size": 256}
@@ -28,7 +28,7 @@ WRITER = textwrap.dedent("""
     from kvtier.scheduler.config import OffloadConfig
     from kvtier.scheduler.manager import OffloadManager
     from kvtier.tiers.spec import KVSpec
-    from kvtier.tiers.transfer import BlockKVBuffer
+    from kvtier.tiers.kvbuffer import BlockKVBuffer
     url, disk, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
     spec = KVSpec(model_id="test/tiny", num_layers=4, num_kv_heads=2, head_dim=8, dtype="float32",
                   block_tokens=16, weights_revision="random-0")

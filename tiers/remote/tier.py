@@ -2,7 +2,7 @@
 
 Primitives:
 - `RemoteTier(spec, url, ...)`: a `Tier` below `disk`. Values are the disk tier's values (64-byte header
-  with fingerprint, key, lengths, codec and xxh3 checksum, then the payload: `tiers/diskformat.py`), under
+  with fingerprint, key, lengths, codec and xxh3 checksum, then the payload: `tiers/disk/format.py`), under
   the Redis key `kvtier:<fingerprint hex>:<salt tag>:<block key hex>` (`redis_key`), so models and
   tenants never share a key, and `SCAN MATCH kvtier:<fingerprint>:*` lists one model's blocks.
 - `probe(keys)`: how many leading keys the remote holds: one pipelined `EXISTS` round trip per node, nodes

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from kvtier.tiers.diskformat import HEADER_BYTES
+from kvtier.tiers.disk.format import HEADER_BYTES
 from kvtier.tiers.errors import RemoteAuthError, RemoteError
 from kvtier.tiers.keys import KeyChain
 from kvtier.tiers.remote import RemoteTier

@@ -1,4 +1,4 @@
-"""The network profile of a remote tier, measured: round trip and restore bandwidth.
+"""The network profile of a remote tier, measured (`kvtier calibrate --remote`): round trip and restore bandwidth.
 
 Primitives:
 - `NetworkMeasurement`: `rtt_s` (median of one-key probes: one round trip to one node), `bytes_per_s` and
@@ -113,9 +113,11 @@ def measure_network(spec: KVSpec, url: str, *, timeout_s: float = 10.0, sizes: S
 
 def with_network(cost_model: Any, measurement: NetworkMeasurement) -> Any:
     """`cost_model` with the measured network profile; its remote path is derived from it again."""
-    from .costmodel import _derive_paths
+    from .model import CostModel
 
     profile = cost_model.profile.with_(remote_bytes_per_s=measurement.bytes_per_s, remote_rtt_s=measurement.rtt_s)
+    derived = CostModel.from_profile(profile, cost_model.config, spec=cost_model.spec, tp=cost_model.tp,
+                                     copy_granularity=cost_model.copy_granularity)
     paths = dict(cost_model.paths)
-    paths["remote"] = _derive_paths(profile, cost_model.spec, cost_model.tp, cost_model.copy_granularity)["remote"]
+    paths["remote"] = derived.paths["remote"]
     return replace(cost_model, profile=profile, paths=paths)

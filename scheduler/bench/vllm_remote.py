@@ -36,7 +36,7 @@ def redis_available() -> bool:
 
 def remote_speedup(common: dict[str, Any], kv_extra: dict[str, Any], work: Path, repeats: int) -> dict[str, Any]:
     """Runs the arm (module docstring); returns its figures and samples."""
-    from kvtier.scheduler.engines.vllm_harness import EngineConfig, VllmEngine, kvtier_connector, random_prompt
+    from kvtier.scheduler.engines.vllm.harness import EngineConfig, VllmEngine, kvtier_connector, random_prompt
     from kvtier.tiers.remote.local import LocalRedis
 
     repeats = max(3, repeats)

@@ -8,9 +8,9 @@ import json
 
 import pytest
 
-from kvtier.scheduler.calibrate_remote import measure_network, with_network
-from kvtier.scheduler.costmodel import CostModel
-from kvtier.scheduler.hardware import load_profile
+from kvtier.scheduler.cost.network import measure_network, with_network
+from kvtier.scheduler.cost.model import CostModel
+from kvtier.scheduler.cost.hardware import load_profile
 from kvtier.scheduler.planner import Planner
 from kvtier.tiers.errors import ConfigError
 from kvtier.tiers.tier import TierName
@@ -35,7 +35,7 @@ def test_profiles_without_a_network_get_the_default_and_bad_values_are_named():
     assert profile.remote_bytes_per_s == pytest.approx(100e9 / 8 * 0.8)
     data = profile.to_dict()
     data["remote_bytes_per_s"] = -1
-    from kvtier.scheduler.hardware import HardwareProfile
+    from kvtier.scheduler.cost.hardware import HardwareProfile
 
     with pytest.raises(ConfigError, match="remote_bytes_per_s must be > 0"):
         HardwareProfile.from_dict(data, source="x.json")

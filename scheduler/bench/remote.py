@@ -34,7 +34,7 @@ def run(args: argparse.Namespace) -> int:
     import numpy as np
     import torch
 
-    from kvtier.scheduler import benchutil as bu
+    from kvtier.scheduler.bench import common as bu
     from kvtier.tiers.keys import KeyChain
     from kvtier.tiers.remote import RemoteTier
     from kvtier.tiers.remote.local import LocalRedis
@@ -67,9 +67,9 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _measure(tier: Any, spec: Any, args: argparse.Namespace, np: Any, torch: Any, KeyChain: Any) -> dict[str, Any]:
-    from kvtier.scheduler import benchutil as bu
+    from kvtier.scheduler.bench import common as bu
     from kvtier.tiers.codecs import Codec
-    from kvtier.tiers.diskformat import HEADER_BYTES, checksum, encode_header
+    from kvtier.tiers.disk.format import HEADER_BYTES, checksum, encode_header
 
     n, bpb = args.blocks, spec.bytes_per_block
     rng = np.random.default_rng(0)
