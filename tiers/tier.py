@@ -48,6 +48,8 @@ class TierName(str, enum.Enum):
 
 
 _RANK = {TierName.GPU: 0, TierName.HOST: 1, TierName.DISK: 2, TierName.REMOTE: 3}
+#: tiers outside this process's memory: read and written by key, on background workers
+OUTSIDE = (TierName.DISK, TierName.REMOTE)
 
 
 def parse_size(value: int | str, what: str = "size") -> int:

@@ -39,16 +39,13 @@ import torch
 from kvtier.tiers.errors import ConfigError
 from kvtier.tiers.keys import BlockKey
 from kvtier.tiers.pool import PoolTier, check_same_spec, cuda_available
-from kvtier.tiers.tier import Tier, TierName
+from kvtier.tiers.tier import OUTSIDE, Tier, TierName
 from kvtier.tiers.pieces import PieceReads, failed_of, when_done
 from kvtier.tiers.worker import PRIORITY_LOAD, TransferHandle, Worker
 from kvtier.tiers.copies import ParallelCopier, copy_tensor
 from kvtier.tiers.kvbuffer import KVBuffer, runs_by_tier, slot_runs
 
 log = logging.getLogger(__name__)
-
-#: tiers outside this process's memory, read and written by key on background workers
-OUTSIDE = (TierName.DISK, TierName.REMOTE)
 
 
 class Transferer:
@@ -73,7 +70,6 @@ class Transferer:
             check_same_spec(specs[0].spec, tier.spec, "Transferer")
         self.spec = specs[0].spec
         self._copies = Worker("kvtier-copy")
-        # reads of the tiers outside this process's memory (disk, remote) run on their own worker
         self._disk = Worker("kvtier-disk-read") if any(t in self.tiers for t in OUTSIDE) else None
         self._stream = torch.cuda.Stream() if cuda_available() else None
         self.fence_timeout_s = 60.0
@@ -181,24 +177,21 @@ class Transferer:
 
     def _get_outside(self, tiers: Sequence[TierName], keys: Sequence[BlockKey], outs: Sequence[object],
                      on_landed: Callable[[list[int]], None] | None, batch_blocks: int) -> list[bool]:
-        """`get_many` of blocks held by the disk and / or the remote tier (each block's tier in `tiers`):
-        disk blocks first, then remote ones; `on_landed` gets indices into `keys`."""
+        """`get_many` of disk blocks, then remote ones (block i's tier: `tiers[i]`); `on_landed` gets indices."""
         found = [False] * len(keys)
         for tier in OUTSIDE:
             idx = [j for j, t in enumerate(tiers) if t is tier]
-            if not idx:
-                continue
             landed = None if on_landed is None else (lambda b, idx=idx: on_landed([idx[j] for j in b]))
-            got = self.tiers[tier].get_many([keys[j] for j in idx], [outs[j] for j in idx], landed, batch_blocks)
+            got = self.tiers[tier].get_many([keys[j] for j in idx], [outs[j] for j in idx], landed,
+                                            batch_blocks) if idx else []
             for j, ok in zip(idx, got):
                 found[j] = ok
         return found
 
     def _read_disk(self, keys: Sequence[BlockKey], dst: TierName, dst_slots: Sequence[int],
-                   on_landed: Callable[[list[int]], None] | None = None, src_tier: TierName = TierName.DISK,
+                   on_landed: Callable[[list[int]], None] | None = None,
                    src_tiers: Sequence[TierName] | None = None) -> list[BlockKey]:
-        """Reads blocks from disk (or the remote: `src_tier`, or per block `src_tiers`) into pool slots;
-        returns the keys that missed.
+        """Reads blocks from disk (or, per block, from `src_tiers`) into pool slots; returns the keys that missed.
 
         First waits until copies queued before this read (a demotion snapshotting a slot about to be
         filled) have read their source slots, and until in-flight disk writes of these keys have
@@ -206,7 +199,7 @@ class Transferer:
         """
         _check_len(keys, dst_slots, "dst_slots")
         self._fence(keys)
-        tiers = list(src_tiers) if src_tiers is not None else [src_tier] * len(keys)
+        tiers = list(src_tiers) if src_tiers is not None else [TierName.DISK] * len(keys)
         pool = self._pool(dst).pool
         if pool.device.type == "cpu":
             found = self._get_outside(tiers, keys, [pool.block(s) for s in dst_slots], on_landed, self.DISK_LOAD_BATCH)
@@ -232,8 +225,6 @@ class Transferer:
 
     def _write_disk(self, keys: Sequence[BlockKey], src: TierName, src_slots: Sequence[int],
                     handle: TransferHandle, dst: TierName = TierName.DISK) -> TransferHandle:
-        """Snapshots pool slots on the copy worker, then hands them to the disk (or remote) tier's
-        asynchronous writer; `handle` completes when the store acknowledged them."""
         _check_len(keys, src_slots, "src_slots")
         pool = self._pool(src).pool
         disk = self.tiers[dst]

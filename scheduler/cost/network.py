@@ -53,7 +53,8 @@ def _fit_line(xs: Sequence[float], ys: Sequence[float]) -> tuple[float, float]:
 
 
 def measure_network(spec: KVSpec, url: str, *, timeout_s: float = 10.0, sizes: Sequence[int] = SIZES,
-                    repeats: int = 5, progress: Callable[[str], None] | None = None, seed: int = 0) -> NetworkMeasurement:
+                    repeats: int = 5, progress: Callable[[str], None] | None = None,
+                    seed: int = 0) -> NetworkMeasurement:
     """Measures the remote at `url` with blocks of `spec` (see the module docstring).
 
     Raises:

@@ -200,7 +200,8 @@ class LocalRedis:
         env = dict(os.environ, REDISCLI_AUTH=self.password) if self.password else None
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=START_TIMEOUT_S, env=env)
         if done.returncode != 0 or "[OK] All 16384 slots covered" not in done.stdout:
-            raise RemoteError(f"redis-cli --cluster create failed ({done.returncode}): {done.stdout[-800:]} {done.stderr[-400:]}")
+            raise RemoteError(f"redis-cli --cluster create failed ({done.returncode}): "
+                              f"{done.stdout[-800:]} {done.stderr[-400:]}")
         for server in self.servers:
             server.wait(server.cluster_ok, "in a healthy cluster")
 

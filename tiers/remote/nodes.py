@@ -31,7 +31,7 @@ from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any, Callable, Iterator, Sequence
 
 from ..errors import RemoteAuthError, RemoteError
-from .settings import RemoteMode, RemoteSettings
+from .settings import PASSWORD_ENV, RemoteMode, RemoteSettings
 
 log = logging.getLogger(__name__)
 
@@ -142,7 +142,7 @@ class NodeMap:
                 return
             except _redis().AuthenticationError as err:
                 raise RemoteAuthError(f"remote {self.settings.describe()}: node {node.name} refused the credentials "
-                                      f"({err}); check the password in remote_url or ${'KVTIER_REMOTE_PASSWORD'}") from None
+                                      f"({err}); check the password in remote_url or ${PASSWORD_ENV}") from None
             except _redis().ResponseError as err:
                 if "cluster support disabled" in str(err).lower():
                     raise RemoteError(f"remote {self.settings.describe()}: node {node.name} is not in cluster mode; "

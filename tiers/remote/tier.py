@@ -19,8 +19,9 @@ Invariants:
   timed out or answered MOVED is a miss, counted, never delivered; once `get_many` returned, nothing more is
   written into its destinations (a node that overran its deadline has its late replies dropped);
 - no call waits on a silent node longer than `timeout_s` (a probe ends within it; a load or save within
-  it plus its bytes at `MIN_BYTES_PER_S`, the rate below which a node counts as hung); a failure is a miss or a failed save, never an
-  exception to the engine (`RemoteError` only at start: no node, wrong password);
+  it plus its bytes at `MIN_BYTES_PER_S`, the rate below which a node counts as hung); a failure is a
+  miss or a failed save, never an exception to the engine (`RemoteError` only at start: no node, wrong
+  password);
 - the server owns capacity and eviction (maxmemory + an LRU policy): kvtier never assumes a saved block is
   still there, and a node that failed is retried after `nodes.RETRY_S` (reconnects by itself).
 """
@@ -31,7 +32,6 @@ import hashlib
 import logging
 import threading
 import time
-from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -47,6 +47,7 @@ from ..worker import PRIORITY_SAVE, TransferHandle
 from . import wire
 from .nodes import Node, NodeMap, _redis
 from .settings import RemoteSettings, parse_remote_url
+from .stats import Delivery, RemoteStats
 
 log = logging.getLogger(__name__)
 
@@ -56,61 +57,6 @@ MIN_BYTES_PER_S = 50e6
 #: the nominal capacity of the decision half's books of remote blocks when none is given (the server's
 #: own maxmemory bounds what it really keeps)
 DEFAULT_CAPACITY = "64GiB"
-
-
-@dataclass(frozen=True, slots=True)
-class RemoteStats:
-    """Counters of one remote tier.
-
-    Attributes:
-        hits / misses: blocks delivered / not delivered by `get_many` (absent, bad, or node failure).
-        corrupt / foreign: values that failed their checksum or header / named another model or block.
-        unavailable: blocks missed or not saved because their node failed, timed out or moved the slot.
-        acknowledged_blocks: blocks whose SET the server acknowledged.
-        probes / probed_blocks: `probe` calls and the keys they asked about.
-        bytes_read / bytes_written: value bytes received / sent.
-    """
-
-    hits: int
-    misses: int
-    corrupt: int
-    foreign: int
-    unavailable: int
-    acknowledged_blocks: int
-    probes: int
-    probed_blocks: int
-    bytes_read: int
-    bytes_written: int
-
-
-class _Delivery:
-    """The destinations of one `get_many`, closed when the call returns: a reply that arrives later (from a
-    node that overran the deadline) is dropped, and closing waits for copies already under way."""
-
-    __slots__ = ("cond", "open", "active")
-
-    def __init__(self) -> None:
-        self.cond = threading.Condition()
-        self.open = True
-        self.active = 0
-
-    def begin(self) -> bool:
-        """Whether a copy into a destination may start now (then `end()` must follow)."""
-        with self.cond:
-            if self.open:
-                self.active += 1
-            return self.open
-
-    def end(self) -> None:
-        with self.cond:
-            self.active -= 1
-            self.cond.notify_all()
-
-    def close(self, timeout_s: float) -> None:
-        """No copy starts after this; waits (bounded) for the ones under way."""
-        with self.cond:
-            self.open = False
-            self.cond.wait_for(lambda: self.active == 0, timeout_s)
 
 
 class RemoteTier(Tier):
@@ -294,7 +240,7 @@ class RemoteTier(Tier):
         dsts = [self._destination(out) for out in outs]
         found = [False] * len(keys)
         bad = {"corrupt": 0, "foreign": 0}
-        delivery = _Delivery()
+        delivery = Delivery()
         itemsize, fp = self.spec.itemsize, self._fp
         read = [0]
 
