@@ -120,13 +120,34 @@ class _Server:
             self.proc.stdout.close()
 
 
+def _make_certificates(where: Path) -> None:
+    """A throw-away CA (ca.pem) and a server certificate for 127.0.0.1 signed by it (server.pem, server.key)."""
+    openssl = shutil.which("openssl")
+    if openssl is None:
+        raise RemoteError("openssl not found on PATH (needed to make the TLS test certificates)")
+    steps = [
+        ["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=kvtier-test-ca",
+         "-keyout", "ca.key", "-out", "ca.pem"],
+        ["req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=127.0.0.1", "-keyout", "server.key", "-out", "server.csr"],
+    ]
+    for step in steps:
+        subprocess.run([openssl, *step], cwd=where, check=True, capture_output=True, timeout=60)
+    (where / "san.ext").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
+    subprocess.run([openssl, "x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
+                    "-CAcreateserial", "-days", "2", "-extfile", "san.ext", "-out", "server.pem"],
+                   cwd=where, check=True, capture_output=True, timeout=60)
+
+
 class LocalRedis:
     """Redis servers on loopback for tests and benchmarks (see the module docstring)."""
 
     def __init__(self, num_masters: int = 0, *, password: str | None = None, maxmemory: str | None = None,
-                 node_timeout_ms: int = 2000) -> None:
+                 node_timeout_ms: int = 2000, tls: bool = False) -> None:
         if num_masters not in (0,) and num_masters < 3:
             raise RemoteError(f"num_masters: a Redis Cluster needs at least 3 masters, got {num_masters}")
+        if tls and num_masters:
+            raise RemoteError("tls: only a single node serves TLS here (num_masters=0)")
+        self.tls = tls
         self.num_masters = num_masters
         self.password = password
         self.maxmemory = maxmemory
@@ -144,8 +165,11 @@ class LocalRedis:
 
     @property
     def url(self) -> str:
-        """The URL of the node or cluster (with the password, if any)."""
+        """The URL of the node or cluster (with the password, if any; a TLS node's names its CA file)."""
         auth = f":{self.password}@" if self.password else ""
+        if self.tls:
+            assert self.dir is not None, "started"
+            return f"rediss://{auth}127.0.0.1:{self.ports[0]}?ssl_ca_certs={self.dir / 'ca.pem'}"
         if self.cluster:
             return f"redis+cluster://{auth}" + ",".join(f"127.0.0.1:{p}" for p in self.ports)
         return f"redis://{auth}127.0.0.1:{self.ports[0]}"
@@ -154,7 +178,9 @@ class LocalRedis:
         assert self.dir is not None, "started"
         node_dir = self.dir / str(port)
         node_dir.mkdir(exist_ok=True)
-        lines = [f"port {port}", "bind 127.0.0.1", "protected-mode no", f"dir {node_dir}", 'save ""',
+        lines = (["port 0", f"tls-port {port}", f"tls-cert-file {self.dir / 'server.pem'}",
+                  f"tls-key-file {self.dir / 'server.key'}", f"tls-ca-cert-file {self.dir / 'ca.pem'}",
+                  "tls-auth-clients no"] if self.tls else [f"port {port}"]) + ["bind 127.0.0.1", "protected-mode no", f"dir {node_dir}", 'save ""',
                  "appendonly no", "logfile \"\"", "loglevel notice", "daemonize no"]
         if self.password:
             lines += [f"requirepass {self.password}", f"masterauth {self.password}"]
@@ -177,6 +203,8 @@ class LocalRedis:
         redis_server_path()
         self.dir = Path(tempfile.mkdtemp(prefix="kvtier-redis-"))
         try:
+            if self.tls:
+                _make_certificates(self.dir)
             for _ in range(max(1, self.num_masters)):
                 port = _free_port(self.cluster)
                 server = _Server(self._conf(port), port)

@@ -135,3 +135,24 @@ def test_no_reachable_node_is_a_clear_error_at_start(small_spec, redis_cluster):
         RemoteTier(small_spec, f"redis://127.0.0.1:{port}", timeout_s=1.0)
     with pytest.raises(RemoteError, match="not in cluster mode|no node answered"):
         RemoteTier(small_spec, f"redis+cluster://127.0.0.1:{port}", timeout_s=1.0)
+
+
+def test_tls_node(small_spec):
+    import shutil
+
+    from kvtier.tiers.remote.local import LocalRedis
+
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl not installed (the test's certificates)")
+    keys, blocks = _keys(small_spec, 5, 8), _blocks(small_spec, 5, 8)
+    with LocalRedis(0, tls=True, password="tls-pw") as server:
+        assert server.url.startswith("rediss://")
+        with RemoteTier(small_spec, server.url, timeout_s=5.0) as tier:
+            assert tier.save_many(keys, blocks) == []
+            outs = [torch.empty(small_spec.bytes_per_block, dtype=torch.uint8) for _ in keys]
+            assert all(tier.get_many(keys, outs))
+            assert all(torch.equal(o, b) for o, b in zip(outs, blocks))
+            assert tier.describe()["url"].startswith("rediss://:***@")
+        # without the CA the server's certificate is refused: a clear error at start
+        with pytest.raises(RemoteError, match="no node answered"):
+            RemoteTier(small_spec, server.url.split("?")[0], timeout_s=2.0)
