@@ -104,3 +104,43 @@ def test_sigkill_node_during_loads_and_saves(cluster, small_spec):
         assert all(torch.equal(o, b) for o, b in zip(outs, blocks))
     finally:
         tier.close()
+
+
+def test_moved_slots_are_misses_then_found_after_the_slot_map_reloads(cluster, small_spec):
+    import subprocess
+
+    from kvtier.tiers.remote.nodes import REFRESH_S
+
+    spec = small_spec
+    tier = RemoteTier(spec, cluster.url, timeout_s=TIMEOUT_S)
+    try:
+        keys = KeyChain.for_spec(spec).keys(np.arange(48 * spec.block_tokens) + 7)
+        gen = torch.Generator().manual_seed(8)
+        blocks = [torch.randint(0, 256, (spec.bytes_per_block,), dtype=torch.uint8, generator=gen) for _ in keys]
+        assert tier.save_many(keys, blocks) == []
+
+        def node_id(port: int) -> str:
+            return subprocess.run(["redis-cli", "-p", str(port), "cluster", "myid"], capture_output=True, text=True,
+                                  timeout=30, check=True).stdout.strip()
+
+        src, dst = cluster.ports[0], cluster.ports[1]
+        # move 2000 of node 0's slots (and their keys) to node 1 behind the tier's back: its slot map is stale
+        subprocess.run(["redis-cli", "--cluster", "reshard", f"127.0.0.1:{src}", "--cluster-from", node_id(src),
+                        "--cluster-to", node_id(dst), "--cluster-slots", "2000", "--cluster-yes"],
+                       capture_output=True, text=True, timeout=120, check=True)
+        with RemoteTier(spec, cluster.url, timeout_s=TIMEOUT_S) as fresh:  # the slot map as it is now
+            moved = {k for k in keys if _node_of(tier, k) != _node_of(fresh, k)}
+        assert moved and len(moved) < len(keys)
+        outs = [torch.zeros(spec.bytes_per_block, dtype=torch.uint8) for _ in keys]
+        found = tier.get_many(keys, outs)
+        # the blocks in moved slots answered MOVED: misses; every other block restores, exactly
+        assert found == [k not in moved for k in keys]
+        assert all(torch.equal(o, b) for o, b, ok in zip(outs, blocks, found) if ok)
+        # the MOVED replies reloaded the slot map (at most once per REFRESH_S): every block is found again
+        threading.Event().wait(REFRESH_S)
+        tier.nodes.refresh()
+        outs = [torch.zeros(spec.bytes_per_block, dtype=torch.uint8) for _ in keys]
+        assert all(tier.get_many(keys, outs))
+        assert all(torch.equal(o, b) for o, b in zip(outs, blocks))
+    finally:
+        tier.close()
