@@ -66,11 +66,13 @@ def _free_port(cluster: bool) -> int:
 class _Server:
     """One redis-server process and the events its output sets."""
 
-    def __init__(self, conf: Path, port: int) -> None:
+    def __init__(self, conf: Path, port: int, failover_won: threading.Event | None = None) -> None:
         self.conf, self.port = conf, port
         self.proc: subprocess.Popen | None = None
         self.ready = threading.Event()
         self.cluster_ok = threading.Event()
+        #: set when this node wins a failover election (shared by a cluster's nodes)
+        self.failover_won = failover_won or threading.Event()
         self.lines: list[str] = []
         self._reader: threading.Thread | None = None
 
@@ -90,6 +92,8 @@ class _Server:
                 self.ready.set()
             elif "Cluster state changed: ok" in line:
                 self.cluster_ok.set()
+            elif "Failover election won" in line:
+                self.failover_won.set()
         self.ready.set()  # the process ended: nobody waits in vain
 
     def wait(self, event: threading.Event, what: str, timeout_s: float = START_TIMEOUT_S) -> None:
@@ -142,12 +146,17 @@ class LocalRedis:
     """Redis servers on loopback for tests and benchmarks (see the module docstring)."""
 
     def __init__(self, num_masters: int = 0, *, password: str | None = None, maxmemory: str | None = None,
-                 node_timeout_ms: int = 2000, tls: bool = False) -> None:
+                 node_timeout_ms: int = 2000, tls: bool = False, replicas: int = 0) -> None:
         if num_masters not in (0,) and num_masters < 3:
             raise RemoteError(f"num_masters: a Redis Cluster needs at least 3 masters, got {num_masters}")
         if tls and num_masters:
             raise RemoteError("tls: only a single node serves TLS here (num_masters=0)")
         self.tls = tls
+        if replicas and not num_masters:
+            raise RemoteError("replicas: only a cluster has replicas here (num_masters >= 3)")
+        self.replicas = replicas
+        #: set by the node that wins a failover election
+        self.failover_won = threading.Event()
         self.num_masters = num_masters
         self.password = password
         self.maxmemory = maxmemory
@@ -205,9 +214,9 @@ class LocalRedis:
         try:
             if self.tls:
                 _make_certificates(self.dir)
-            for _ in range(max(1, self.num_masters)):
+            for _ in range(max(1, self.num_masters * (1 + self.replicas))):
                 port = _free_port(self.cluster)
-                server = _Server(self._conf(port), port)
+                server = _Server(self._conf(port), port, self.failover_won)
                 self.servers.append(server)
                 server.start()
             for server in self.servers:
@@ -223,7 +232,7 @@ class LocalRedis:
         cli = shutil.which("redis-cli")
         if cli is None:
             raise RemoteError("redis-cli not found on PATH; install it (Debian/Ubuntu: apt-get install redis-tools)")
-        cmd = [cli, "--cluster", "create", *(f"127.0.0.1:{p}" for p in self.ports), "--cluster-replicas", "0",
+        cmd = [cli, "--cluster", "create", *(f"127.0.0.1:{p}" for p in self.ports), "--cluster-replicas", str(self.replicas),
                "--cluster-yes"]
         env = dict(os.environ, REDISCLI_AUTH=self.password) if self.password else None
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=START_TIMEOUT_S, env=env)
@@ -232,6 +241,15 @@ class LocalRedis:
                               f"{done.stdout[-800:]} {done.stderr[-400:]}")
         for server in self.servers:
             server.wait(server.cluster_ok, "in a healthy cluster")
+
+    def wait_failover(self, timeout_s: float = START_TIMEOUT_S) -> None:
+        """Waits until a replica has won a failover election (after its master was killed).
+
+        Raises:
+            RemoteError: none within `timeout_s`.
+        """
+        if not self.failover_won.wait(timeout_s):
+            raise RemoteError(f"no replica took over within {timeout_s} s")
 
     def kill(self, i: int) -> None:
         """SIGKILLs node i (no shutdown, no save)."""

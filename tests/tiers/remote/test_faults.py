@@ -144,3 +144,42 @@ def test_moved_slots_are_misses_then_found_after_the_slot_map_reloads(cluster, s
         assert all(torch.equal(o, b) for o, b in zip(outs, blocks))
     finally:
         tier.close()
+
+
+def test_master_killed_its_replica_takes_over(small_spec):
+    import subprocess
+
+    from kvtier.tiers.remote.nodes import REFRESH_S
+
+    spec = small_spec
+    with LocalRedis(3, replicas=1) as cluster:
+        tier = RemoteTier(spec, cluster.url, timeout_s=TIMEOUT_S)
+        try:
+            keys = KeyChain.for_spec(spec).keys(np.arange(48 * spec.block_tokens) + 11)
+            gen = torch.Generator().manual_seed(9)
+            blocks = [torch.randint(0, 256, (spec.bytes_per_block,), dtype=torch.uint8, generator=gen) for _ in keys]
+            assert tier.save_many(keys, blocks) == []
+            masters = [cluster.ports.index(n.port) for n in tier.nodes.masters]
+            assert len(masters) == 3
+            for i in masters:  # every write reached its replica before the kill
+                done = subprocess.run(["redis-cli", "-p", str(cluster.ports[i]), "wait", "1", "10000"], check=True,
+                                      capture_output=True, text=True, timeout=30)
+                assert done.stdout.strip() == "1"
+            victim = masters[0]
+            on_victim = {k for k in keys if _node_of(tier, k) == cluster.ports[victim]}
+            cluster.kill(victim)
+            # failover in progress: the dead master's blocks miss, the rest restore; nothing raises
+            outs = [torch.zeros(spec.bytes_per_block, dtype=torch.uint8) for _ in keys]
+            start = time.monotonic()
+            found = tier.get_many(keys, outs)
+            assert time.monotonic() - start < TIMEOUT_S + len(keys) * spec.bytes_per_block / MIN_BYTES_PER_S + 1
+            assert found == [k not in on_victim for k in keys]
+            # the replica wins the election; once the tier reloads its slot map every block restores again
+            cluster.wait_failover()
+            threading.Event().wait(REFRESH_S)  # slot maps are reloaded at most once per REFRESH_S
+            tier.nodes.refresh()
+            outs = [torch.zeros(spec.bytes_per_block, dtype=torch.uint8) for _ in keys]
+            assert all(tier.get_many(keys, outs))
+            assert all(torch.equal(o, b) for o, b in zip(outs, blocks))
+        finally:
+            tier.close()
