@@ -187,7 +187,9 @@ class OffloadManager:
         self._check_open()
         if token_ids is not None:
             if self.decider.request(request_id) is None:
-                self.enqueue_keys(request_id, self.keys(token_ids), len(token_ids))
+                keys = self.keys(token_ids)
+                self.decider.enqueue(request_id, keys, len(token_ids))
+                self.decider.probe_remote(keys)
             return self.decider.plan(request_id, self.keys(token_ids), len(token_ids))
         return self.decider.plan(request_id)
 
