@@ -133,7 +133,7 @@ class Decider(Books):
             return entries
 
     def lookup_codes(self, keys: Sequence[BlockKey]) -> Any:
-        """`lookup` as the tier code of each leading cached block (`Index.prefix_codes`: 0 gpu, 1 host, 2 disk)."""
+        """`lookup` as the tier code of each leading cached block (`Index.prefix_codes`: 0 gpu .. 3 remote)."""
         with self.lock:
             codes = self.index.prefix_codes(keys)
             self.stats.lookups += 1

@@ -91,7 +91,7 @@ class Planner:
 
         Args:
             tiers: the tier of each matched prefix block, in order (the fastest tier holding it): tier
-                names, or a numpy integer array of `TierName.rank` codes (0 gpu, 1 host, 2 disk; fastest).
+                names, or a numpy integer array of `TierName.rank` codes (0 gpu, 1 host, 2 disk, 3 remote; fastest).
             num_tokens: the prompt's total tokens n.
             block_tokens: tokens per block; by default the cost model's.
 
@@ -261,7 +261,7 @@ def _as_code_list(tiers: Sequence[TierName | str] | np.ndarray) -> list[int]:
     if isinstance(tiers, np.ndarray):
         if tiers.ndim == 1 and tiers.dtype.kind in "iu":  # a few codes: checked in Python, not by numpy reductions
             codes = tiers.tolist()
-            if all(0 <= c <= 2 for c in codes):
+            if all(0 <= c <= 3 for c in codes):
                 return codes
         return _as_codes(tiers).tolist()  # raises the ConfigError naming the problem
     try:
@@ -275,12 +275,12 @@ def _as_codes(tiers: Sequence[TierName | str] | np.ndarray) -> np.ndarray:
         if tiers.ndim != 1 or tiers.dtype.kind not in "iu":
             raise ConfigError(f"tiers: expected a 1-D integer array of tier codes, got {tiers.dtype} "
                               f"with shape {tiers.shape}")
-        if len(tiers) and (int(tiers.min()) < 0 or int(tiers.max()) > 2):
-            raise ConfigError(f"tiers: codes must be 0 (gpu), 1 (host) or 2 (disk), got values in "
+        if len(tiers) and (int(tiers.min()) < 0 or int(tiers.max()) > 3):
+            raise ConfigError(f"tiers: codes must be 0 (gpu), 1 (host), 2 (disk) or 3 (remote), got values in "
                               f"[{int(tiers.min())}, {int(tiers.max())}]")
         return tiers
     try:
         return np.fromiter(map(_CODES.__getitem__, tiers), dtype=np.int8, count=len(tiers))
     except (KeyError, TypeError):
         bad = next((t for t in tiers if t not in _CODES), tiers)
-        raise ConfigError(f"tiers: {bad!r} is not a tier; expected 'gpu', 'host' or 'disk'") from None
+        raise ConfigError(f"tiers: {bad!r} is not a tier; expected 'gpu', 'host', 'disk' or 'remote'") from None

@@ -5,6 +5,8 @@ Primitives:
 - `Tier`: a store of whole-block payloads with a byte capacity: `put` / `get` / `contains` / `delete`,
   their batched forms (`put_many`, `get_many`, which loop over the single-key form unless a tier can do
   better) and asynchronous forms (`put_async`, `get_async`, returning a `TransferHandle`).
+- `OUTSIDE` (disk, remote: tiers read and written by key, outside this process's memory) and
+  `get_outside(...)`: one batched `get_many` per such tier for a mix of their blocks.
 
 Invariants:
 - a block's payload is one contiguous uint8 buffer of `spec.bytes_per_block` bytes in the layer-major
@@ -18,7 +20,7 @@ from __future__ import annotations
 
 import enum
 from abc import ABC, abstractmethod
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Callable, Mapping, Sequence
 
 from kvtier.tiers.errors import ConfigError, SpecMismatchError
 from kvtier.tiers.keys import BlockKey
@@ -207,3 +209,24 @@ def _uint8():
     import torch
 
     return torch.uint8
+
+
+def get_outside(by_name: Mapping[TierName, Tier], tiers: Sequence[TierName], keys: Sequence[BlockKey],
+                outs: Sequence[object], on_landed: Callable[[list[int]], None] | None,
+                batch_blocks: int) -> list[bool]:
+    """`get_many` of blocks held outside this process (block i in tier `tiers[i]`: disk or remote), disk
+    blocks first, then remote ones, each tier's in one batched call; `on_landed` gets indices into `keys`.
+
+    Returns:
+        which blocks were delivered.
+    """
+    found = [False] * len(keys)
+    for tier in OUTSIDE:
+        idx = [j for j, t in enumerate(tiers) if t is tier]
+        if not idx:
+            continue
+        landed = None if on_landed is None else (lambda b, idx=idx: on_landed([idx[j] for j in b]))
+        got = by_name[tier].get_many([keys[j] for j in idx], [outs[j] for j in idx], landed, batch_blocks)
+        for j, ok in zip(idx, got):
+            found[j] = ok
+    return found

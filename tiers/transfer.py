@@ -39,7 +39,7 @@ import torch
 from kvtier.tiers.errors import ConfigError
 from kvtier.tiers.keys import BlockKey
 from kvtier.tiers.pool import PoolTier, check_same_spec, cuda_available
-from kvtier.tiers.tier import OUTSIDE, Tier, TierName
+from kvtier.tiers.tier import OUTSIDE, Tier, TierName, get_outside
 from kvtier.tiers.pieces import PieceReads, failed_of, when_done
 from kvtier.tiers.worker import PRIORITY_LOAD, TransferHandle, Worker
 from kvtier.tiers.copies import ParallelCopier, copy_tensor
@@ -175,22 +175,9 @@ class Transferer:
             raise ConfigError("no disk or remote tier was given to this Transferer")
         return self._disk
 
-    def _get_outside(self, tiers: Sequence[TierName], keys: Sequence[BlockKey], outs: Sequence[object],
-                     on_landed: Callable[[list[int]], None] | None, batch_blocks: int) -> list[bool]:
-        """`get_many` of disk blocks, then remote ones (block i's tier: `tiers[i]`); `on_landed` gets indices."""
-        found = [False] * len(keys)
-        for tier in OUTSIDE:
-            idx = [j for j, t in enumerate(tiers) if t is tier]
-            landed = None if on_landed is None else (lambda b, idx=idx: on_landed([idx[j] for j in b]))
-            got = self.tiers[tier].get_many([keys[j] for j in idx], [outs[j] for j in idx], landed,
-                                            batch_blocks) if idx else []
-            for j, ok in zip(idx, got):
-                found[j] = ok
-        return found
-
     def _read_disk(self, keys: Sequence[BlockKey], dst: TierName, dst_slots: Sequence[int],
                    on_landed: Callable[[list[int]], None] | None = None,
-                   src_tiers: Sequence[TierName] | None = None) -> list[BlockKey]:
+                   src_tiers: Sequence[TierName] = ()) -> list[BlockKey]:
         """Reads blocks from disk (or, per block, from `src_tiers`) into pool slots; returns the keys that missed.
 
         First waits until copies queued before this read (a demotion snapshotting a slot about to be
@@ -199,10 +186,10 @@ class Transferer:
         """
         _check_len(keys, dst_slots, "dst_slots")
         self._fence(keys)
-        tiers = list(src_tiers) if src_tiers is not None else [TierName.DISK] * len(keys)
-        pool = self._pool(dst).pool
+        tiers, pool = list(src_tiers) or [TierName.DISK] * len(keys), self._pool(dst).pool
         if pool.device.type == "cpu":
-            found = self._get_outside(tiers, keys, [pool.block(s) for s in dst_slots], on_landed, self.DISK_LOAD_BATCH)
+            found = get_outside(self.tiers, tiers, keys, [pool.block(s) for s in dst_slots], on_landed,
+                                self.DISK_LOAD_BATCH)
         else:  # CUDA destination: through one reused pinned staging block
             staging = torch.empty(self.spec.bytes_per_block, dtype=torch.uint8, pin_memory=True)
             found = []
@@ -321,10 +308,9 @@ class Transferer:
                 # then the other tiers' blocks, and the handle ends
                 try:
                     self._fence(disk_keys)
-                    found = self._get_outside(
-                        [tiers[i] for i in disk_idx], disk_keys, memory, lambda batch: self._copies.submit(
-                            lambda: fill_host([disk_idx[j] for j in batch]), TransferHandle(), PRIORITY_LOAD),
-                        self.DISK_LOAD_BATCH)
+                    found = get_outside(self.tiers, [tiers[i] for i in disk_idx], disk_keys, memory, lambda batch: (
+                        self._copies.submit(lambda: fill_host([disk_idx[j] for j in batch]), TransferHandle(),
+                                            PRIORITY_LOAD)), self.DISK_LOAD_BATCH)
                 except BaseException as err:
                     handle.finish(keys, error=err)
                     return

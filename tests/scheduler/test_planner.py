@@ -185,8 +185,8 @@ def test_bad_input_is_named() -> None:
     planner = Planner(CostModel.from_profile("h100-sxm", "llama-3-8b"))
     with pytest.raises(ConfigError, match="'tape' is not a tier"):
         planner.plan(["host", "tape"], 1000)
-    with pytest.raises(ConfigError, match="codes must be 0 \\(gpu\\), 1 \\(host\\) or 2 \\(disk\\)"):
-        planner.plan(np.array([1, 3]), 1000)
+    with pytest.raises(ConfigError, match="codes must be 0 \\(gpu\\), 1 \\(host\\), 2 \\(disk\\) or 3 \\(remote\\)"):
+        planner.plan(np.array([1, 4]), 1000)
     with pytest.raises(ConfigError, match="1-D integer array"):
         planner.plan(np.array([1.0, 2.0]), 1000)
     with pytest.raises(ConfigError, match="3 matched blocks of 64 tokens exceed the prompt's num_tokens=100"):
