@@ -6,7 +6,9 @@ Primitives (the caller holds `lock`):
 - `_add` / `_drop` a tier copy (index, policy and slot table together); `_allocate` a slot;
 - `_make_room(tier, num, out, request_id)`: frees slots by demoting or dropping victims, appending the
   commands to `out`; `_forget(key)` drops every copy of a block whose bytes failed;
-- `_track(command, on_done)`: what to do when the command's completion comes back.
+- `_track(command, on_done)`: what to do when the command's completion comes back;
+- `probe_remote(keys)` (takes the lock itself; the probe runs without it): books the remote blocks of a
+  prefix as the remote answers now (`remote_probe`), unbooks those it no longer holds.
 
 Invariants:
 - pinned blocks (pins > 0) are never victims, in any tier; blocks that queued requests protect (their
@@ -235,3 +237,41 @@ class Books:
             return
         for tier in list(entry.slots):
             self._drop(key, tier)
+
+    # -- remote ----------------------------------------------------------------------------------
+
+    def probe_remote(self, keys: Sequence[BlockKey]) -> int:
+        """Asks the remote which blocks of a prefix it holds now, and books them; returns how many blocks
+        of `keys` the remote holds beyond the memory and disk tiers' prefix.
+
+        The part of the prefix that only the remote holds (or nobody) is probed again on every call, one
+        round trip per node, with no lock held: kvtier never assumes a block it saved is still there.
+        Blocks the probe did not find lose their remote booking (the server evicted them).
+        """
+        probe = self.remote_probe
+        if probe is None or not keys:
+            return 0
+        with self.lock:
+            entries = self.index.lookup(keys)
+            first = next((i for i, e in enumerate(entries) if e.best_tier is TierName.REMOTE), len(entries))
+        if first >= len(keys):
+            return 0
+        num = probe(keys[first:])
+        with self.lock:
+            self.stats.remote_probes += 1
+            parent = keys[first - 1] if first else None
+            for i, key in enumerate(keys[first:first + num], first):
+                entry = self.index.get(key)
+                if entry is None or TierName.REMOTE not in entry.slots:
+                    if self._make_room(TierName.REMOTE, 1, [], None) <= 0:
+                        num = i - first
+                        break
+                    self._add(key, TierName.REMOTE, DISK_SLOT, entry.depth if entry else i, parent)
+                parent = key
+            for key in keys[first + num:]:
+                entry = self.index.get(key)
+                if entry is None:
+                    break
+                if TierName.REMOTE in entry.slots and not entry.pins:
+                    self._drop(key, TierName.REMOTE)
+        return num
