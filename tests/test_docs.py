@@ -129,7 +129,7 @@ def test_runnable_kvtier_commands_succeed(block: Block, tmp_path, monkeypatch, c
 
 
 #: docs that other branches add (remove a name once its file has landed)
-PENDING_DOCS = {"remote.md"}  # linked from the README, written with the remote tier
+PENDING_DOCS: set[str] = set()
 LINK = re.compile(r"\]\(([^)\s]+)\)")
 
 

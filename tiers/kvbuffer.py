@@ -92,3 +92,18 @@ def runs_by_tier(tiers: Sequence[TierName], slots: Sequence[int]) -> list[tuple[
             runs.append((tiers[start], start, slots[start], i - start))
             start = i
     return runs
+
+
+def engine_memory(buffer: KVBuffer, blocks: Sequence[int]) -> list[list[memoryview]] | None:
+    """The memory runs of `blocks` in an engine's KV (`KVBuffer.block_memory`), or None unless the
+    buffer offers them for every block."""
+    block_memory = getattr(buffer, "block_memory", None)
+    if block_memory is None:
+        return None
+    memory = []
+    for block in blocks:
+        runs = block_memory(block)
+        if runs is None:
+            return None
+        memory.append(runs)
+    return memory

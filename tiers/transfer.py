@@ -43,7 +43,7 @@ from kvtier.tiers.tier import OUTSIDE, Tier, TierName, get_outside
 from kvtier.tiers.pieces import PieceReads, failed_of, when_done
 from kvtier.tiers.worker import PRIORITY_LOAD, TransferHandle, Worker
 from kvtier.tiers.copies import ParallelCopier, copy_tensor
-from kvtier.tiers.kvbuffer import KVBuffer, runs_by_tier, slot_runs
+from kvtier.tiers.kvbuffer import KVBuffer, engine_memory, runs_by_tier, slot_runs
 
 log = logging.getLogger(__name__)
 
@@ -294,7 +294,7 @@ class Transferer:
                                                                      PRIORITY_LOAD))
             return handle
         disk_keys = [keys[i] for i in disk_idx]
-        memory = _engine_memory(buffer, [dst_blocks[i] for i in disk_idx])
+        memory = engine_memory(buffer, [dst_blocks[i] for i in disk_idx])
         if memory is not None:
             def fill_host(landed: list[int]) -> None:
                 host = self._pool(TierName.HOST).pool
@@ -376,21 +376,6 @@ class Transferer:
             self._disk.close()
         self._copies.close()
         self._copier.close()
-
-
-def _engine_memory(buffer: KVBuffer, blocks: Sequence[int]) -> list[list[memoryview]] | None:
-    """The memory runs of `blocks` in an engine's KV (`KVBuffer.block_memory`), or None unless the
-    buffer offers them for every block."""
-    block_memory = getattr(buffer, "block_memory", None)
-    if block_memory is None:
-        return None
-    memory = []
-    for block in blocks:
-        runs = block_memory(block)
-        if runs is None:
-            return None
-        memory.append(runs)
-    return memory
 
 
 def _no_op() -> None:
