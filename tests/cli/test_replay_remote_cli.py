@@ -6,19 +6,11 @@ from __future__ import annotations
 import json
 
 from kvtier.scheduler.cli import main
-
-
-def _mooncake(path, n=30):
-    lines = []
-    for i in range(n):
-        ids = [0, 1, 2 + i % 5, 100 + i]  # a shared system prompt, 5 conversations, a fresh last block
-        lines.append(json.dumps({"timestamp": i * 200, "input_length": 1800, "output_length": 20, "hash_ids": ids}))
-    path.write_text("\n".join(lines) + "\n")
-    return path
+from traceutil import mooncake_trace
 
 
 def test_simulation_with_a_remote_tier(tmp_path):
-    trace = _mooncake(tmp_path / "t.jsonl", 60)
+    trace = mooncake_trace(tmp_path / "t.jsonl", 60)
     out = tmp_path / "r.json"
     # tiny memory and disk tiers, a large remote: the remote serves what they lost
     assert main(["replay", str(trace), "--gpu", "2b", "--host", "2b", "--disk", "2b", "--remote", "1000b",
@@ -33,7 +25,7 @@ def test_simulation_with_a_remote_tier(tmp_path):
 
 
 def test_real_mode_against_a_live_cluster(tmp_path, redis_cluster):
-    trace = _mooncake(tmp_path / "t.jsonl", 25)
+    trace = mooncake_trace(tmp_path / "t.jsonl", 25)
     out = tmp_path / "real.json"
     assert main(["replay", str(trace), "--real", "--quiet", "--host", "2b", "--disk", "0", "--gpu", "0",
                  "--remote", "1000b", "--remote-url", redis_cluster.url, "--json", str(out)]) == 0
@@ -44,6 +36,6 @@ def test_real_mode_against_a_live_cluster(tmp_path, redis_cluster):
 
 
 def test_real_remote_needs_a_url(tmp_path, capsys):
-    trace = _mooncake(tmp_path / "t.jsonl", 5)
+    trace = mooncake_trace(tmp_path / "t.jsonl", 5)
     assert main(["replay", str(trace), "--real", "--quiet", "--remote", "100b"]) != 0
     assert "--remote with --real needs --remote-url" in capsys.readouterr().err

@@ -8,20 +8,12 @@ import json
 import pytest
 
 from kvtier.scheduler.cli import main
+from traceutil import mooncake_trace
 from kvtier.scheduler.cli import simulate
 
 
-def _mooncake(path, n=30):
-    lines = []
-    for i in range(n):
-        ids = [0, 1, 2 + i % 5, 100 + i]  # a shared system prompt, 5 conversations, a fresh last block
-        lines.append(json.dumps({"timestamp": i * 200, "input_length": 1800, "output_length": 20, "hash_ids": ids}))
-    path.write_text("\n".join(lines) + "\n")
-    return path
-
-
 def test_simulation_writes_json_and_table(tmp_path, capsys):
-    trace = _mooncake(tmp_path / "t.jsonl")
+    trace = mooncake_trace(tmp_path / "t.jsonl")
     out = tmp_path / "r.json"
     assert main(["replay", str(trace), "--json", str(out)]) == 0
     table = capsys.readouterr().out
@@ -36,7 +28,7 @@ def test_simulation_writes_json_and_table(tmp_path, capsys):
 
 
 def test_options_reach_the_run(tmp_path):
-    trace = _mooncake(tmp_path / "t.jsonl")
+    trace = mooncake_trace(tmp_path / "t.jsonl")
     out = tmp_path / "r.json"
     assert main(["replay", str(trace), "--quiet", "--json", str(out), "--gpu", "3b", "--host", "0",
                  "--disk", "0", "--no-prefetch", "--time-scale", "2", "--hardware", "a100-pcie4",
@@ -50,7 +42,7 @@ def test_options_reach_the_run(tmp_path):
 
 def test_plot_writes_a_png(tmp_path):
     pytest.importorskip("matplotlib")
-    trace = _mooncake(tmp_path / "t.jsonl")
+    trace = mooncake_trace(tmp_path / "t.jsonl")
     png = tmp_path / "p.png"
     assert main(["replay", str(trace), "--quiet", "--plot", str(png)]) == 0
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -64,13 +56,13 @@ def test_plot_writes_a_png(tmp_path):
     (["--block-tokens", "100"], "does not divide"),
 ])
 def test_bad_options_exit_2_with_a_message(tmp_path, capsys, argv, message):
-    trace = _mooncake(tmp_path / "t.jsonl")
+    trace = mooncake_trace(tmp_path / "t.jsonl")
     assert main(["replay", str(trace), "--quiet", *argv]) == 2
     assert message in capsys.readouterr().err
 
 
 def test_bad_trace_line_exits_2_naming_the_line(tmp_path, capsys):
-    trace = _mooncake(tmp_path / "t.jsonl", 3)
+    trace = mooncake_trace(tmp_path / "t.jsonl", 3)
     trace.write_text(trace.read_text() + '{"timestamp": 1, "input_length": 5, "hash_ids": "x"}\n')
     assert main(["replay", str(trace), "--quiet"]) == 2
     assert "t.jsonl:4" in capsys.readouterr().err
@@ -94,7 +86,7 @@ def test_no_trace_runs_the_builtin_demo(tmp_path, capsys):
 
 def test_real_mode_moves_real_bytes(tmp_path):
     pytest.importorskip("torch")
-    trace = _mooncake(tmp_path / "t.jsonl", 25)
+    trace = mooncake_trace(tmp_path / "t.jsonl", 25)
     out = tmp_path / "real.json"
     disk = tmp_path / "store"
     assert main(["replay", str(trace), "--real", "--quiet", "--disk-path", str(disk), "--json", str(out)]) == 0
@@ -108,7 +100,7 @@ def test_real_mode_moves_real_bytes(tmp_path):
 
 
 def test_simulation_flags_through_the_cli(tmp_path):
-    trace = _mooncake(tmp_path / "t.jsonl")
+    trace = mooncake_trace(tmp_path / "t.jsonl")
     out = tmp_path / "r.json"
     assert main(["replay", str(trace), "--quiet", "--max-batch", "4", "--gpu", "7b", "--no-baselines",
                  "--write-mode", "write-back", "--max-requests", "10", "--json", str(out)]) == 0

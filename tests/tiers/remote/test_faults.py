@@ -29,6 +29,15 @@ def cluster():
         yield c
 
 
+def _saved_prompt(tier: RemoteTier, spec, offset: int, seed: int) -> tuple[list[bytes], list[torch.Tensor]]:
+    """The keys of a 48-block prompt and random blocks for them, saved through `tier` (all acknowledged)."""
+    keys = KeyChain.for_spec(spec).keys(np.arange(48 * spec.block_tokens) + offset)
+    gen = torch.Generator().manual_seed(seed)
+    blocks = [torch.randint(0, 256, (spec.bytes_per_block,), dtype=torch.uint8, generator=gen) for _ in keys]
+    assert tier.save_many(keys, blocks) == []
+    return keys, blocks
+
+
 def _node_of(tier: RemoteTier, key: bytes) -> int:
     groups, _ = tier.nodes.route([tier.redis_key(key)])
     return next(iter(groups)).port
@@ -114,10 +123,7 @@ def test_moved_slots_are_misses_then_found_after_the_slot_map_reloads(cluster, s
     spec = small_spec
     tier = RemoteTier(spec, cluster.url, timeout_s=TIMEOUT_S)
     try:
-        keys = KeyChain.for_spec(spec).keys(np.arange(48 * spec.block_tokens) + 7)
-        gen = torch.Generator().manual_seed(8)
-        blocks = [torch.randint(0, 256, (spec.bytes_per_block,), dtype=torch.uint8, generator=gen) for _ in keys]
-        assert tier.save_many(keys, blocks) == []
+        keys, blocks = _saved_prompt(tier, spec, offset=7, seed=8)
 
         def node_id(port: int) -> str:
             return subprocess.run(["redis-cli", "-p", str(port), "cluster", "myid"], capture_output=True, text=True,
@@ -155,10 +161,7 @@ def test_master_killed_its_replica_takes_over(small_spec):
     with LocalRedis(3, replicas=1) as cluster:
         tier = RemoteTier(spec, cluster.url, timeout_s=TIMEOUT_S)
         try:
-            keys = KeyChain.for_spec(spec).keys(np.arange(48 * spec.block_tokens) + 11)
-            gen = torch.Generator().manual_seed(9)
-            blocks = [torch.randint(0, 256, (spec.bytes_per_block,), dtype=torch.uint8, generator=gen) for _ in keys]
-            assert tier.save_many(keys, blocks) == []
+            keys, blocks = _saved_prompt(tier, spec, offset=11, seed=9)
             masters = [cluster.ports.index(n.port) for n in tier.nodes.masters]
             assert len(masters) == 3
             for i in masters:  # every write reached its replica before the kill
