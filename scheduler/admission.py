@@ -175,29 +175,33 @@ class PrefetchAdmission:
         entries = index.entries
         now = books.clock()
         ahead = self._running_prefill_left(now) if self.planner is not None else math.inf
-        disk = TierName.DISK
+        disk, protect = TierName.DISK, self._protect
         for state in itertools.islice(queue, books.config.prefetch_window):
             tiers: list[TierName] = []
+            add_tier = tiers.append
             candidates: list[tuple[int, Any]] = []
             fast = host = 0
             full = False
+            protected = state.protected
             for key in state.keys:
                 entry = entries.get(key)
-                if entry is None or not entry.slots:
+                if entry is None:
                     break
                 slots = entry.slots
+                if not slots:
+                    break
                 if entry.incoming or target in slots:
-                    if not self._protect(state, entry):
+                    if key not in protected and not protect(state, entry):
                         full = True
                         break
-                    tiers.append(target)
+                    add_tier(target)
                     host += 1
                 elif disk in slots and len(slots) == 1:
                     if not entry.pins:
                         candidates.append((len(tiers), entry))
-                    tiers.append(disk)
+                    add_tier(disk)
                 else:
-                    tiers.append(entry.best_tier)
+                    add_tier(entry.best_tier)
                     fast += 1
             if full:
                 return

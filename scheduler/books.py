@@ -203,10 +203,7 @@ class Books:
             if dst_slot is not None:
                 src_slot = entry.slots.get(tier)
                 self._add(key, below, dst_slot, entry.depth, entry.parent)
-                move = Move(tier, below, (key,), (src_slot,) if src_slot is not None and src_slot >= 0 else (),
-                            (dst_slot,) if dst_slot >= 0 else (), request_id, MoveReason.DEMOTE)
-                self._track(move, lambda c, k=key, t=below: self._after_demote(c, k, t))
-                out.append(move)
+                self._demote(key, tier, below, src_slot, dst_slot, out, request_id)
                 self.stats.demoted_blocks += 1
                 self._drop(key, tier)  # the copy runs before any later command can reuse the slot
                 return
@@ -215,10 +212,34 @@ class Books:
         if tier is TierName.DISK:
             out.append(Evict(TierName.DISK, (key,), request_id))
 
-    def _after_demote(self, completion: Completion, key: BlockKey, below: TierName) -> list[Command]:
-        if not completion.ok and self.index.holds(key, below):
-            self.stats.failed_blocks += 1
-            self._drop(key, below)
+    def _demote(self, key: BlockKey, tier: TierName, below: TierName, src_slot: int | None, dst_slot: int,
+                out: list[Command], request_id: str | None) -> None:
+        """Appends the demotion of one block to `out`: joined to the demotion just before it when nothing
+        came between them (one command for a run of victims: one job for the byte half instead of one per
+        block), unless that would read or write a slot twice in one command."""
+        src = (src_slot,) if src_slot is not None and src_slot >= 0 else ()
+        dst = (dst_slot,) if dst_slot >= 0 else ()
+        last = out[-1] if out else None
+        if (type(last) is Move and last.reason is MoveReason.DEMOTE and last.src is tier and last.dst is below
+                and last.request_id == request_id and bool(last.src_slots) == bool(src)
+                and bool(last.dst_slots) == bool(dst) and key not in last.keys
+                and not (src and src[0] in last.src_slots) and not (dst and dst[0] in last.dst_slots)):
+            move = Move(tier, below, last.keys + (key,), last.src_slots + src, last.dst_slots + dst, request_id,
+                        MoveReason.DEMOTE, last.command_id)
+            out[-1] = move
+            self.pending[move.command_id].command = move
+            return
+        move = Move(tier, below, (key,), src, dst, request_id, MoveReason.DEMOTE)
+        pending = self._track(move, None)
+        pending.on_done = lambda c: self._after_demote(c, pending.command.keys, below)
+        out.append(move)
+
+    def _after_demote(self, completion: Completion, keys: tuple[BlockKey, ...], below: TierName) -> list[Command]:
+        ok = set(completion.ok)
+        for key in keys:
+            if key not in ok and self.index.holds(key, below):
+                self.stats.failed_blocks += 1
+                self._drop(key, below)
         return []
 
     def _allocate(self, tier: TierName, key: BlockKey) -> int | None:
@@ -227,8 +248,9 @@ class Books:
             return DISK_SLOT if len(self.policies[tier]) < self._capacities[tier] else None
         return table.allocate(key)
 
-    def _track(self, command: Command, on_done: Callable[[Completion], list[Command]] | None) -> None:
-        self.pending[command.command_id] = _Pending(command, on_done)
+    def _track(self, command: Command, on_done: Callable[[Completion], list[Command]] | None) -> _Pending:
+        pending = self.pending[command.command_id] = _Pending(command, on_done)
+        return pending
 
     def _forget(self, key: BlockKey) -> None:
         """Drops every copy of a block whose bytes failed (a corrupt disk value): recomputed next time."""
