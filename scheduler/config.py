@@ -38,6 +38,8 @@ class OffloadConfig:
         disk_bytes: disk store capacity for this model (0: no disk tier).
         disk_path: directory of the LMDB store (needed when disk_bytes > 0).
         codec: disk codec: "none", "zstd" or "zstd-shuffle".
+        disk_read_threads: reader threads of a large disk read (a restore cut into that many contiguous
+            ranges of the store's file, read at once; 1: one sequential stream).
         policy: eviction policy name for every tier (see `kvtier.scheduler.policies`).
         write_mode: "write-through" or "write-back".
         prefetch: whether queued requests' blocks are promoted (disk -> host) in the background.
@@ -68,6 +70,7 @@ class OffloadConfig:
     disk_bytes: int = 0
     disk_path: str | None = None
     codec: str = "none"
+    disk_read_threads: int = 4
     policy: str = "auto"
     write_mode: WriteMode = WriteMode.WRITE_THROUGH
     prefetch: bool = True
@@ -104,6 +107,8 @@ class OffloadConfig:
             raise ConfigError("disk_path: required when disk_bytes > 0")
         if self.gpu_bytes == 0 and self.host_bytes == 0:
             raise ConfigError("host_bytes: at least one memory tier (gpu_bytes or host_bytes) must be > 0")
+        if not isinstance(self.disk_read_threads, int) or self.disk_read_threads < 1:
+            raise ConfigError(f"disk_read_threads: expected a positive int, got {self.disk_read_threads!r}")
         if self.num_layer_groups < 1:
             raise ConfigError(f"num_layer_groups: expected >= 1, got {self.num_layer_groups}")
         if self.prefetch_window < 0:

@@ -323,7 +323,8 @@ def build_tiers(spec: KVSpec, config: OffloadConfig) -> dict[TierName, Tier]:
     if config.host_bytes:
         tiers[TierName.HOST] = HostTier(spec, config.host_bytes)
     if config.disk_bytes:
-        tiers[TierName.DISK] = DiskTier(config.disk_path, spec, config.disk_bytes, codec=Codec.parse(config.codec))
+        tiers[TierName.DISK] = DiskTier(config.disk_path, spec, config.disk_bytes, codec=Codec.parse(config.codec),
+                                         read_threads=config.disk_read_threads)
     if config.remote_url:
         tiers[TierName.REMOTE] = remote_tier(spec, config)
     return tiers

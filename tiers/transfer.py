@@ -43,7 +43,7 @@ from kvtier.tiers.tier import OUTSIDE, Tier, TierName, get_outside
 from kvtier.tiers.pieces import PieceReads, failed_of, when_done
 from kvtier.tiers.worker import PRIORITY_LOAD, TransferHandle, Worker
 from kvtier.tiers.copies import ParallelCopier, copy_tensor
-from kvtier.tiers.kvbuffer import KVBuffer, engine_memory, runs_by_tier, slot_runs
+from kvtier.tiers.kvbuffer import KVBuffer, engine_memory, runs_by_tier, slot_runs, write_pieces
 
 log = logging.getLogger(__name__)
 
@@ -281,10 +281,9 @@ class Transferer:
             usable = next((i for i, k in enumerate(keys) if k in failed), len(keys))
             pieces = [p for p in runs_by_tier(tiers[:usable], src_slots[:usable]) if p[1] not in done]
             with self._on_stream(submitted):
-                for g, (lo, hi) in enumerate(groups):
-                    for tier, first, s0, n in pieces:
-                        src = self._pool(tier).pool.blocks(s0, n)[:, lo:hi]
-                        buffer.write_blocks(dst_blocks[first:first + n], src, (lo, hi))
+                for g, (lo, hi) in enumerate(groups):  # a group's pieces in one batch over the copier's threads
+                    write_pieces(buffer, [(dst_blocks[first:first + n], self._pool(tier).pool.blocks(s0, n)[:, lo:hi])
+                                          for tier, first, s0, n in pieces], (lo, hi), self._copier)
                     self._sync()
                     handle.group_done(g)
             return list(keys[usable:])

@@ -9,9 +9,9 @@ Primitives:
   block's pages (py-lmdb faults in every page of a value it returns, and positioning a cursor on a block
   touches its first page).
 - reads: `get(key, out)` / `get_many(keys, outs)` locate the values through the B-tree
-  (`SharedEnv.locate_many`, no value page touched), then read them in file order with `os.preadv`
-  straight into `out` (a contiguous CPU buffer of one block, e.g. a host-pool slot, or an engine's
-  memory runs), checking header and checksum; zstd payloads are decompressed straight into `out`.
+  (`SharedEnv.locate_many`, no value page touched), then read them in file order with `os.preadv`, a few
+  contiguous ranges in parallel (`disk.readers`), straight into `out` (a CPU buffer of one block, or an
+  engine's memory runs), checking header and checksum; zstd payloads are decompressed into `out`.
 - writes: `put` (one synchronous committed transaction) and `put_async(keys, blocks, on_commit)`: queued
   for the tier's background writer (`DiskWriter`), which puts up to `batch_max_blocks` blocks in one write
   transaction; the handle completes only after that transaction committed.
@@ -44,6 +44,7 @@ from kvtier.tiers.codecs import Codec, get_codec
 from kvtier.tiers.disk.format import HEADER_BYTES, encode_value
 from kvtier.tiers.disk.books import SpecBooks
 from kvtier.tiers.disk.read import check_value, destination, read_value_at
+from kvtier.tiers.disk.readers import DEFAULT_READ_THREADS, MIN_PART_BYTES, ReaderPool
 from kvtier.tiers.disk.stats import PAGE_BYTES, DiskStats, default_map_size, store_error
 from kvtier.tiers.disk.writer import DiskWriter
 from kvtier.tiers.errors import CapacityError, ClosedError, ConfigError, StoreError, StoreFullError
@@ -55,7 +56,6 @@ from kvtier.tiers.worker import TransferHandle
 log = logging.getLogger(__name__)
 
 
-
 class DiskTier(Tier):
     """Blocks of one KVSpec in an LMDB store (see the module docstring)."""
 
@@ -63,7 +63,8 @@ class DiskTier(Tier):
 
     def __init__(self, path: str | os.PathLike[str], spec: KVSpec, capacity_bytes: int | str, *,
                  codec: Codec | str = Codec.NONE, zstd_level: int = 1, map_size: int | str | None = None,
-                 max_map_size: int | str | None = None, batch_max_blocks: int = 64, readonly: bool = False) -> None:
+                 max_map_size: int | str | None = None, batch_max_blocks: int = 64, readonly: bool = False,
+                 read_threads: int = DEFAULT_READ_THREADS, read_split_bytes: int = MIN_PART_BYTES) -> None:
         """Opens (or creates) the store at `path` for `spec`'s blocks.
 
         Args:
@@ -79,12 +80,15 @@ class DiskTier(Tier):
                 disables growth.
             batch_max_blocks: most blocks per write transaction of the background writer.
             readonly: open without write access (puts raise StoreError; corrupt values are not removed).
+            read_threads / read_split_bytes: a `get_many` is cut into up to `read_threads` contiguous ranges of
+                the file of at least `read_split_bytes` each, read at once (see `disk.readers`; 1: one stream).
 
         Raises:
             ConfigError: capacity below one block, bad codec, level, batch size or sizes.
             StoreError: the path cannot be opened or written (named in the message).
             StoreFormatError: the store has another format version.
         """
+        self._args = {k: v for k, v in locals().items() if k not in ("self", "__class__")}  # for reopen()
         super().__init__(spec, capacity_bytes)
         self.codec = get_codec(codec, zstd_level)
         if not isinstance(batch_max_blocks, int) or batch_max_blocks < 1:
@@ -94,9 +98,6 @@ class DiskTier(Tier):
         max_size = parse_size(max_map_size, "max_map_size") if max_map_size is not None else 8 * size
         if max_size < size:
             raise ConfigError(f"max_map_size: {format_size(max_size)} is below map_size {format_size(size)}")
-        self._args = dict(path=path, spec=spec, capacity_bytes=capacity_bytes, codec=codec, zstd_level=zstd_level,
-                          map_size=map_size, max_map_size=max_map_size, batch_max_blocks=batch_max_blocks,
-                          readonly=readonly)
         self.path = os.fspath(path)
         self.readonly = readonly
         self._fp = spec.fingerprint_bytes
@@ -104,6 +105,7 @@ class DiskTier(Tier):
         self._n = dict(hits=0, misses=0, corrupt=0, foreign=0, acknowledged_blocks=0, bytes_read=0, bytes_written=0)
         self._closed = False
         self._final_stats = DiskStats(0, 0, 0, 0, 0, 0, 0, 0, 0)
+        self._readers = ReaderPool(read_threads, read_split_bytes)  # checks the count before the store is opened
         self._env = diskenv.acquire(self.path, size, max_size, readonly)
         self._books = SpecBooks(self._env, self._fp)
         self._writer = DiskWriter(self, batch_max_blocks)
@@ -288,10 +290,10 @@ class DiskTier(Tier):
         """Reads blocks straight into `outs`: contiguous CPU tensors of one block each, or per block a list
         of writable memory runs that take its payload in order (an engine's own KV memory).
 
-        Values are read in file order with `os.preadv` at their located offsets (one read continues the
-        last, so the kernel's readahead streams them: measured at the speed of a cold sequential read of a
-        file). `on_landed(indices)`, when given, is called after every `batch_blocks` values with the
-        indices (into `keys`) of those delivered, so a caller can use them while the rest is read.
+        Values are read in file order with `os.preadv` at their located offsets, a large read cut into a few
+        contiguous ranges read by the tier's reader threads (`disk.readers`). `on_landed(indices)`, when given,
+        is called on the calling thread with the indices (into `keys`) of delivered blocks in batches of
+        `batch_blocks` as they land, so a caller can use them while the rest is read.
 
         Returns:
             which blocks were delivered; a miss (absent, corrupt, foreign) leaves its `out` undefined.
@@ -322,16 +324,23 @@ class DiskTier(Tier):
                     through_map.append(i)
             located.sort()
             landed: list[int] = []
-            for n, (offset, length, i) in enumerate(located, 1):
-                reason = read_value_at(env.fd, offset, length, self._fp, keys[i], dsts[i], self.spec.itemsize)
-                if reason is None:
-                    deliver(i, None, length)
-                    landed.append(i)
-                else:  # bad or misplaced: LMDB's own read of the value decides
+
+            def read_one(fd: int, offset: int, length: int, i: int) -> str | None:  # on a reader thread
+                return read_value_at(fd, offset, length, self._fp, keys[i], dsts[i], self.spec.itemsize)
+
+            def arrived(i: int, reason: str | None, length: int) -> None:
+                if reason is not None:  # bad or misplaced: LMDB's own read of the value decides
                     through_map.append(i)
-                if on_landed is not None and landed and (n % batch_blocks == 0 or n == len(located)):
-                    on_landed(landed)
-                    landed = []
+                    return
+                deliver(i, None, length)
+                landed.append(i)
+                if on_landed is not None and len(landed) >= batch_blocks:
+                    on_landed(landed[:])
+                    landed.clear()
+
+            self._readers.read(env.data_file, env.fd, located, read_one, arrived)
+            if on_landed is not None and landed:
+                on_landed(landed)
             for i in through_map:
                 view = txn.get(self._books.lmdb_key(keys[i]), db=env.blocks_db)
                 if view is not None:
@@ -375,6 +384,7 @@ class DiskTier(Tier):
             return
         try:
             self._writer.close()
+            self._readers.close()
             super().close()
             self._final_stats = self.stats()
         finally:

@@ -120,15 +120,27 @@ class VllmKVBuffer:
                 for layer in range(lo, hi):
                     self.tensors[layer][b].view(-1).copy_(src[i, layer - lo].reshape(-1), non_blocking=True)
             return
+        move = ctypes.memmove
+        for d, s, n in self.write_chunks(dst_blocks, src, layers) or ():
+            move(d, s, n)
+
+    def write_chunks(self, dst_blocks: Sequence[int], src: torch.Tensor,
+                     layers: tuple[int, int]) -> list[tuple[int, int, int]] | None:
+        """The (dst address, src address, bytes) pages `write_blocks` copies, layer by layer, for a copier that
+        spreads them over threads (`kvbuffer.write_pieces`); None unless both sides are in CPU memory.
+
+        Raises:
+            ConfigError: a block id outside vLLM's paged KV.
+        """
+        if not self.on_cpu or src.device.type != "cpu":
+            return None
+        lo, hi = layers
+        self._check(dst_blocks)
         page = self.page_bytes
         s_ptr, s_block = src.data_ptr(), src.stride(0) * src.element_size()
         s_layer = src.stride(1) * src.element_size()
-        move = ctypes.memmove
-        for layer in range(lo, hi):
-            d_base = self.ptrs[layer]
-            s_base = s_ptr + (layer - lo) * s_layer
-            for i, b in enumerate(dst_blocks):
-                move(d_base + b * page, s_base + i * s_block, page)
+        return [(self.ptrs[layer] + b * page, s_ptr + (layer - lo) * s_layer + i * s_block, page)
+                for layer in range(lo, hi) for i, b in enumerate(dst_blocks)]
 
     def read_blocks(self, src_blocks: Sequence[int], dst: torch.Tensor, layers: tuple[int, int]) -> None:
         """Copies layers [lo, hi) of vLLM blocks `src_blocks` into `dst` ([n, hi - lo, ...])."""

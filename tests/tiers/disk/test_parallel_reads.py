@@ -1,0 +1,213 @@
+"""A restore read by a few reader threads, each one contiguous range of data.mdb (`disk.readers`): the same
+bytes as one thread, bad values still clean misses, landing callbacks on the caller's thread, concurrent
+restores, and a pool whose threads end with the tier. Real LMDB stores in temp dirs, real threads."""
+
+from __future__ import annotations
+
+import os
+import threading
+
+import pytest
+import torch
+
+from diskutil import SPEC, block, edit_value, empty, key
+from kvtier.scheduler.engines.hf.kv import HFKVBuffer
+from kvtier.tiers.codecs import Codec
+from kvtier.tiers.disk.format import HEADER_BYTES
+from kvtier.tiers.disk.readers import ReaderPool, split_ranges
+from kvtier.tiers.disk.store import DiskTier
+from kvtier.tiers.errors import ClosedError, ConfigError
+from kvtier.tiers.pool import HostTier
+from kvtier.tiers.tier import TierName
+from kvtier.tiers.transfer import Transferer
+
+N = 24
+BPB = SPEC.bytes_per_block
+
+
+def reader_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name.startswith("kvtier-disk-read")]
+
+
+@pytest.fixture
+def filled(store):
+    """A store holding blocks 0..N-1 (written, then closed)."""
+    with DiskTier(store, SPEC, 4 * N * BPB) as disk:
+        disk.put_many([key(i) for i in range(N)], [block(i) for i in range(N)])
+    return store
+
+
+def read_all(store: str, threads: int, keys: list[bytes], codec: Codec = Codec.NONE) -> tuple[list[bool], list]:
+    with DiskTier(store, SPEC, 4 * N * BPB, codec=codec, read_threads=threads, read_split_bytes=BPB) as disk:
+        outs = [empty() for _ in keys]
+        return disk.get_many(keys, outs), outs
+
+
+# -- splitting -------------------------------------------------------------------------------------------
+
+def test_ranges_are_contiguous_balanced_and_cover_the_run():
+    located = [(i * 100, 100 if i % 3 else 300, i) for i in range(20)]
+    runs = split_ranges(located, 4, min_part_bytes=1)
+    assert len(runs) == 4
+    assert [x for run in runs for x in run] == located  # contiguous, in file order, nothing left out
+    sizes = [sum(n for _, n, _ in run) for run in runs]
+    assert all(abs(size - sum(sizes) / 4) <= 300 for size in sizes)  # within one value of an equal share
+
+
+def test_small_reads_stay_one_range():
+    located = [(i * 100, 100, i) for i in range(8)]
+    assert split_ranges(located, 4, min_part_bytes=400) == [located[:4], located[4:]]
+    assert split_ranges(located, 4, min_part_bytes=10_000) == [located]
+    assert split_ranges(located[:1], 4, min_part_bytes=1) == [located[:1]]
+    assert split_ranges([], 4) == []
+
+
+def test_bad_thread_counts_are_refused(store):
+    with pytest.raises(ConfigError, match="num_parts: expected >= 1, got 0"):
+        split_ranges([(0, 1, 0)], 0)
+    with pytest.raises(ConfigError, match="read_threads: expected a positive int, got 0"):
+        DiskTier(store, SPEC, 4 * BPB, read_threads=0)
+    with pytest.raises(ConfigError, match="read_threads: expected a positive int, got 2.5"):
+        ReaderPool(2.5)  # type: ignore[arg-type]
+
+
+# -- the same bytes --------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("codec", [Codec.NONE, Codec.ZSTD_SHUFFLE])
+def test_four_readers_deliver_the_bytes_one_reader_does(store, codec):
+    with DiskTier(store, SPEC, 4 * N * BPB, codec=codec) as disk:
+        disk.put_many([key(i) for i in range(N)], [block(i) for i in range(N)])
+    keys = [key(i) for i in (5, 0, 23, 7, 99, 12, 3)] + [key(i) for i in range(13, 20)]  # any order, one absent
+    one_found, one = read_all(store, 1, keys, codec)
+    four_found, four = read_all(store, 4, keys, codec)
+    assert one_found == four_found == [k != key(99) for k in keys]
+    for k, a, b, ok in zip(keys, one, four, four_found):
+        if ok:
+            assert a.numpy().tobytes() == b.numpy().tobytes() == block(int.from_bytes(k, "little")).numpy().tobytes()
+
+
+def test_readers_fill_engine_memory_runs_exactly(filled):
+    buffer = HFKVBuffer.allocate(SPEC, N * SPEC.block_tokens)
+    engine_blocks = list(reversed(range(N)))  # the engine's blocks in another order than the file's
+    with DiskTier(filled, SPEC, 4 * N * BPB, read_threads=4, read_split_bytes=BPB) as disk:
+        found = disk.get_many([key(i) for i in range(N)], [buffer.block_memory(b) for b in engine_blocks])
+    assert found == [True] * N
+    out = torch.empty((1, *SPEC.block_shape))
+    for i, b in enumerate(engine_blocks):
+        buffer.read_blocks([b], out, (0, SPEC.num_layers))
+        assert torch.equal(out[0], block(i))
+
+
+# -- bad values ------------------------------------------------------------------------------------------
+
+def test_a_corrupt_value_in_a_readers_range_is_a_counted_miss(filled):
+    def flip(value: bytearray) -> bytearray:
+        value[HEADER_BYTES + 9] ^= 0x10  # one payload bit: the checksum must catch it
+        return value
+
+    edit_value(filled, SPEC, key(17), flip)
+    with DiskTier(filled, SPEC, 4 * N * BPB, read_threads=4, read_split_bytes=BPB) as disk:
+        outs = [empty() for _ in range(N)]
+        found = disk.get_many([key(i) for i in range(N)], outs)
+        assert found == [i != 17 for i in range(N)]
+        assert all(torch.equal(outs[i], block(i)) for i in range(N) if i != 17)
+        assert disk.stats().corrupt == 1 and disk.stats().hits == N - 1
+        assert not disk.contains(key(17))  # removed, so the next restore does not trip on it
+
+
+# -- callbacks, concurrency, lifetime ----------------------------------------------------------------------
+
+def test_landed_batches_come_on_the_callers_thread_once_per_block(filled):
+    calls: list[tuple[int, list[int]]] = []
+    with DiskTier(filled, SPEC, 4 * N * BPB, read_threads=4, read_split_bytes=BPB) as disk:
+        found = disk.get_many([key(i) for i in range(N)], [empty() for _ in range(N)],
+                              on_landed=lambda batch: calls.append((threading.get_ident(), list(batch))),
+                              batch_blocks=3)
+    assert found == [True] * N
+    assert {ident for ident, _ in calls} == {threading.get_ident()}
+    landed = [i for _, batch in calls for i in batch]
+    assert sorted(landed) == list(range(N))  # each block once
+    assert all(len(batch) <= 3 for _, batch in calls)
+
+
+def test_concurrent_restores_share_the_pool_and_stay_exact(filled):
+    with DiskTier(filled, SPEC, 4 * N * BPB, read_threads=3, read_split_bytes=BPB) as disk:
+        errors: list[BaseException] = []
+
+        def restore(seed: int) -> None:
+            try:
+                keys = [key((seed * 7 + j) % N) for j in range(N)]
+                outs = [empty() for _ in keys]
+                for _ in range(5):
+                    assert disk.get_many(keys, outs) == [True] * N
+                    for k, o in zip(keys, outs):
+                        assert torch.equal(o, block(int.from_bytes(k, "little")))
+            except BaseException as err:  # noqa: BLE001 - reported by the test thread
+                errors.append(err)
+
+        workers = [threading.Thread(target=restore, args=(s,)) for s in range(4)]
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join(60)
+        assert not any(w.is_alive() for w in workers)
+        assert errors == []
+        assert len(reader_threads()) <= 3  # bounded, however many restores at once
+
+
+def test_reader_threads_end_with_the_tier(filled):
+    before = set(reader_threads())
+    disk = DiskTier(filled, SPEC, 4 * N * BPB, read_threads=4, read_split_bytes=BPB)
+    assert disk.get_many([key(i) for i in range(N)], [empty() for _ in range(N)]) == [True] * N
+    started = set(reader_threads()) - before
+    assert 1 <= len(started) <= 4
+    disk.close()
+    assert not any(t.is_alive() for t in started)
+    with pytest.raises(ClosedError):
+        disk.get_many([key(0)], [empty()])
+
+
+def test_a_failing_reader_stops_the_others_and_raises_after_they_stop(tmp_path):
+    path = tmp_path / "f"
+    path.write_bytes(os.urandom(64 * 100))
+    located = [(i * 100, 100, i) for i in range(64)]
+    reported: list[int] = []
+
+    def read_one(fd: int, offset: int, length: int, i: int) -> str | None:
+        if i == 40:
+            raise OSError(5, "Input/output error")
+        return None if len(os.pread(fd, length, offset)) == length else "short"
+
+    pool = ReaderPool(4, min_part_bytes=1)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        with pytest.raises(OSError, match="Input/output error"):
+            pool.read(str(path), fd, located, read_one, lambda i, reason, n: reported.append(i))
+        assert 40 not in reported and len(set(reported)) == len(reported)
+        pool.read(str(path), fd, located[:8], read_one, lambda i, reason, n: reported.append(i))  # still usable
+        assert sorted(reported[-8:]) == list(range(8))
+    finally:
+        os.close(fd)
+        pool.close()
+    with pytest.raises(ClosedError, match="closed"):
+        pool.read(str(path), -1, located, read_one, lambda *a: None)
+
+
+def test_an_engine_load_through_four_readers_fills_the_kv_and_the_host_slots(filled):
+    disk = DiskTier(filled, SPEC, 4 * N * BPB, read_threads=4, read_split_bytes=BPB)
+    host = HostTier(SPEC, N * BPB)
+    transfer = Transferer({TierName.HOST: host, TierName.DISK: disk})
+    try:
+        buffer = HFKVBuffer.allocate(SPEC, N * SPEC.block_tokens)
+        slots = list(reversed(range(N)))
+        handle = transfer.load([key(i) for i in range(N)], [TierName.DISK] * N, slots, buffer, list(range(N)))
+        handle.wait(30)
+        assert handle.failed == ()
+        out = torch.empty((1, *SPEC.block_shape))
+        for i in range(N):
+            buffer.read_blocks([i], out, (0, SPEC.num_layers))
+            assert torch.equal(out[0], block(i))
+            assert torch.equal(host.pool.blocks(slots[i], 1)[0], block(i))
+    finally:
+        transfer.close()
+        disk.close()
