@@ -44,6 +44,8 @@ from kvtier.tiers.commands import Command, Completion, Move, MoveReason
 from kvtier.tiers.keys import BlockKey
 from kvtier.tiers.tier import TierName
 
+from kvtier.scheduler.gpu_promotion import GpuPromotion
+
 #: `canceller(command_id)` -> the keys of that move whose read had not begun (now cancelled)
 Canceller = Callable[[int], Sequence[BlockKey]]
 
@@ -91,7 +93,10 @@ class PrefetchAdmission:
         self.num_protected = 0
         self.unused: set[BlockKey] = set()
         self.canceller: Canceller | None = None
-        books._on_target_drop = self._left_target
+        books._drop_hooks[self.target] = self._left_target
+        #: host -> gpu promotions, where the engine asked for them (`OffloadConfig.prefetch_gpu`)
+        self.gpu = (GpuPromotion(books, planner) if config.prefetch and config.prefetch_gpu
+                    and TierName.GPU in books.tables and TierName.HOST in books.tables else None)
 
     def disk_s(self, num_blocks: int) -> float:
         """Predicted seconds of one batched disk read of `num_blocks` blocks."""
@@ -168,7 +173,13 @@ class PrefetchAdmission:
         return plan
 
     def round(self, queue: Sequence[Any], out: list[Command]) -> None:
-        """Appends one round's promotions (and the demotions that make room for them) to `out`."""
+        """Appends one round's promotions (and the demotions that make room for them) to `out`: disk ->
+        host, then host -> gpu into free GPU slots where the engine asked for it."""
+        self._round_host(queue, out)
+        if self.gpu is not None:
+            self.gpu.round(queue, out)
+
+    def _round_host(self, queue: Sequence[Any], out: list[Command]) -> None:
         if not self.active or self.room_blocks <= 0:
             return
         books, index, target = self.books, self.books.index, self.target
@@ -371,8 +382,12 @@ class PrefetchAdmission:
         self.moves[command_id].joined.add(entry.key)
         self.books.stats.prefetch_joined_blocks += 1
 
-    def used(self, key: BlockKey) -> None:
-        """A load read this block from the target tier."""
+    def used(self, key: BlockKey, tier: TierName) -> None:
+        """A load read this block from `tier` (counted where a promotion brought it there)."""
+        if tier is not self.target:
+            if tier is TierName.GPU and self.gpu is not None:
+                self.gpu.used(key)
+            return
         if key in self.unused:
             self.unused.discard(key)
             self.books.stats.prefetch_used_blocks += 1

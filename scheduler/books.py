@@ -51,7 +51,9 @@ class Stats:
     the same block was in flight (0 by design: the load joins it); `prefetch_yielded_blocks` protections
     released because a running request's load needed the host room; `promotion_latency_s` the sum of
     issue-to-landing times; `disk_load_s` / `disk_prefetch_s` predicted disk-read seconds of loads and
-    of promotions.
+    of promotions. `gpu_prefetch_*`: the host -> gpu promotions an engine asked for
+    (`OffloadConfig.prefetch_gpu`, see `gpu_promotion`): blocks landed, moves, read by a load from the
+    GPU, evicted from it unread.
     """
 
     lookups: int = 0
@@ -68,6 +70,10 @@ class Stats:
     prefetch_joined_blocks: int = 0
     prefetch_moves: int = 0
     prefetch_yielded_blocks: int = 0
+    gpu_prefetched_blocks: int = 0
+    gpu_prefetch_moves: int = 0
+    gpu_prefetch_used_blocks: int = 0
+    gpu_prefetch_evicted_unused_blocks: int = 0
     double_reads: int = 0
     promotion_latency_s: float = 0.0
     disk_load_s: float = 0.0
@@ -138,8 +144,8 @@ class Books:
 
         #: victim filters of `_make_room`, per tier: protection only keeps blocks in the prefetch target
         self._keep = {t: (pinned_or_protected if t is self.prefetch_target else pinned) for t in self.tiers}
-        #: hooks of the prefetch admission: a block left the target tier / was dropped everywhere
-        self._on_target_drop: Callable[[BlockKey], None] | None = None
+        #: tier -> what to tell when a block leaves it (the prefetch admission: the target tier; GPU promotion)
+        self._drop_hooks: dict[TierName, Callable[[BlockKey], None]] = {}
 
     # -- books -----------------------------------------------------------------------------------
 
@@ -156,8 +162,9 @@ class Books:
             policy.insert(key, parent)
 
     def _drop(self, key: BlockKey, tier: TierName) -> None:
-        if tier is self.prefetch_target and self._on_target_drop is not None:
-            self._on_target_drop(key)
+        hook = self._drop_hooks.get(tier)
+        if hook is not None:
+            hook(key)
         self.index.drop(key, tier)
         policy = self.policies[tier]
         if key in policy:

@@ -49,6 +49,8 @@ class OffloadConfig:
             request's load waits behind at most the piece of a promotion being read, never its queue).
         prefetch_room_share: share of the host tier that queued requests' protected blocks may hold.
         prefetch_min_blocks: smallest promotion worth a move (unless it is the request's whole disk run).
+        prefetch_gpu: also copy queued requests' host blocks into kvtier's own GPU pool while it has free
+            slots (never evicting for it); needs `gpu_bytes` and `host_bytes` > 0 and `prefetch`.
         num_layer_groups: layer groups of a load (the engine waits for each in turn).
         hardware: cost-model profile name or JSON path (None: this machine's calibrated profile if
             present, else a built-in default).
@@ -79,6 +81,7 @@ class OffloadConfig:
     prefetch_inflight_blocks: int = 64
     prefetch_room_share: float = 0.5
     prefetch_min_blocks: int = 4
+    prefetch_gpu: bool = False
     num_layer_groups: int = 4
     hardware: str | None = None
     salt: str = ""
@@ -118,6 +121,10 @@ class OffloadConfig:
                               f"{self.prefetch_inflight_blocks} / {self.prefetch_min_blocks}")
         if not 0.0 <= self.prefetch_room_share <= 1.0:
             raise ConfigError(f"prefetch_room_share: expected 0 <= share <= 1, got {self.prefetch_room_share}")
+        if self.prefetch_gpu and not (self.prefetch and self.gpu_bytes and self.host_bytes):
+            raise ConfigError(f"prefetch_gpu: promotes host -> gpu, so it needs prefetch on and both gpu_bytes and "
+                              f"host_bytes > 0; got prefetch={self.prefetch}, gpu_bytes={self.gpu_bytes}, "
+                              f"host_bytes={self.host_bytes}")
         if self.load_timeout_s <= 0:
             raise ConfigError(f"load_timeout_s: expected > 0, got {self.load_timeout_s}")
         if self.remote_url is not None:

@@ -223,8 +223,7 @@ class Decider(Books):
                     staged.append((entry.key, slot))  # recorded in host once the read has landed
                     slots.append(slot)
                 else:
-                    if tier is target:
-                        admission.used(entry.key)
+                    admission.used(entry.key, tier)
                     slots.append(entry.slots[tier])
                 tiers.append(tier)
             for tier in tiers:
