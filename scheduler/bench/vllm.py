@@ -22,6 +22,9 @@ max_tokens=1 request, each figure the median of interleaved repeats (A, B, C, D,
   on, `num_gpu_blocks_override=48` (6,144 tokens, less than the sessions need: vLLM's own cache must
   evict); vLLM alone vs vLLM + kvtier, each request run on one engine then the other (interleaved);
   mean and p90 TTFT over turns 2-4;
+- the prefetch queue scenario (`bench.vllm_prefetch`, keys `prefetch_*`): cached requests whose prompts
+  sit only on a cold disk arrive while the engine is busy and wait in its queue; kvtier with prefetch vs
+  `"prefetch": false`. `--only prefetch` runs it alone; `--skip-prefetch` leaves it out;
 - `remote_speedup_2k`: a second engine restoring a 2,048-token prompt from kvtier's remote tier (a local
   3-master Redis Cluster) vs recomputing it (`bench.vllm_remote`; skipped without redis-server).
 
@@ -46,6 +49,8 @@ from kvtier.scheduler.bench import vllm_lmcache
 log = logging.getLogger(__name__)
 
 SIZES = (512, 2048, 3072)
+#: parts of the benchmark `--only` runs alone
+ONLY = ("prefetch",)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -55,6 +60,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dir", default=None, help="directory for the stores (default: a temp dir under the "
                         "current directory's file system)")
     parser.add_argument("--skip-multiturn", action="store_true", help="leave out the multi-turn workload")
+    parser.add_argument("--skip-prefetch", action="store_true", help="leave out the prefetch queue scenario")
+    parser.add_argument("--only", choices=ONLY, default=None, help="run one part alone: `prefetch` (the "
+                        "queue scenario, keys prefetch_*)")
     vllm_lmcache.add_arguments(parser)
     parser.add_argument("--skip-remote", action="store_true", help="leave out the remote-tier arm (it needs "
                         "redis-server and the `remote` extra; skipped without them)")
@@ -104,12 +112,14 @@ def run(args: argparse.Namespace) -> int:
     kv_extra = {"host_bytes": "1GiB", "disk_bytes": "4GiB", "disk_path": str(store)}
     result: dict[str, Any] = {"machine": bu.machine(), "model": "smollm2-135m", "dtype": "float32",
                               "repeats": repeats, "sizes": list(sizes)}
-    if vllm_lmcache.wanted(args):  # the LMCache arm (docs/peers.md): its server logs outlive `work`
+    if args.only is None and vllm_lmcache.wanted(args):  # the LMCache arm (docs/peers.md): its server logs outlive `work`
         logs = vllm_lmcache.log_dir(args)
         stem = Path(args.json).stem if args.json else "bench-vllm"
         result["lmcache_logs"] = {k: str(logs / f"{stem}.lmcache-server-{k}.log") for k in ("ttft", "multiturn")}
 
     try:
+        if args.only == "prefetch":
+            return _prefetch_only(args, result, repeats, work, common, kv_extra)
         return _run(args, result, sizes, repeats, work, store, common, kv_extra)
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -246,6 +256,8 @@ def _run(args: argparse.Namespace, result: dict[str, Any], sizes: tuple[int, ...
         if peer is not None:
             peer.close()
 
+    if not args.skip_prefetch:
+        _prefetch_into(result, common, kv_extra, work, repeats)
     # a second engine restoring a 2k prompt from the remote tier (bench.vllm_remote) vs recompute
     from kvtier.scheduler.bench import vllm_remote as bench_vllm_remote
 
@@ -283,8 +295,36 @@ def _run(args: argparse.Namespace, result: dict[str, Any], sizes: tuple[int, ...
     for key in ("host_speedup_2k", "disk_speedup_2k", "vs_example_connector_2k", "miss_overhead",
                 "miss_overhead_example", "vs_offloading_connector_2k", "remote_speedup_2k", "multiturn_ttft_speedup",
                 "vs_lmcache_host_2k", "vs_lmcache_disk_2k", "vs_lmcache_multiturn", "vs_lmcache_multiturn_bound",
-                "lmcache_outputs_match"):
+                "lmcache_outputs_match") + PREFETCH_KEYS:
         print(f"{key}: {result.get(key)}")
+    bu.write_json(args.json, result)
+    return 0
+
+
+PREFETCH_KEYS = ("prefetch_coverage", "prefetch_ttft_speedup", "prefetch_prefill_speedup", "prefetch_queue_share_off",
+                 "prefetch_ttft_on_s", "prefetch_ttft_off_s", "prefetch_outputs_match")
+
+
+def _prefetch_into(result: dict[str, Any], common: dict[str, Any], kv_extra: dict[str, Any], work: Path,
+                   repeats: int) -> None:
+    """Runs the prefetch queue scenario (`bench.vllm_prefetch`) and merges its figures into `result`."""
+    from kvtier.scheduler.bench import vllm_prefetch
+
+    got = vllm_prefetch.run_scenario(common, {k: v for k, v in kv_extra.items() if k != "disk_path"}, work, repeats)
+    result.setdefault("spread", {}).update(got.pop("spread", {}))
+    result.update(got)
+
+
+def _prefetch_only(args: argparse.Namespace, result: dict[str, Any], repeats: int, work: Path,
+                   common: dict[str, Any], kv_extra: dict[str, Any]) -> int:
+    from kvtier.scheduler.bench import common as bu
+
+    began = time.perf_counter()
+    result["device"] = "cuda" if _cuda_available() else "cpu"
+    _prefetch_into(result, common, kv_extra, work, repeats)
+    result["elapsed_s"] = round(time.perf_counter() - began, 1)
+    for key in PREFETCH_KEYS:
+        print(f"{key}: {result.get(key)}  {result.get('spread', {}).get(key, '')}")
     bu.write_json(args.json, result)
     return 0
 

@@ -28,6 +28,9 @@ How a request goes (vLLM's side of the contract is `KVConnectorBase_V1`'s docstr
   from the save's completion (`Decider.complete`) and runs in the background;
 - a block that fails its disk checks is dropped from the books and reported by vLLM block id through
   `get_block_ids_with_load_errors`, so vLLM recomputes it (needs `kv_load_failure_policy="recompute"`).
+- `request_finished` returns `{"kvtier": {"restored_blocks": n, "ready_blocks": m}}` for a request
+  that restored blocks (m of them were in host when their load began); vLLM puts it in the request's
+  output as `kv_transfer_params`;
 - restart: the scheduler side lists the disk store read-only at start and rebuilds its disk index.
 - `llm.reset_prefix_cache(reset_connector=True)`: the host tier is emptied (the books first) and the
   worker closes its disk store, drops its pages from the page cache and reopens it: the next disk
@@ -143,8 +146,8 @@ class KvtierConnector(KVConnectorBase_V1):
     def request_finished(self, request: "Request", block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
         from kvtier.scheduler.engines.vllm.scheduler_side import request_hint  # lazily, as SchedulerSide
 
-        self.scheduler.finished(request.request_id, request_hint(request))
-        return False, None
+        # a request that restored blocks reports how many came from host (its output's kv_transfer_params)
+        return False, self.scheduler.finished(request.request_id, request_hint(request))
 
     def on_new_request(self, request: "Request") -> None:  # type: ignore[override]
         self.scheduler.new_request(request)

@@ -8,8 +8,8 @@ Primitives:
   `EngineConfig` for vLLM's `ExampleConnector` (the baseline) and for kvtier's connector.
 - `VllmEngine`: owns one started engine (`start()`, `close()`, a context manager); runs prompts given
   as token ids with greedy sampling (`generate`), times one request (`time_request`: with
-  `max_tokens=1` the request latency is the TTFT), clears vLLM's own prefix cache
-  (`reset_prefix_cache`).
+  `max_tokens=1` the request latency is the TTFT), runs a busy engine's late arrivals and times each
+  request by vLLM's own timestamps (`run_staged`), clears vLLM's own prefix cache (`reset_prefix_cache`).
 - `random_prompt(num_tokens, seed)`: reproducible token ids that no tokenizer merges away.
 - `interleave(arms, repeats)`: runs timed arms A, B, A, B, ... and collects each arm's samples.
 
@@ -39,7 +39,7 @@ from typing import Any
 
 import numpy as np
 
-from kvtier.tiers.errors import ClosedError, ConfigError
+from kvtier.tiers.errors import ClosedError, ConfigError, TransferTimeout
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +71,10 @@ class EngineConfig:
             (the multi-turn benchmark forces vLLM's own cache to evict with 48).
         block_tokens: vLLM's KV block size; None keeps the platform default (128 on CPU).
         max_num_batched_tokens: the step's token budget; None keeps vLLM's default.
+        max_num_seqs: requests running at once at most (later ones wait in vLLM's queue); None keeps
+            vLLM's default.
+        log_stats: vLLM's per-request timestamps (queued, scheduled, first token) in every output's
+            `metrics` (`run_staged` needs them); off by default, as in `vllm.LLM`.
         kv_connector: the connector class name (None: no connector).
         kv_connector_module_path: the module that defines it (None: one of vLLM's own).
         kv_role: `kv_both` for a cache that saves and loads.
@@ -100,6 +104,8 @@ class EngineConfig:
     num_gpu_blocks_override: int | None = None
     block_tokens: int | None = None
     max_num_batched_tokens: int | None = None
+    max_num_seqs: int | None = None
+    log_stats: bool = False
     kv_connector: str | None = None
     kv_connector_module_path: str | None = None
     kv_role: str = "kv_both"
@@ -127,6 +133,8 @@ class EngineConfig:
         if self.kv_load_failure_policy not in _FAILURE_POLICIES:
             raise ConfigError(f"kv_load_failure_policy: {self.kv_load_failure_policy!r} is not one of "
                               f"{', '.join(_FAILURE_POLICIES)}")
+        if self.max_num_seqs is not None and self.max_num_seqs < 1:
+            raise ConfigError(f"max_num_seqs: {self.max_num_seqs} must be at least 1")
         if self.reserved_cpus is not None and self.reserved_cpus < 0:
             raise ConfigError(f"reserved_cpus: {self.reserved_cpus} must be 0 or more (or None)")
         if self.gpu_memory_utilization is not None and not 0 < self.gpu_memory_utilization <= 1:
@@ -149,6 +157,10 @@ class EngineConfig:
             kwargs["block_size"] = self.block_tokens
         if self.max_num_batched_tokens is not None:
             kwargs["max_num_batched_tokens"] = self.max_num_batched_tokens
+        if self.max_num_seqs is not None:
+            kwargs["max_num_seqs"] = self.max_num_seqs
+        if self.log_stats:
+            kwargs["disable_log_stats"] = False
         if self.kv_connector is not None:
             transfer: dict[str, Any] = {
                 "kv_connector": self.kv_connector, "kv_role": self.kv_role,
@@ -185,6 +197,27 @@ def kvtier_connector(**extra: Any) -> dict[str, Any]:
 
 
 @dataclass(frozen=True, slots=True)
+class StagedTiming:
+    """One request of `VllmEngine.run_staged`, timed by vLLM's own per-request timestamps.
+
+    Attributes:
+        ttft_s: from the request's arrival to its first token (what a client sees).
+        queued_s: from its arrival in the engine core's queue until it was first scheduled.
+        prefill_s: from its scheduling to its first token (its restore and prefill: the part a
+            connector's loads change; a connector's "not yet" keeps it queued, so its wait is in
+            `queued_s`).
+        output_ids: the generated tokens.
+        kv_transfer_params: what the connector returned when the request finished (None: nothing).
+    """
+
+    ttft_s: float
+    queued_s: float
+    prefill_s: float
+    output_ids: tuple[int, ...]
+    kv_transfer_params: dict[str, Any] | None
+
+
+@dataclass(frozen=True, slots=True)
 class RequestTiming:
     """One timed request: `latency_s` from submit to the last output (the TTFT when max_tokens=1)."""
 
@@ -206,6 +239,7 @@ class VllmEngine:
         self.startup_s: float | None = None
         self._llm: Any = None
         self._sampling: Callable[[int], Any] | None = None
+        self._staged = 0
 
     @property
     def llm(self) -> Any:
@@ -271,6 +305,57 @@ class VllmEngine:
         latency_s = time.perf_counter() - began
         return [RequestTiming(latency_s, len(p), tuple(o.outputs[0].token_ids), getattr(o, "num_cached_tokens", None))
                 for p, o in zip(prompts, outputs)]
+
+    def run_staged(self, first: Sequence[Sequence[int]], then: Sequence[Sequence[int]], max_tokens: int = 1,
+                   timeout_s: float = 600.0) -> list[StagedTiming]:
+        """Submits `first`, lets the engine take one step (it is busy with them), then submits `then`
+        (they arrive while it works and wait in its queue); runs all to the end. Needs `log_stats`.
+
+        Returns:
+            One `StagedTiming` per prompt, `first` then `then`, in order.
+
+        Raises:
+            ConfigError: the engine was started without `log_stats`, or `max_tokens` < 1.
+            TransferTimeout: the requests did not finish within `timeout_s`.
+        """
+        if not self.config.log_stats:
+            raise ConfigError("run_staged needs per-request timestamps: start the engine with log_stats=True")
+        if max_tokens < 1:
+            raise ConfigError(f"max_tokens: {max_tokens} must be at least 1")
+        assert self._sampling is not None, "sampling factory is set by start()"
+        core = self.llm.llm_engine
+        params = self._sampling(max_tokens)
+        self._staged += 1
+        ids: list[str] = []
+        done: dict[str, Any] = {}
+
+        def submit(prompts: Sequence[Sequence[int]]) -> None:
+            for prompt in prompts:
+                rid = f"staged-{self._staged}-{len(ids)}"
+                core.add_request(rid, {"prompt_token_ids": [int(t) for t in prompt]}, params)
+                ids.append(rid)
+
+        def step() -> None:
+            for out in core.step():
+                if out.finished:
+                    done[out.request_id] = out
+
+        deadline = time.monotonic() + timeout_s
+        submit(first)
+        step()
+        submit(then)
+        while core.has_unfinished_requests():
+            if time.monotonic() > deadline:
+                raise TransferTimeout(f"run_staged: {len(ids) - len(done)} requests unfinished after {timeout_s} s")
+            step()
+        results = []
+        for rid in ids:
+            out = done.get(rid) or next(o for k, o in done.items() if k.startswith(rid))
+            m = out.metrics
+            results.append(StagedTiming(m.first_token_latency, m.scheduled_ts - m.queued_ts,
+                                        m.first_token_ts - m.scheduled_ts, tuple(out.outputs[0].token_ids),
+                                        getattr(out, "kv_transfer_params", None)))
+        return results
 
     def time_request(self, prompt: Sequence[int], max_tokens: int = 1) -> RequestTiming:
         """Runs one prompt alone and times it (the TTFT when max_tokens=1)."""

@@ -65,6 +65,8 @@ class _Req:
     computed: int = 0
     saved: int = 0  # prompt blocks [0, saved) saved or known cached
     load: tuple[int, int] | None = None  # blocks [first, stop) promised to vLLM
+    restored: int = 0  # blocks its loads restored
+    ready: int = 0  # of those, in host when the load began (or joined on their way there)
 
 
 class SchedulerSide:
@@ -179,6 +181,8 @@ class SchedulerSide:
         if load is None:  # vanished since the lookup (it cannot here: same schedule() call); recompute
             self.failed_blocks.extend(dst)
         else:
+            state.restored += len(load.keys)
+            state.ready += sum(1 for tier in load.src_tiers if tier not in _PROMOTED)
             self._ship([load])
 
     def build_meta(self, so: Any) -> KvtierMeta:
@@ -227,14 +231,23 @@ class SchedulerSide:
         if completions:
             self._prefetch()
 
-    def finished(self, request_id: str, hint: RetentionHint | None = None) -> None:
+    def finished(self, request_id: str, hint: RetentionHint | None = None) -> dict[str, Any] | None:
         """The request finished or was aborted: its protections go (saves were done in its steps) and
-        its retention hint (this one, else the one read when it was queued) reaches the policy."""
-        self.reqs.pop(request_id, None)
+        its retention hint (this one, else the one read when it was queued) reaches the policy.
+
+        Returns:
+            For a request that restored blocks, `{"kvtier": {"restored_blocks": n, "ready_blocks": m}}`
+            (m of its n restored blocks were in host when their load began: prefetch's coverage of
+            it), which vLLM hands back in the request's output as `kv_transfer_params`; else None.
+        """
+        state = self.reqs.pop(request_id, None)
         self.decider.finish(request_id, hint)
         self.num_finished += 1
         if self.num_finished % STATS_EVERY == 0:
             self.log_stats()
+        if state is None or not state.restored:
+            return None
+        return {"kvtier": {"restored_blocks": state.restored, "ready_blocks": state.ready}}
 
     def log_stats(self) -> None:
         """Logs the prefetch counters (docs/prefetch.md): every `STATS_EVERY` requests and at close."""
