@@ -302,7 +302,7 @@ def _run(args: argparse.Namespace, result: dict[str, Any], sizes: tuple[int, ...
 
 
 PREFETCH_KEYS = ("prefetch_coverage", "prefetch_ttft_speedup", "prefetch_prefill_speedup", "prefetch_queue_share_off",
-                 "prefetch_ttft_on_s", "prefetch_ttft_off_s", "prefetch_outputs_match")
+                 "prefetch_ttft_speedup_bound", "prefetch_ttft_on_s", "prefetch_ttft_off_s", "prefetch_outputs_match")
 
 
 def _prefetch_into(result: dict[str, Any], common: dict[str, Any], kv_extra: dict[str, Any], work: Path,

@@ -47,6 +47,7 @@ def test_config_rejects_a_directory_without_config_json(tmp_path: Path) -> None:
     ("num_gpu_blocks_override", 0, "num_gpu_blocks_override: 0"),
     ("max_model_len", 8, "max_model_len: 8 is too small"),
     ("reserved_cpus", -1, "reserved_cpus: -1 must be 0 or more"),
+    ("max_num_seqs", 0, "max_num_seqs: 0 must be at least 1"),
     ("kv_connector_module_path", "some.module", "kv_connector is not"),
 ])
 def test_config_rejects_bad_values(model_dir: str, field: str, value: object, match: str) -> None:
@@ -60,6 +61,9 @@ def test_llm_kwargs_without_connector(model_dir: str) -> None:
     assert kwargs["num_gpu_blocks_override"] == 48
     assert kwargs["enable_prefix_caching"] is False
     assert "kv_transfer_config" not in kwargs
+    assert "max_num_seqs" not in kwargs and "disable_log_stats" not in kwargs  # vLLM's defaults
+    queued = EngineConfig(model_dir=model_dir, max_num_seqs=1, log_stats=True).llm_kwargs()
+    assert queued["max_num_seqs"] == 1 and queued["disable_log_stats"] is False
 
 
 def test_llm_kwargs_with_connectors(model_dir: str, tmp_path: Path) -> None:
