@@ -25,7 +25,8 @@ The round stops at the first request that finds the room full. Other duties: `ca
 request started or left: its promotions not yet begun are cancelled through `canceller`, which the byte
 half provides when it can; without one they simply land), `incoming_slot` / `join` (a load needs a block
 still in flight: it waits for that move instead of reading the disk again), `release` (protection ends
-when the request's load has finished), and the counters in `Stats`.
+when the request's load has finished), and the counters in `Stats`. Where the engine asked for it
+(`prefetch_gpu`), each round ends with host -> gpu promotions into free GPU slots (`gpu_promotion`).
 
 Invariants: a block in flight to host has `Entry.incoming` = the move's command id, a booked host slot
 and a pin (its disk copy stays); it is recorded in host only when its bytes have landed; every
