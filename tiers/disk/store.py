@@ -379,16 +379,16 @@ class DiskTier(Tier):
     # -- lifetime --------------------------------------------------------------------------------------
 
     def close(self) -> None:
-        """Commits queued saves, joins the writer and the worker, and releases the store (idempotent)."""
+        """Commits queued saves, joins the writer, the worker and the readers, and releases the store (idempotent)."""
         if self._closed:
             return
         try:
             self._writer.close()
-            self._readers.close()
             super().close()
             self._final_stats = self.stats()
         finally:
             self._closed = True
+            self._readers.close()  # joined before the descriptor they read goes
             self._env.release()
 
     def reopen(self) -> "DiskTier":

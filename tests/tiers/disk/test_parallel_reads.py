@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from diskutil import SPEC, block, edit_value, empty, key
+from kvtier.scheduler.config import OffloadConfig
 from kvtier.scheduler.engines.hf.kv import HFKVBuffer
 from kvtier.tiers.codecs import Codec
 from kvtier.tiers.disk.format import HEADER_BYTES
@@ -69,6 +70,8 @@ def test_bad_thread_counts_are_refused(store):
         DiskTier(store, SPEC, 4 * BPB, read_threads=0)
     with pytest.raises(ConfigError, match="read_threads: expected a positive int, got 2.5"):
         ReaderPool(2.5)  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="disk_read_threads: expected a positive int, got 0"):
+        OffloadConfig(disk_read_threads=0)
 
 
 # -- the same bytes --------------------------------------------------------------------------------------
