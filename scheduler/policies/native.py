@@ -9,7 +9,7 @@ list moves in C instead of a Python call per candidate. Without the extension (o
 `KVTIER_PURE_POLICIES=1` in the environment, or `set_enabled(False)`), every policy runs its Python
 code: the same results, slower.
 
-Primitives: `available()`, `set_enabled(flag)`, `lane_spec(policy)`, `make_core(policies, capacity, warm)`,
+Primitives: `built()`, `available()`, `set_enabled(flag)`, `lane_spec(policy)`, `make_core(policies, capacity, warm)`,
 `NativePolicy` (one policy on the C core, behind the `Policy` interface).
 """
 
@@ -30,6 +30,11 @@ except ImportError:  # built without a C compiler: the Python classes serve
     _fastpolicy = None
 
 _enabled = os.environ.get("KVTIER_PURE_POLICIES", "0") in ("", "0")
+
+
+def built() -> bool:
+    """True when the C core was built at install (whether or not it is enabled)."""
+    return _fastpolicy is not None
 
 
 def available() -> bool:
