@@ -68,11 +68,13 @@ def _deep_s3fifo(capacity: int) -> Policy:
     return S3FIFOPolicy(capacity, ghost=4.0)
 
 
-#: the candidates `auto` chooses among, in order of preference when they tie
+#: the candidates `auto` chooses among, in order of preference when they tie; LRU first: until the
+#: shadows tell the candidates apart (and while they tie), the plain recency order leads, which loses
+#: nothing where the cache holds nearly the whole working set (there LRU is optimal)
 CANDIDATES: dict[str, Callable[[int], Policy]] = {
+    "lru": LRUPolicy,
     "arc": ARCPolicy,
     "s3fifo": S3FIFOPolicy,
-    "lru": LRUPolicy,
     "s3fifo-deep": _deep_s3fifo,
 }
 
