@@ -316,24 +316,27 @@ def _bounds(workload: Workload, caps: dict[str, int]) -> dict[str, Any]:
 _FORKED: dict[str, Any] = {}
 
 
-def _run_baselines(names: Sequence[str]) -> dict[str, Any]:
-    """Runs baselines (and "bounds") on the workload stashed before a fork; returns their summaries."""
+def _run_baseline(name: str) -> Any:
+    """Runs one baseline (or "bounds") on the workload stashed before a fork; returns its summary."""
     from kvtier.scheduler.replay.simreport import summarize
 
     workload, settings, caps = _FORKED["workload"], _FORKED["settings"], _FORKED["caps"]
-    todo = baseline_settings(settings, caps)
-    out: dict[str, Any] = {}
-    for name in names:
-        if name == "bounds":
-            out[name] = bounds(workload, caps)
-        else:
-            out[name] = summarize(simulate(workload, todo[name]), workload)
-    return out
+    if name == "bounds":
+        return bounds(workload, caps)
+    return summarize(simulate(workload, baseline_settings(settings, caps)[name]), workload)
+
+
+#: the baselines' work, heaviest first (the order the worker takes them in)
+_HEAVIEST_FIRST = ("offload_no_prefetch", "gpu_only", "bounds", "no_cache")
 
 
 def run_all(workload: Workload, settings: SimSettings, *, with_baselines: bool = True, jobs: int = 1,
             progress: Progress | None = None) -> tuple[Simulation, dict[str, Any], dict[str, Any] | None]:
-    """The run, its baselines' summaries and the bounds; baselines run in a forked process when jobs > 1.
+    """The run, its baselines' summaries and the bounds.
+
+    With jobs > 1 the baselines run in `jobs - 1` forked workers, heaviest first, while this process
+    runs the main run; then this process takes back the baselines no worker has started (lightest
+    first), so that the work ends about together on a busy machine as on an idle one.
 
     Returns:
         (the run, {baseline name: summary}, bounds or None without baselines).
@@ -341,24 +344,32 @@ def run_all(workload: Workload, settings: SimSettings, *, with_baselines: bool =
     caps = capacities(workload, settings)
     if not with_baselines:
         return simulate(workload, settings, progress), {}, None
-    names = [*baseline_settings(settings, caps), "bounds"]
+    order = list(baseline_settings(settings, caps))
+    names = sorted([*order, "bounds"], key=_HEAVIEST_FIRST.index)
     _FORKED.update(workload=workload, settings=settings, caps=caps)
     pool = None
     if jobs > 1 and "fork" in _start_methods():
         import multiprocessing
         from concurrent.futures import ProcessPoolExecutor
 
-        pool = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("fork"))
+        pool = ProcessPoolExecutor(max_workers=jobs - 1, mp_context=multiprocessing.get_context("fork"))
     try:
-        future = pool.submit(_run_baselines, names) if pool is not None else None
+        futures = {name: pool.submit(_run_baseline, name) for name in names} if pool is not None else {}
         main = simulate(workload, settings, progress)
-        others = future.result() if future is not None else _run_baselines(names)
+        others = {}
+        for name in reversed(names):
+            future = futures.get(name)
+            if future is None or future.cancel():
+                others[name] = _run_baseline(name)
+        for name, future in futures.items():
+            if name not in others:
+                others[name] = future.result()
     finally:
         if pool is not None:
             pool.shutdown(wait=True)
         _FORKED.clear()
     found = others.pop("bounds")
-    return main, others, found
+    return main, {name: others[name] for name in order}, found
 
 
 def _start_methods() -> list[str]:
