@@ -176,6 +176,8 @@ class AutoPolicy(Policy):
             self._shadow_core = native.make_core(self._shadows, shadow_capacity, warm=False)
             self._shadow_core.scoring(self._threshold, SAMPLE_SPACE, self._decay, margin, stable_hash)
             self._shadows, self._warm = [], None
+            # the per-block calls of the tiers and the simulation go straight to C (no Python frame)
+            self.access, self.insert = self._core.access, self._core.insert
 
     # -- books ------------------------------------------------------------------------------------
 
