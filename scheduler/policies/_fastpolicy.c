@@ -102,9 +102,10 @@ static PyObject *Core_access(Core *c, PyObject *key) {
     Py_RETURN_NONE;
 }
 
-static PyObject *Core_insert(Core *c, PyObject *args) {
+static PyObject *Core_insert(Core *c, PyObject *args, PyObject *kwds) {
+    static char *kwlist[] = {"key", "parent", NULL};
     PyObject *key, *parent = NULL;
-    if (!PyArg_UnpackTuple(args, "insert", 1, 2, &key, &parent)) return NULL;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O|O:insert", kwlist, &key, &parent)) return NULL;
     Py_hash_t h = hash_of(key);
     if (h == -1) return NULL;
     int32_t e = find_or_add(c, key, h);
@@ -317,7 +318,7 @@ static void Core_dealloc(Core *c) {
 
 static PyMethodDef Core_methods[] = {
     {"access", (PyCFunction)Core_access, METH_O, "access(key): a hit on a cached key (every lane)."},
-    {"insert", (PyCFunction)Core_insert, METH_VARARGS, "insert(key, parent=None): a new key (every lane; parent unused)."},
+    {"insert", (PyCFunction)(void (*)(void))Core_insert, METH_VARARGS | METH_KEYWORDS, "insert(key, parent=None): a new key (every lane; parent unused)."},
     {"remove", (PyCFunction)Core_remove, METH_O, "remove(key): a cached key leaves (every lane)."},
     {"release", (PyCFunction)Core_release, METH_O, "release(key): a cached key goes first."},
     {"victim", (PyCFunction)Core_victim, METH_VARARGS, "victim(lane, protect, incoming) -> key or None."},

@@ -136,6 +136,20 @@ def test_keys_of_any_hashable_type():
         assert fast.leader_name == reference.leader_name
 
 
+def test_auto_takes_the_policy_calls_as_documented():
+    # the Policy API: insert(key, parent=None) by position or keyword, KeyError on a second insert
+    auto = AutoPolicy(4)
+    auto.insert(1)
+    auto.insert(2, 1)
+    auto.insert(3, parent=2)
+    with pytest.raises(KeyError, match="already cached"):
+        auto.insert(3)
+    auto.access(2)
+    with pytest.raises(KeyError):
+        auto.access(9)
+    assert len(auto) == 3 and auto.evict() in (1, 3)
+
+
 def test_fallback_is_the_python_code():
     previous = native.set_enabled(False)
     try:
