@@ -15,6 +15,14 @@ from kvtier.tiers.errors import ConfigError
 
 pytestmark = pytest.mark.skipif(not native.built(), reason="the C policy core is not built here")
 
+@pytest.fixture(autouse=True)
+def c_core():
+    """The policies built in a test use the C core (whatever KVTIER_PURE_POLICIES says), but `pure()`'s."""
+    previous = native.set_enabled(True)
+    yield
+    native.set_enabled(previous)
+
+
 FACTORIES = {"lru": LRUPolicy, "arc": ARCPolicy, "s3fifo": S3FIFOPolicy, "s3fifo-deep": _deep_s3fifo}
 
 #: one operation: (verb, key, extra); keys come from a small space so that hits, ghosts and returns happen
@@ -159,7 +167,7 @@ def test_fallback_is_the_python_code():
         assert 2 in auto and len(auto) == 3
     finally:
         native.set_enabled(previous)
-    assert native.available()
+    assert native.available() is previous
 
 
 def test_lane_spec_rejects_other_policies():
