@@ -23,7 +23,11 @@ negative priority) that no other session inserted become the first victims, what
 
 Primitives: `AutoPolicy`, `CANDIDATES` (name -> factory), `RetentionHint`, `stable_hash`.
 Cost: O(1) amortised per access per candidate (each candidate's own cost), plus R of that for the
-shadows. Invariants: the candidates hold exactly the cache's keys; a victim is never protected.
+shadows. With the C core (`kvtier.scheduler.policies.native`, built at install) the candidates' books,
+the released keys and the shadows live in C: one key-table lookup and a few list moves per access and
+candidate, and one call per request for the hit-only step and one for the shadows; without it, the
+same behaviour in Python. Invariants: the candidates hold exactly the cache's keys; a victim is never
+protected.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ from typing import Any, Callable, Hashable, Iterator, Mapping, Sequence
 
 from kvtier.tiers.errors import ConfigError
 
+from kvtier.scheduler.policies import native
 from kvtier.scheduler.policies.adaptive import ARCPolicy, S3FIFOPolicy
 from kvtier.scheduler.policies.base import Key, Policy, Protected, protector
 from kvtier.scheduler.policies.basic import LRUPolicy
@@ -63,11 +68,13 @@ def _deep_s3fifo(capacity: int) -> Policy:
     return S3FIFOPolicy(capacity, ghost=4.0)
 
 
-#: the candidates `auto` chooses among, in order of preference when they tie
+#: the candidates `auto` chooses among, in order of preference when they tie; LRU first: until the
+#: shadows tell the candidates apart (and while they tie), the plain recency order leads, which loses
+#: nothing where the cache holds nearly the whole working set (there LRU is optimal)
 CANDIDATES: dict[str, Callable[[int], Policy]] = {
+    "lru": LRUPolicy,
     "arc": ARCPolicy,
     "s3fifo": S3FIFOPolicy,
-    "lru": LRUPolicy,
     "s3fifo-deep": _deep_s3fifo,
 }
 
@@ -161,16 +168,32 @@ class AutoPolicy(Policy):
         self._sampled: dict[Key, bool] = {}
         self._released: OrderedDict[Key, None] = OrderedDict()
         self._owner: dict[Key, object] = {}
+        #: the C core's books of every candidate (with the warm-up and released keys) and shadows, or
+        #: None: the Python objects above keep them
+        self._core = self._shadow_core = None
+        if native.available():
+            self._core = native.make_core([CANDIDATES[n](capacity) for n in names], capacity, warm=True)
+            self._shadow_core = native.make_core(self._shadows, shadow_capacity, warm=False)
+            self._shadow_core.scoring(self._threshold, SAMPLE_SPACE, self._decay, margin, stable_hash)
+            self._shadows, self._warm = [], None
+            # the per-block calls of the tiers and the simulation go straight to C (no Python frame)
+            self.access, self.insert = self._core.access, self._core.insert
 
     # -- books ------------------------------------------------------------------------------------
 
     def __len__(self) -> int:
+        if self._core is not None:
+            return len(self._core)
         return len(self._warm) if self._warm is not None else len(self._real[0])
 
     def __contains__(self, key: object) -> bool:
+        if self._core is not None:
+            return key in self._core
         return key in self._warm if self._warm is not None else key in self._real[0]
 
     def keys(self) -> Iterator[Key]:
+        if self._core is not None:
+            return iter(self._core.keys())
         return iter(self._warm) if self._warm is not None else self._real[0].keys()
 
     @property
@@ -191,7 +214,15 @@ class AutoPolicy(Policy):
             self._warm = None
         return self._real
 
+    def lookup(self, keys: Sequence[Key]) -> int:
+        if self._core is not None:
+            return self._core.lookup(keys)
+        return super().lookup(keys)
+
     def access(self, key: Key) -> None:
+        if self._core is not None:
+            self._core.access(key)
+            return
         warm = self._warm
         if warm is not None:
             warm[key] += 1
@@ -203,7 +234,9 @@ class AutoPolicy(Policy):
             self._released.pop(key, None)
 
     def insert(self, key: Key, parent: Key | None = None) -> None:
-        if self._warm is not None:
+        if self._core is not None:
+            self._core.insert(key)
+        elif self._warm is not None:
             if key in self._warm:
                 raise KeyError(f"{key!r} is already cached")
             self._warm[key] = 0
@@ -212,6 +245,8 @@ class AutoPolicy(Policy):
                 policy.insert(key, parent)
 
     def victim(self, protected: Protected = None, incoming: Key | None = None) -> Key | None:
+        if self._core is not None:
+            return self._core.victim(self.leader, None if protected is None else protector(protected), incoming)
         if self._released:
             is_protected = protector(protected)
             for key in self._released:
@@ -220,13 +255,17 @@ class AutoPolicy(Policy):
         return self._books()[self.leader].victim(protected, incoming)
 
     def remove(self, key: Key) -> None:
-        if self._warm is not None:
+        if self._core is not None:
+            self._core.remove(key)
+        elif self._warm is not None:
             del self._warm[key]
         else:
             for policy in self._real:
                 policy.remove(key)
-        self._released.pop(key, None)
-        self._owner.pop(key, None)
+        if self._released:
+            self._released.pop(key, None)
+        if self._owner:
+            self._owner.pop(key, None)
 
     # -- learning ---------------------------------------------------------------------------------
 
@@ -241,6 +280,9 @@ class AutoPolicy(Policy):
 
     def observe(self, keys: Sequence[Key]) -> None:
         """Feeds one request's keys (prompt order) to the shadow caches and updates the leader."""
+        if self._shadow_core is not None:
+            self.leader = self._shadow_core.observe(keys, self.leader)
+            return
         sampled = [k for k in keys if self._is_sampled(k)] if self._threshold < SAMPLE_SPACE else list(keys)
         self._gain /= self._decay
         if not sampled:
@@ -280,7 +322,10 @@ class AutoPolicy(Policy):
                 owner[key] = _SHARED
         if hint.releases:
             for key in reversed(mine):  # deepest first: no block outlives its prefix
-                self._released[key] = None
+                if self._core is not None:
+                    self._core.release(key)
+                else:
+                    self._released[key] = None
 
     def replay_request(self, keys: Sequence[Key], hint: RetentionHint | None = None,
                        partial_last: bool = False) -> int:
@@ -292,6 +337,15 @@ class AutoPolicy(Policy):
         tail without its head never does); the request's last block, when `partial_last` (the partial
         block that the next turn of a conversation extends, hence rehashes), becomes a first victim.
         """
+        if self._core is not None:
+            out = [] if self._owner else None
+            hits = self._core.step(keys, self.leader, partial_last, out)
+            for key in out or ():
+                self._owner.pop(key, None)
+            self.leader = self._shadow_core.observe(keys, self.leader)
+            if hint is not None:
+                self.hint(keys, hint)
+            return hits
         hits = self.lookup(keys)
         new = []
         for i in range(len(keys) - 1, -1, -1):

@@ -1,5 +1,5 @@
 """`auto`: follows the candidate its shadow caches score best, lets a prompt's partial tail go first,
-and takes retention hints."""
+and takes retention hints. Every test runs twice: on the C core (where built) and on the Python code."""
 
 from __future__ import annotations
 
@@ -7,9 +7,19 @@ import random
 
 import pytest
 
-from kvtier.scheduler.policies import AutoPolicy, RetentionHint, make_policy
+from kvtier.scheduler.policies import AutoPolicy, RetentionHint, make_policy, native
 from kvtier.scheduler.policies.auto import CANDIDATES, stable_hash
 from kvtier.tiers.errors import ConfigError
+
+
+@pytest.fixture(autouse=True, params=["c", "python"])
+def core(request):
+    """Runs the test with the C core enabled ("c"; skipped where it is not built) or disabled."""
+    if request.param == "c" and not native.built():
+        pytest.skip("the C policy core is not built here")
+    previous = native.set_enabled(request.param == "c")
+    yield request.param
+    native.set_enabled(previous)
 
 
 def scan_trace(seed: int, num_requests: int = 3000) -> list[tuple[int, ...]]:
