@@ -17,15 +17,12 @@ from kvtier.scheduler.manager import OffloadManager
 from kvtier.tiers.errors import ConfigError
 from kvtier.tiers.kvbuffer import BlockKVBuffer
 from kvtier.tiers.spec import KVSpec
-
-MODEL = {"_name_or_path": "test/tiny", "num_hidden_layers": 4, "hidden_size": 32, "num_attention_heads": 4,
-         "num_key_value_heads": 2, "intermediate_size": 64, "vocab_size": 256}
+from managerutil import MODEL, tiny_spec
 
 
 @pytest.fixture
 def spec() -> KVSpec:
-    return KVSpec(model_id="test/tiny", num_layers=4, num_kv_heads=2, head_dim=8, dtype="float32",
-                  block_tokens=16, weights_revision="random-0")
+    return tiny_spec()
 
 
 def config(spec: KVSpec, tmp_path, *, gpu: int, prefetch_gpu: bool) -> OffloadConfig:

@@ -17,9 +17,8 @@ from kvtier.scheduler.manager import OffloadManager
 from kvtier.tiers.spec import KVSpec
 from kvtier.tiers.tier import TierName
 from kvtier.tiers.kvbuffer import BlockKVBuffer
+from managerutil import MODEL, tiny_spec
 
-MODEL = {"_name_or_path": "test/tiny", "num_hidden_layers": 4, "hidden_size": 32, "num_attention_heads": 4,
-         "num_key_value_heads": 2, "intermediate_size": 64, "vocab_size": 256}
 NUM_BLOCKS = 12
 
 # the first process: stores the prompt's KV (seeded), waits for the write-through to be acknowledged
@@ -50,8 +49,7 @@ WRITER = textwrap.dedent("""
 
 @pytest.fixture
 def spec() -> KVSpec:
-    return KVSpec(model_id="test/tiny", num_layers=4, num_kv_heads=2, head_dim=8, dtype="float32",
-                  block_tokens=16, weights_revision="random-0")
+    return tiny_spec()
 
 
 def _config(spec: KVSpec, url: str, disk: str, **kw) -> OffloadConfig:
