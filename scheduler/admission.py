@@ -69,11 +69,14 @@ class PrefetchAdmission:
     Args:
         books: the decider (its index, slot tables, eviction cascade, queue and running requests).
         planner: predicts prefills (None: no deadline, only room and in-flight bounds apply).
+        whole_last_block: the engine loads a prompt's last full block whole (its last token recomputed on
+            top) when the plan restores every block before it; that block is then a candidate too.
     """
 
-    def __init__(self, books: Any, planner: Any) -> None:
+    def __init__(self, books: Any, planner: Any, whole_last_block: bool = False) -> None:
         self.books = books
         self.planner = planner
+        self.whole_last_block = whole_last_block
         config = books.config
         self.target: TierName = books.prefetch_target
         self.active = (config.prefetch and TierName.DISK in books.tiers and self.target is not TierName.DISK)
@@ -83,9 +86,10 @@ class PrefetchAdmission:
                                          config.prefetch_budget_bytes // books._bytes_per_block))
         self.min_blocks = config.prefetch_min_blocks
         if planner is not None:
-            cost = planner.cost_model.with_block_tokens(books.spec.block_tokens).path(planner.disk_path)
-            self.disk_latency_s, self.disk_block_s = cost.latency_s, cost.block_s
+            self.disk_cost = planner.cost_model.with_block_tokens(books.spec.block_tokens).path(planner.disk_path)
+            self.disk_latency_s, self.disk_block_s = self.disk_cost.latency_s, self.disk_cost.block_s
         else:
+            self.disk_cost = None
             self.disk_latency_s = self.disk_block_s = 0.0
         self.moves: dict[int, Promotion] = {}
         self.by_request: dict[str, list[int]] = {}
@@ -101,7 +105,7 @@ class PrefetchAdmission:
 
     def disk_s(self, num_blocks: int) -> float:
         """Predicted seconds of one batched disk read of `num_blocks` blocks."""
-        return self.disk_latency_s + num_blocks * self.disk_block_s if num_blocks > 0 else 0.0
+        return self.disk_cost.time_s(num_blocks) if self.disk_cost is not None else 0.0
 
     # -- protection --------------------------------------------------------------------------------
 
@@ -233,15 +237,17 @@ class PrefetchAdmission:
             # now (off the load's critical path), then the front it would stop recomputing, nearest first
             before = self.predict(state, fast, host, tiers)
             best = self._plan_with(state, tiers, candidates)
-            lo, hi = before.split, before.restore_stop
-            wanted = [c for c in candidates if best.split <= c[0] < best.restore_stop]
+            lo, hi = before.split, self._load_stop(before)
+            wanted = [c for c in candidates if best.split <= c[0] < self._load_stop(best)]
             candidates = ([c for c in wanted if lo <= c[0] < hi] + [c for c in reversed(wanted) if c[0] < lo]
                           + [c for c in wanted if c[0] >= hi])
         n = min(len(candidates), self.inflight_limit - self.inflight_blocks,
                 self.room_blocks - self.num_protected)
         if self.planner is not None and self.disk_block_s > 0:
             spare = ahead - self.disk_backlog_s - self.disk_latency_s
-            n = min(n, int(spare // self.disk_block_s) if spare > 0 else 0)
+            cost = self.disk_cost
+            fits = cost.blocks_within(spare / cost.block_s) if cost.ramp_blocks else spare // cost.block_s
+            n = min(n, int(fits) if spare > 0 else 0)
         if n <= 0 or (n < self.min_blocks and n < len(candidates)):
             return 0
         after = None
@@ -283,6 +289,10 @@ class PrefetchAdmission:
         if after is not None:
             state.predicted = ((len(tiers), fast, host + n), after)
         return n
+
+    def _load_stop(self, plan: Any) -> int:
+        """Where the engine's load of `plan` will stop."""
+        return plan.whole_block_stop if self.whole_last_block else plan.restore_stop
 
     def _plan_with(self, state: Any, tiers: list[TierName], promoted: list[tuple[int, Any]]) -> Any:
         """The request's plan were these candidates in the target tier."""

@@ -57,16 +57,19 @@ class Decider(Books):
         planner: restore-vs-recompute plans (None: `plan` is unavailable, prefetch has no deadline).
         has_engine_gpu: kept for callers; the engine's own GPU memory is never a prefetch target.
         clock: seconds, monotonic (the simulator passes its simulated clock).
+        whole_last_block: the engine loads a prompt's last full block whole and recomputes its last token
+            on top (vLLM's connector), so prefetch promotes that block too (`PrefetchAdmission`).
     """
 
     def __init__(self, spec: KVSpec, config: OffloadConfig, planner: Any = None,
-                 has_engine_gpu: bool = True, clock: Callable[[], float] = time.monotonic) -> None:
+                 has_engine_gpu: bool = True, clock: Callable[[], float] = time.monotonic, *,
+                 whole_last_block: bool = False) -> None:
         super().__init__(spec, config)
         self.planner = planner
         self.clock = clock
         self.queue: OrderedDict[str, RequestState] = OrderedDict()
         self.running: dict[str, RequestState] = {}
-        self.admission = PrefetchAdmission(self, planner)
+        self.admission = PrefetchAdmission(self, planner, whole_last_block)
         self._pre: list[Command] = []
 
     def set_canceller(self, canceller: Canceller | None) -> None:

@@ -79,6 +79,12 @@ class Plan:
         return range(self.split, self.restore_stop)
 
     @property
+    def whole_block_stop(self) -> int:
+        """Where a load stops for an engine that loads the prompt's last full block whole (its last token
+        recomputed on top, as vLLM's connector does) when the plan restores every block before it."""
+        return self.num_found_blocks if self.restore_stop == self.num_matched_blocks else self.restore_stop
+
+    @property
     def num_restored_blocks(self) -> int:
         """Blocks restored."""
         return self.restore_stop - self.split

@@ -10,7 +10,10 @@ tier, the tiers in parallel; a disk block goes disk -> host -> GPU pipelined, so
 (its path's cost: slowest stage) and the host link too. Three links work in parallel and the load ends
 when the slowest finishes: the host link (host and disk blocks, host path cost), the disk (disk blocks,
 disk or disk_zstd path cost), the GPU copy engine (gpu blocks, gpu path cost); each link pays its latency
-once when it carries any block.
+once when it carries any block. A path with a ramp (a calibrated cold disk: small reads slower per byte,
+`PathCost`) costs its `effective_blocks`; the crossing below is then searched with its bulk per-block
+cost and the candidates it gives are evaluated exactly, so every plan's predicted times are the cost
+model's, and its choice is within a block or so of the exact optimum.
 
 Why front recompute, back restore: recompute of a block costs more the deeper it is (attention grows with
 position) while its restore costs the same, so the cheap-to-recompute front is computed while the back
@@ -42,6 +45,7 @@ from kvtier.tiers.errors import ConfigError
 from kvtier.tiers.tier import TierName
 
 from kvtier.scheduler.cost.model import CostModel
+from kvtier.scheduler.cost.parts import PathCost
 from kvtier.scheduler.plan import TIERS as _TIERS, Plan
 
 #: tier codes of the fast input form (a numpy integer array): TierName.rank
@@ -79,7 +83,8 @@ class Planner:
             # the host link carries every block from host, disk and remote (codes >= 1); the network only
             # remote blocks (a cost model without a remote path never sees one)
             remote = ((3,), model.path("remote")) if "remote" in model.paths else ()
-            links = tuple((codes, cost.latency_s, cost.block_s) for codes, cost in (
+            links = tuple((codes, cost.latency_s, cost.block_s, cost if cost.ramp_blocks else None)
+                          for codes, cost in (
                 ((0,), model.path("gpu")), ((1, 2, 3), model.path("host")), ((2,), model.path(self.disk_path)),
                 *((remote,) if remote else ())))
             cached = self._links[block_tokens] = (model.recompute, links)
@@ -125,12 +130,12 @@ class Planner:
         suffix = rest * (a + b * (t + rest / 2)) + f0                 # compute [r, n); rest >= 1 always
 
         used, first_of_count = [], []
-        for link_codes, latency, per_block in links:
+        for link_codes, latency, per_block, ramp in links:
             mask = codes == link_codes[0] if len(link_codes) == 1 else codes >= link_codes[0]
             cnt = np.zeros(k + 1, dtype=np.int64)
             np.cumsum(mask, out=cnt[1:])
             if cnt[-1]:
-                used.append((cnt, latency, per_block))
+                used.append((cnt, latency, per_block, ramp))
                 # the first i with cnt[i] == cnt[r], for every r: searchsorted(cnt, cnt) by a gather (cnt
                 # steps up by one after each of the link's blocks)
                 starts = np.empty(int(cnt[-1]) + 1, dtype=np.int64)
@@ -140,7 +145,7 @@ class Planner:
         r_all = np.arange(k + 1)
         if used:
             s_star = np.zeros(k + 1, dtype=np.int64)
-            for (cnt, latency, per_block), first in zip(used, first_of_count):
+            for (cnt, latency, per_block, _), first in zip(used, first_of_count):
                 crossing = np.searchsorted(front + per_block * cnt, latency + per_block * cnt, side="left")
                 np.maximum(s_star, np.minimum(crossing, first), out=s_star)
             s_prev = np.maximum(s_star - 1, 0)
@@ -174,7 +179,7 @@ class Planner:
             suffix.append(rest * (a + b * (t + rest / 2)) + f0)
         front[0] = 0.0
         used = []
-        for link_codes, latency, per_block in links:
+        for link_codes, latency, per_block, ramp in links:
             lo, single = link_codes[0], len(link_codes) == 1
             cnt, c = [0], 0
             for code in codes:
@@ -182,10 +187,10 @@ class Planner:
                     c += 1
                 cnt.append(c)
             if c:
-                used.append((cnt, latency, per_block))
+                used.append((cnt, latency, per_block, ramp))
         if used:
             keyed = [([f + per_block * n for f, n in zip(front, cnt)], cnt, latency, per_block)
-                     for cnt, latency, per_block in used]
+                     for cnt, latency, per_block, _ in used]
             best_front = []
             for r in range(k + 1):
                 s_star = 0
@@ -214,19 +219,28 @@ class Planner:
 def _overlap_at(front: list[float], used: list, s: int, r: int) -> float:
     """max(compute [0, s), load [s, r)) for one (s, r): `_overlap` of the pure-Python path."""
     out = front[s]
-    for cnt, latency, per_block in used:
+    for cnt, latency, per_block, ramp in used:
         blocks = cnt[r] - cnt[s]
-        out = max(out, latency + per_block * blocks if blocks > 0 else 0.0)
+        if blocks > 0:
+            out = max(out, latency + per_block * (ramp.effective_blocks(blocks) if ramp else blocks))
     return out
 
 
 def _overlap(front: np.ndarray, used: list, s: np.ndarray, r: np.ndarray) -> np.ndarray:
     """max(compute [0, s), load [s, r)) for arrays of (s, r)."""
     out = front[s].copy()
-    for cnt, latency, per_block in used:
+    for cnt, latency, per_block, ramp in used:
         blocks = cnt[r] - cnt[s]
-        np.maximum(out, np.where(blocks > 0, latency + per_block * blocks, 0.0), out=out)
+        np.maximum(out, np.where(blocks > 0, latency + per_block * _effective(ramp, blocks), 0.0), out=out)
     return out
+
+
+def _effective(ramp: PathCost | None, blocks: np.ndarray) -> np.ndarray:
+    """`PathCost.effective_blocks` of an array of block counts (the counts themselves without a ramp)."""
+    if ramp is None:
+        return blocks
+    r = ramp.ramp_blocks
+    return np.where(blocks < r, r * (np.maximum(blocks, 1) / r) ** ramp.ramp_exponent, blocks)
 
 
 def _smallest_split(front: np.ndarray, used: list, r: int, best: float) -> int:
@@ -236,10 +250,12 @@ def _smallest_split(front: np.ndarray, used: list, r: int, best: float) -> int:
     """
     limit = best * (1 + 1e-12) + 1e-15
     s = 0
-    for cnt, latency, per_block in used:
-        if cnt[r] - cnt[0] and latency + per_block * (cnt[r] - cnt[0]) > limit:
+    for cnt, latency, per_block, ramp in used:
+        blocks = cnt[r] - cnt[0]
+        if blocks and latency + per_block * (ramp.effective_blocks(blocks) if ramp else blocks) > limit:
             # blocks this link may carry within the limit
-            fits = max(0, math.floor((limit - latency) / per_block)) if per_block > 0 else 0
+            within = (limit - latency) / per_block if per_block > 0 else 0.0
+            fits = max(0, math.floor(ramp.blocks_within(within) if ramp else within)) if per_block > 0 else 0
             s = max(s, bisect_left(cnt, cnt[r] - fits))
     if front[s] > limit:  # rounding: fall back to the crossing itself
         s = bisect_right(front, limit) - 1
@@ -249,10 +265,10 @@ def _smallest_split(front: np.ndarray, used: list, r: int, best: float) -> int:
 def _load(used: list, s: int, r: int) -> float:
     """Predicted load of blocks [s, r): the slowest link."""
     load = 0.0
-    for cnt, latency, per_block in used:
+    for cnt, latency, per_block, ramp in used:
         blocks = int(cnt[r] - cnt[s])
         if blocks:
-            load = max(load, latency + per_block * blocks)
+            load = max(load, latency + per_block * (ramp.effective_blocks(blocks) if ramp else blocks))
     return load
 
 

@@ -144,11 +144,13 @@ def _replay(trace: str, tmp: Path) -> Outcome:
     return Outcome(figures, sweep.wall_s + sim.wall_s + bench.wall_s, load_start, bu.load_avg(), errors)
 
 
-def _commands(trace: str, tmp: Path, quick: bool) -> dict[str, Callable[[int], Outcome]]:
+def _commands(trace: str, tmp: Path, quick: bool, free_cores: int) -> dict[str, Callable[[int], Outcome]]:
+    """The runs by benchmark name. `free_cores`: the cores the busy loop leaves; the engine benchmark's forward
+    uses that many torch threads (a thread on the busy core stalls every OpenMP barrier of the forward)."""
     q = ["--quick"] if quick else []
 
-    def bench(name: str) -> Callable[[int], Outcome]:
-        return lambda run: _kvtier(["bench", name, *q], TIMEOUT_S[name], tmp / f"{name}-{run}.json")
+    def bench(name: str, *extra: str) -> Callable[[int], Outcome]:
+        return lambda run: _kvtier(["bench", name, *extra, *q], TIMEOUT_S[name], tmp / f"{name}-{run}.json")
 
     def calibrate(run: int) -> Outcome:
         return _kvtier(["calibrate", "--model", "smollm2-135m", "--out", str(tmp / f"profile-{run}.json"), *q],
@@ -158,7 +160,7 @@ def _commands(trace: str, tmp: Path, quick: bool) -> dict[str, Callable[[int], O
         return _pytest(["-m", "gpu", "tests"], TIMEOUT_S["gpu-tests"], tmp / f"gpu-tests-{run}.xml")
 
     return {"tiers": bench("tiers"), "scheduler": bench("scheduler"), "calibrate": calibrate,
-            "engine": bench("engine"), "replay": lambda run: _replay(trace, tmp), "vllm": bench("vllm"),
+            "engine": bench("engine", "--threads", str(free_cores)), "replay": lambda run: _replay(trace, tmp), "vllm": bench("vllm"),
             "gpu-tests": gpu_tests,
             "gpu-tiers": lambda run: _kvtier(["bench", "tiers", *q], TIMEOUT_S["gpu-tiers"], tmp / f"gpu-tiers-{run}.json"),
             "gpu-engine": lambda run: _kvtier(["bench", "engine", "--device", "cuda", "--model", _engine_model(), *q],
@@ -231,8 +233,8 @@ def run(args: argparse.Namespace) -> int:
     outcomes: dict[str, list[Outcome]] = {b: [] for b in benches}
     began = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="kvtier-bench-all-") as tmp:
-        commands = _commands(trace, Path(tmp), args.quick)
         busy = None if args.no_busy or args.gpu else BusyLoop(args.busy_max_s)
+        commands = _commands(trace, Path(tmp), args.quick, max(1, (os.cpu_count() or 1) - (busy is not None)))
         try:
             for r in range(runs):
                 for name in benches:

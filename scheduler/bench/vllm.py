@@ -287,14 +287,15 @@ def _run(args: argparse.Namespace, result: dict[str, Any], sizes: tuple[int, ...
             for k, v in result["ttft"].items()]
     bu.print_table(rows, list(rows[0]), "TTFT (s), vLLM prefix caching off, median of interleaved repeats")
     if peer is not None:
-        rows = [{"prompt": k, **{c: v[c] for c in ("kvtier_host_s", "lmcache_host_s", "vs_lmcache_host",
+        rows = [{"prompt": k, **{c: v[c] for c in ("floor_s", "kvtier_host_s", "lmcache_host_s", "vs_lmcache_host",
                                                      "kvtier_disk_s", "lmcache_disk_s", "vs_lmcache_disk")},
                  **{f"miss_{a}": result["miss_overhead_by_size"][k][a] for a in ("kvtier", "lmcache")}}
                 for k, v in result["ttft"].items()]
         bu.print_table(rows, list(rows[0]), "kvtier vs LMCache (multiprocess mode), TTFT (s), medians")
     for key in ("host_speedup_2k", "disk_speedup_2k", "vs_example_connector_2k", "miss_overhead",
                 "miss_overhead_example", "vs_offloading_connector_2k", "remote_speedup_2k", "multiturn_ttft_speedup",
-                "vs_lmcache_host_2k", "vs_lmcache_disk_2k", "vs_lmcache_multiturn", "vs_lmcache_multiturn_bound",
+                "vs_lmcache_host_2k", "vs_lmcache_disk_2k", "vs_lmcache_host_bound_2k", "vs_lmcache_disk_bound_2k",
+                "kvtier_host_vs_floor_2k", "vs_lmcache_multiturn", "vs_lmcache_multiturn_bound",
                 "lmcache_outputs_match") + PREFETCH_KEYS:
         print(f"{key}: {result.get(key)}")
     bu.write_json(args.json, result)
@@ -302,7 +303,8 @@ def _run(args: argparse.Namespace, result: dict[str, Any], sizes: tuple[int, ...
 
 
 PREFETCH_KEYS = ("prefetch_coverage", "prefetch_ttft_speedup", "prefetch_prefill_speedup", "prefetch_queue_share_off",
-                 "prefetch_ttft_speedup_bound", "prefetch_ttft_on_s", "prefetch_ttft_off_s", "prefetch_outputs_match")
+                 "prefetch_ttft_speedup_bound", "prefetch_ttft_speedup_same_queue", "prefetch_ttft_on_s",
+                 "prefetch_ttft_off_s", "prefetch_outputs_match")
 
 
 def _prefetch_into(result: dict[str, Any], common: dict[str, Any], kv_extra: dict[str, Any], work: Path,

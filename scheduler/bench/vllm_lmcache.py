@@ -12,7 +12,12 @@ benchmark's interleaved rounds:
   with the same tokens from the engine without a connector;
 - the miss overhead (unique prompts, nothing cached) at 2,048 tokens joins the benchmark's own rotation;
   at the other sizes `miss_rounds` runs none / kvtier / LMCache in rotation on unique prompts;
-- the multi-turn chat gets an LMCache engine beside vLLM alone and vLLM + kvtier (a fresh server).
+- the multi-turn chat gets an LMCache engine beside vLLM alone and vLLM + kvtier (a fresh server);
+- the floor under every connector: a vLLM engine with its own prefix cache and no connector answers the
+  prompt plus one token, every prompt token found in its cache (one token computed, nothing restored), in
+  the same rounds (`floor_s`). `vs_lmcache_host_bound` / `vs_lmcache_disk_bound` (LMCache / floor, per
+  round) are the most any connector could beat LMCache by in this engine; `kvtier_host_vs_floor` is how
+  far kvtier's host restore is from that floor.
 
 Primitives: `add_arguments`, `wanted` (the arm runs when lmcache is installed, unless `--no-lmcache`),
 `LMCacheArm` (server + engine: `start`, `seed`, `round`, `finish_size`, `close`), `compare`,
@@ -88,26 +93,30 @@ class LMCacheArm:
             l2_bytes=parse_size(disk_bytes, "disk_bytes")))
         self._engine_fields = engine_fields
         self.engine: Any = None
+        self.floor: Any = None  # vLLM's own prefix cache, no connector: restores that cost nothing
         self._seed_output: tuple[int, ...] = ()
         self._samples: dict[str, list[float]] = {}
         self._resident: list[int] = []
-        self._same = True
+        self._same = self._floor_hit = True
 
     def start(self) -> LMCacheArm:
-        """Starts the server, then the engine; returns self."""
+        """Starts the server, then the engine, then the floor engine; returns self."""
         from kvtier.scheduler.engines.vllm.harness import EngineConfig, VllmEngine
 
         self.server.start()
         self.engine = VllmEngine(EngineConfig(**self._engine_fields, **self.server.connector_fields()))
         self.engine.start()
+        self.floor = VllmEngine(EngineConfig(**{**self._engine_fields, "enable_prefix_caching": True}))
+        self.floor.start()
         return self
 
     def close(self) -> None:
-        """Stops the engine, then the server (which keeps its log); idempotent."""
-        engine, self.engine = self.engine, None
+        """Stops the engines, then the server (which keeps its log); idempotent."""
+        engines, self.engine, self.floor = (self.engine, self.floor), None, None
         try:
-            if engine is not None:
-                engine.close()
+            for engine in engines:
+                if engine is not None:
+                    engine.close()
         finally:
             self.server.close()
 
@@ -116,15 +125,21 @@ class LMCacheArm:
         return {"server": self.server.startup_s, "engine": None if self.engine is None else self.engine.startup_s}
 
     def seed(self, prompt: list[int]) -> tuple[int, ...]:
-        """Runs `prompt` once (recomputed, then stored by LMCache); starts a new size's samples."""
+        """Runs `prompt` once (recomputed, then stored by LMCache) and the floor's prompt once (into vLLM's
+        own cache); starts a new size's samples."""
         self._seed_output = self.engine.time_request(prompt, max_tokens=1).output_ids
         self.server.wait_stored()
-        self._samples = {"lmcache_host": [], "lmcache_disk": []}
-        self._resident, self._same = [], True
+        self.floor.time_request(_floor_prompt(prompt), max_tokens=1)
+        self._samples = {"lmcache_host": [], "lmcache_disk": [], "floor": []}
+        self._resident, self._same, self._floor_hit = [], True, True
         return self._seed_output
 
     def round(self, prompt: list[int]) -> None:
-        """One interleaved round: a DRAM restore, then a cold L2 restore (residency recorded before it)."""
+        """One interleaved round: the floor, a DRAM restore, then a cold L2 restore (residency recorded
+        before it)."""
+        floor = self.floor.time_request(_floor_prompt(prompt), max_tokens=1)
+        self._samples["floor"].append(floor.latency_s)
+        self._floor_hit &= floor.num_cached_tokens == len(prompt)
         host = self.engine.time_request(prompt, max_tokens=1)
         self._samples["lmcache_host"].append(host.latency_s)
         self._resident.append(self.server.make_l2_cold())
@@ -145,11 +160,19 @@ class LMCacheArm:
         row["lmcache_disk_resident_bytes_before"] = self._resident
         row["lmcache_l2_files"] = len(self.server.l2_files())
         row["lmcache_same_output"] = bool(self._same and same_tokens)
+        row["floor_all_cached"] = bool(self._floor_hit)  # every floor request found the whole prompt cached
         row["lmcache_check_tokens"] = {"recompute": list(ref), "lmcache": list(restored.output_ids)}
 
 
+def _floor_prompt(prompt: list[int]) -> list[int]:
+    """The prompt plus one token: vLLM's prefix cache then holds every token of `prompt` (whole blocks, the
+    sizes are multiples of its block) and computes one, where a connector's restore leaves at least one."""
+    return [*prompt, prompt[-1]]
+
+
 def compare(row: dict[str, Any], samples: dict[str, list[float]]) -> None:
-    """Adds the per-round ratios to a size's row: LMCache / kvtier (host, disk) and recompute / LMCache.
+    """Adds the per-round ratios to a size's row: LMCache / kvtier (host, disk), recompute / LMCache, and
+    the bounds LMCache / floor with kvtier's host restore / floor.
 
     Args:
         row: a row `LMCacheArm.finish_size` filled (its `*_samples_s`).
@@ -160,6 +183,8 @@ def compare(row: dict[str, Any], samples: dict[str, list[float]]) -> None:
         lmc = theirs[f"lmcache_{tier}"]
         row[f"vs_lmcache_{tier}"] = round(_med([t / o for t, o in zip(lmc, samples[f"kvtier_{tier}"])]), 3)
         row[f"lmcache_{tier}_speedup"] = round(_med([n / t for n, t in zip(samples["none"], lmc)]), 3)
+        row[f"vs_lmcache_{tier}_bound"] = round(_med([t / f for t, f in zip(lmc, row["floor_samples_s"])]), 3)
+    row["kvtier_host_vs_floor"] = round(_med([k / f for k, f in zip(samples["kvtier_host"], row["floor_samples_s"])]), 3)
 
 
 def miss_rounds(arms: list[tuple[str, Any]], size: int, rounds: int, seed: int) -> dict[str, list[float]]:
@@ -185,12 +210,15 @@ def overhead(samples: dict[str, list[float]], name: str) -> float:
 
 
 def summarize(result: dict[str, Any]) -> None:
-    """The headline keys: vs_lmcache_host_2k, vs_lmcache_disk_2k, vs_lmcache_multiturn, lmcache_outputs_match."""
+    """The headline keys: vs_lmcache_host_2k, vs_lmcache_disk_2k, vs_lmcache_multiturn, lmcache_outputs_match,
+    and the floor's: vs_lmcache_host_bound_2k, vs_lmcache_disk_bound_2k, kvtier_host_vs_floor_2k."""
     rows = result["ttft"]
     two = rows["2048"]
     result["vs_lmcache_host_2k"] = two["vs_lmcache_host"]
     result["vs_lmcache_disk_2k"] = two["vs_lmcache_disk"]
     result["lmcache_outputs_match"] = all(r["lmcache_same_output"] for r in rows.values())
+    for key in ("vs_lmcache_host_bound", "vs_lmcache_disk_bound", "kvtier_host_vs_floor"):
+        result[f"{key}_2k"] = two[key]
     multiturn = result.get("multiturn") or {}
     if "lmcache_mean_s" in multiturn:
         result["vs_lmcache_multiturn"] = round(multiturn["lmcache_mean_s"] / multiturn["kvtier_mean_s"], 3)

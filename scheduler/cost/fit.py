@@ -6,7 +6,9 @@ Primitives:
 - `RecomputePoint(start_tokens, num_tokens, seconds)`: one measured prefill of tokens [start, start + n).
 - `fit_model(model, points)` (also `CostModel.fit`): refits each part the points measure:
   a restore path -> latency_s + per_block_s x blocks + bytes / bytes_per_s (per_copy_s folded in: the
-  measurement already paid its copies); recompute -> fixed_s + per_token_s x n + per_token_ctx_s x n x
+  measurement already paid its copies), with a ramp up to the largest transfer measured (`PathCost`:
+  blocks and bytes scaled by (R / bytes)^(1 - exponent) below R) where it cuts the mean relative error
+  by at least `RAMP_MIN_GAIN`; recompute -> fixed_s + per_token_s x n + per_token_ctx_s x n x
   (start + n / 2).
 - `predict(model, point)`, `relative_errors(model, points)`: predicted seconds and |pred - meas| / meas.
 
@@ -124,7 +126,18 @@ def _nonneg_weighted(a: np.ndarray, b: np.ndarray, row_weights: np.ndarray) -> n
     return coeffs
 
 
+#: ramp exponents tried for a restore path (1: no ramp; see `PathCost`)
+RAMP_EXPONENTS = tuple(round(0.5 + 0.02 * i, 2) for i in range(26))
+#: a ramp is kept only when it cuts the fit's mean relative error by at least this share (else the
+#: straight line: a linear path's noise must not buy it a curve)
+RAMP_MIN_GAIN = 0.15
+#: ... and only when the line misses the points by at least this much on average
+RAMP_MIN_ERROR = 0.02
+
+
 def _fit_path(base: PathCost, points: Sequence[RestorePoint]) -> PathCost:
+    """The straight line, or the line with a ramp up to the largest transfer measured when that fits the
+    points clearly better (a cold disk: small restores slower per byte than large ones)."""
     blocks = np.array([p.num_blocks for p in points], dtype=float)
     if len(set(blocks.tolist())) < 2:
         raise ConfigError(f"fit: restore path {points[0].path!r} needs points at >= 2 distinct block counts, "
@@ -132,6 +145,26 @@ def _fit_path(base: PathCost, points: Sequence[RestorePoint]) -> PathCost:
     nbytes = np.array([p.num_bytes if p.num_bytes is not None else p.num_blocks * base.bytes_per_block
                        for p in points], dtype=float)
     seconds = np.array([p.seconds for p in points])
+    line = _fit_line(base, blocks, nbytes, seconds, 0.0, 1.0)
+    best, best_error = line, _mean_error(line, points)
+    if len(set(blocks.tolist())) >= 4:  # a curve needs more points than its parameters
+        for exponent in RAMP_EXPONENTS[:-1]:
+            curve = _fit_line(base, blocks, nbytes, seconds, float(nbytes.max()), exponent)
+            error = _mean_error(curve, points)
+            if error < best_error:
+                best, best_error = curve, error
+    line_error = _mean_error(line, points)
+    if best is not line and (best_error > (1 - RAMP_MIN_GAIN) * line_error or line_error < RAMP_MIN_ERROR):
+        return line
+    return best
+
+
+def _fit_line(base: PathCost, blocks: np.ndarray, nbytes: np.ndarray, seconds: np.ndarray, ramp_bytes: float,
+              exponent: float) -> PathCost:
+    """latency + per block + per byte, each transfer's blocks and bytes scaled by its ramp factor."""
+    shape = replace(base, ramp_bytes=ramp_bytes, ramp_exponent=exponent)
+    factor = np.array([shape.ramp_factor(b) for b in nbytes])
+    blocks, nbytes = blocks * factor, nbytes * factor
     per_block_bytes = nbytes / blocks
     ones = np.ones_like(blocks)
     if np.ptp(per_block_bytes) <= 1e-9 * per_block_bytes.max():
@@ -139,8 +172,12 @@ def _fit_path(base: PathCost, points: Sequence[RestorePoint]) -> PathCost:
         per_block = 0.0
     else:
         latency, per_block, per_byte = _nonneg_lstsq(np.column_stack([ones, blocks, nbytes]), seconds)
-    return replace(base, latency_s=float(latency), per_block_s=float(per_block), per_copy_s=0.0,
+    return replace(shape, latency_s=float(latency), per_block_s=float(per_block), per_copy_s=0.0,
                    bytes_per_s=float(1.0 / per_byte) if per_byte > 0 else UNBOUNDED)
+
+
+def _mean_error(cost: PathCost, points: Sequence[RestorePoint]) -> float:
+    return float(np.mean([abs(_predict_restore(cost, p) - p.seconds) / p.seconds for p in points]))
 
 
 def _fit_recompute(points: Sequence[RecomputePoint]) -> RecomputeCost:
@@ -184,11 +221,14 @@ def predict(model: "CostModel", point: RestorePoint | RecomputePoint) -> float:
     """Predicted seconds of a measured point under `model`."""
     if isinstance(point, RecomputePoint):
         return model.recompute_s(point.start_tokens, point.num_tokens)
-    cost = model.path(point.path)
+    return _predict_restore(model.path(point.path), point)
+
+
+def _predict_restore(cost: PathCost, point: RestorePoint) -> float:
     if point.num_bytes is None:
         return cost.time_s(point.num_blocks)
-    return (cost.latency_s + point.num_blocks * (cost.per_block_s + cost.copies_per_block * cost.per_copy_s)
-            + point.num_bytes / cost.bytes_per_s)
+    return cost.latency_s + cost.ramp_factor(point.num_bytes) * (
+        point.num_blocks * (cost.per_block_s + cost.copies_per_block * cost.per_copy_s) + point.num_bytes / cost.bytes_per_s)
 
 
 def relative_errors(model: "CostModel", points: Iterable[RestorePoint | RecomputePoint]) -> list[float]:

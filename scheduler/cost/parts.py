@@ -5,7 +5,10 @@
   contiguous copy per block), `layer` (one per layer per block), `layer-kv` (one `cudaMemcpyAsync` per layer
   per K/V per block, the naive per-layer path).
 - `PathCost`: restore time of n blocks over one path = latency_s + n x (per_block_s + copies_per_block x
-  per_copy_s + bytes_per_block / bytes_per_s); 0 for n = 0.
+  per_copy_s + bytes_per_block / bytes_per_s); 0 for n = 0. A path may have a ramp: below `ramp_bytes` in
+  one transfer it runs slower than its bulk rate (a cold disk read: the kernel's readahead window still
+  growing, fewer reader threads on a small restore), and n blocks then cost as many bulk blocks as
+  `effective_blocks(n)` = R x (n / R)^ramp_exponent, R = ramp_bytes / bytes_per_block (n itself from R on).
 - `RecomputeCost`: recompute time of tokens [start, start + n) = fixed_s + per_token_s x n +
   per_token_ctx_s x n x (start + n / 2) (causal attention: token p attends to p + 1 tokens); 0 for n = 0.
 """
@@ -73,14 +76,40 @@ class PathCost:
     per_block_s: float = 0.0
     per_copy_s: float = 0.0
     copies_per_block: int = 1
+    ramp_bytes: float = 0.0
+    ramp_exponent: float = 1.0
 
     def __post_init__(self) -> None:
-        for name in ("latency_s", "per_block_s", "per_copy_s"):
+        for name in ("latency_s", "per_block_s", "per_copy_s", "ramp_bytes"):
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
                 raise ConfigError(f"PathCost.{name}: expected a finite number >= 0, got {value!r}")
         if not (isinstance(self.bytes_per_s, (int, float)) and self.bytes_per_s > 0):
             raise ConfigError(f"PathCost.bytes_per_s: expected a number > 0, got {self.bytes_per_s!r}")
+        if not (isinstance(self.ramp_exponent, (int, float)) and 0 < self.ramp_exponent <= 1):
+            raise ConfigError(f"PathCost.ramp_exponent: expected a number in (0, 1], got {self.ramp_exponent!r}")
+
+    @property
+    def ramp_blocks(self) -> float:
+        """R: the transfer size, in blocks, from which the path runs at its bulk rate (0: no ramp)."""
+        return self.ramp_bytes / self.bytes_per_block if self.ramp_exponent < 1 and self.bytes_per_block > 0 else 0.0
+
+    def ramp_factor(self, num_bytes: float) -> float:
+        """How much slower than the bulk rate one transfer of `num_bytes` runs (1 from the ramp on)."""
+        if self.ramp_exponent >= 1 or num_bytes <= 0 or num_bytes >= self.ramp_bytes:
+            return 1.0
+        return (self.ramp_bytes / num_bytes) ** (1 - self.ramp_exponent)
+
+    def effective_blocks(self, num_blocks: float) -> float:
+        """The bulk blocks `num_blocks` blocks in one transfer cost (more than n below the ramp)."""
+        return num_blocks * self.ramp_factor(num_blocks * self.bytes_per_block) if num_blocks > 0 else 0.0
+
+    def blocks_within(self, effective: float) -> float:
+        """The inverse of `effective_blocks`: how many blocks one transfer moves in `effective` bulk blocks."""
+        ramp = self.ramp_blocks
+        if effective <= 0 or effective >= ramp:
+            return max(effective, 0.0)
+        return ramp * (effective / ramp) ** (1 / self.ramp_exponent)
 
     @property
     def block_s(self) -> float:
@@ -89,12 +118,15 @@ class PathCost:
 
     def time_s(self, num_blocks: int) -> float:
         """Seconds to restore `num_blocks` blocks over this path in one batched transfer."""
-        return 0.0 if num_blocks <= 0 else self.latency_s + num_blocks * self.block_s
+        return 0.0 if num_blocks <= 0 else self.latency_s + self.effective_blocks(num_blocks) * self.block_s
 
     def to_dict(self) -> dict[str, float]:
-        """The coefficients (bytes and copies per block follow from the spec)."""
-        return {"latency_s": self.latency_s, "per_block_s": self.per_block_s, "per_copy_s": self.per_copy_s,
-                "bytes_per_s": self.bytes_per_s}
+        """The coefficients (bytes and copies per block follow from the spec); the ramp's where it has one."""
+        out = {"latency_s": self.latency_s, "per_block_s": self.per_block_s, "per_copy_s": self.per_copy_s,
+               "bytes_per_s": self.bytes_per_s}
+        if self.ramp_blocks:
+            out.update(ramp_bytes=self.ramp_bytes, ramp_exponent=self.ramp_exponent)
+        return out
 
 
 @dataclass(frozen=True, slots=True)

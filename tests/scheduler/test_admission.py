@@ -29,11 +29,11 @@ class Clock:
         return self.now
 
 
-def make(host_blocks: int, disk_keys: list, **kw) -> tuple[Decider, Clock]:
+def make(host_blocks: int, disk_keys: list, whole_last_block: bool = False, **kw) -> tuple[Decider, Clock]:
     bpb = COST.spec.bytes_per_block
     config = OffloadConfig(host_bytes=host_blocks * bpb, disk_bytes=4096 * bpb, disk_path="(simulated)", **kw)
     clock = Clock()
-    decider = Decider(COST.spec, config, Planner(COST), clock=clock)
+    decider = Decider(COST.spec, config, Planner(COST), clock=clock, whole_last_block=whole_last_block)
     decider.rebuild_from_disk(disk_keys)
     return decider, clock
 
@@ -81,6 +81,22 @@ def test_promotion_lands_before_predicted_start_or_is_not_made():
     done(decider, move)
     assert all(decider.index.holds(k, TierName.HOST) for k in move.keys)
     assert decider.stats.prefetched_blocks == len(move.keys)
+
+
+@pytest.mark.parametrize("whole_last_block", [False, True])
+def test_a_fully_cached_prompts_last_block_is_promoted_where_the_engine_loads_it_whole(whole_last_block):
+    # 30 blocks, the prompt exactly 30 blocks long: the plan recomputes the last token, so it restores 29;
+    # an engine that loads the last block whole (vLLM's connector) reads the 30th from disk unless promoted
+    a = keys(0, 30)
+    decider, _ = make(256, a, whole_last_block=whole_last_block)
+    run_uncached(decider, "r", 400)  # a long prefill ahead: neither deadline nor room bounds the promotion
+    decider.enqueue("a", a, 30 * BT)
+    (move,) = decider.next_prefetch()
+    assert a[28] in move.keys and (a[29] in move.keys) == whole_last_block
+    assert len(set(move.keys)) == len(move.keys)
+    done(decider, move)
+    plan = decider.plan("a")  # every block in host: all 29 restorable blocks restored, the 30th loaded whole
+    assert (plan.num_matched_blocks, plan.num_found_blocks, plan.restore_stop, plan.whole_block_stop) == (29, 30, 29, 30)
 
 
 def test_room_is_bounded_and_protected_blocks_survive_saves_until_the_load_ends():

@@ -89,6 +89,29 @@ def test_plan_equals_brute_force_minimum(seed: int) -> None:
         assert plan.total_s <= plan.restore_all_s * (1 + 1e-12)
 
 
+@pytest.mark.parametrize("seed", range(3))
+def test_a_ramped_disk_path_is_costed_exactly_and_planned_near_the_minimum(seed: int) -> None:
+    # a calibrated cold disk: small reads slower per byte than large ones (PathCost's ramp)
+    rng = np.random.default_rng(100 + seed)
+    worst = 1.0
+    for _ in range(40):
+        cm = random_model(rng, 16)
+        disk = PathCost(latency_s=float(rng.uniform(0, 5e-3)), bytes_per_s=float(10 ** rng.uniform(8, 10)),
+                        bytes_per_block=1_000_000, ramp_bytes=float(rng.uniform(4, 64)) * 1e6,
+                        ramp_exponent=float(rng.uniform(0.5, 0.95)))
+        cm = dataclasses.replace(cm, paths={**cm.paths, "disk": disk})
+        k = int(rng.integers(1, 48))  # the pure-Python path and the numpy one
+        tiers = sorted((TIERS[i] for i in rng.integers(0, 3, size=k)), key=TIERS.index)
+        num_tokens = k * 16 + int(rng.integers(1, 48))
+        plan = Planner(cm).plan(tiers, num_tokens)
+        best = brute_force(cm, tiers, num_tokens)
+        assert plan.total_s == pytest.approx(plan_time(cm, plan), rel=1e-9, abs=1e-15)  # the cost model's times
+        assert best <= plan.total_s * (1 + 1e-12)
+        assert plan.total_s <= min(plan.recompute_all_s, plan.restore_all_s) * (1 + 1e-12)
+        worst = max(worst, plan.total_s / best)
+    assert worst <= 1.05
+
+
 def test_numpy_codes_and_tier_names_give_the_same_plan() -> None:
     planner = Planner(CostModel.from_profile("h100-sxm", "llama-3-8b"))
     names = ["gpu"] * 3 + ["host"] * 50 + ["disk"] * 40

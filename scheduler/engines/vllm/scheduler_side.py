@@ -81,7 +81,7 @@ class SchedulerSide:
         model_config = hf.to_dict() if hasattr(hf, "to_dict") else dict(hf)
         model_config.setdefault("_name_or_path", spec.model_id)
         cost_model = default_cost_model(spec, config.hardware, model_config)
-        self.decider = Decider(spec, config, Planner(cost_model, disk_codec=config.codec))
+        self.decider = Decider(spec, config, Planner(cost_model, disk_codec=config.codec), whole_last_block=True)
         self.reqs: dict[str, _Req] = {}
         self.outbox: list[Command] = []
         self.failed_blocks: list[int] = []
@@ -158,9 +158,7 @@ class SchedulerSide:
             if any(e.key in self.inflight_keys for e in entries[first:]):
                 return None, False
         plan = self.decider.planner.plan([e.best_tier for e in entries], state.num_tokens, block_tokens=bt)
-        stop = plan.restore_stop
-        if stop == plan.num_matched_blocks and len(entries) > stop:
-            stop = len(entries)  # the prompt's full last block: load it whole, recompute its last token
+        stop = plan.whole_block_stop  # the prompt's full last block: loaded whole, its last token recomputed
         hit = min(stop * bt, state.num_tokens - 1)
         if stop <= first or hit <= num_computed:
             return 0, False

@@ -239,6 +239,29 @@ def test_fit_with_noise_predicts_held_out_points() -> None:
     fitted = fit_model(CostModel.from_profile("cpu-this-machine", "smollm2-135m"), synthetic_points(truth, rng, 0.05))
     held_out = synthetic_points(truth, rng, 0.05)
     assert float(np.median(relative_errors(fitted, held_out))) < 0.05
+    assert not any(fitted.path(p).ramp_blocks for p in ("host", "disk", "disk_zstd"))  # lines stay lines
+
+
+def test_fit_finds_a_cold_disks_ramp_and_keeps_straight_lines_straight() -> None:
+    # a cold disk whose small restores run slower per byte than large ones (PathCost's ramp), 3% noise,
+    # the calibration's sizes: fit on half, predict the other half; the host path stays a line
+    base = CostModel.from_profile("cpu-this-machine", "smollm2-135m")
+    bpb = base.path("disk").bytes_per_block
+    disk = PathCost(latency_s=5e-4, bytes_per_s=1.2e9, bytes_per_block=bpb, copies_per_block=0,
+                    ramp_bytes=64 * bpb, ramp_exponent=0.74)
+    host = PathCost(latency_s=1e-4, bytes_per_s=6e9, bytes_per_block=bpb)
+    rng = np.random.default_rng(11)
+
+    def points(sizes: tuple[int, ...]) -> list[RestorePoint]:
+        return [RestorePoint(name, n, cost.time_s(n) * rng.uniform(0.97, 1.03))
+                for name, cost in (("disk", disk), ("host", host)) for n in sizes for _ in range(3)]
+
+    fitted = fit_model(base, points((1, 3, 6, 12, 24, 40, 64)))
+    assert fitted.path("disk").ramp_exponent == pytest.approx(0.74, abs=0.08)
+    assert fitted.path("host").ramp_blocks == 0
+    held_out = points((2, 4, 8, 16, 32, 48))
+    assert max(relative_errors(fitted, held_out)) < 0.06
+    assert CostModel.from_json(fitted.to_json()).path("disk") == fitted.path("disk")  # saved with the profile
 
 
 def test_fit_separates_per_block_cost_when_block_sizes_vary() -> None:

@@ -98,6 +98,10 @@ def test_arm_restores_from_dram_and_cold_disk_like_recompute(vllm_engine: VllmEn
     assert len(row["lmcache_check_tokens"]["lmcache"]) == CHECK_TOKENS
     assert row["lmcache_disk_resident_bytes_before"] == [0]  # truly cold before the disk restore
     assert row["lmcache_host_s"] > 0 and row["lmcache_disk_s"] > 0
+    # the floor engine found the whole prompt in vLLM's own cache (one token computed, nothing restored)
+    assert row["floor_all_cached"] and row["floor_s"] > 0
     compare(row, {"none": [1.0], "kvtier_host": [0.5], "kvtier_disk": [0.5]})
     assert row["vs_lmcache_host"] == round(row["lmcache_host_s"] / 0.5, 3)
+    assert row["vs_lmcache_host_bound"] == round(row["lmcache_host_s"] / row["floor_s"], 3)
+    assert row["kvtier_host_vs_floor"] == round(0.5 / row["floor_s"], 3)
     assert "Uvicorn running on" in (tmp_path / "server.log").read_text()
