@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import operator
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
@@ -69,14 +70,14 @@ class PrefetchAdmission:
     Args:
         books: the decider (its index, slot tables, eviction cascade, queue and running requests).
         planner: predicts prefills (None: no deadline, only room and in-flight bounds apply).
-        whole_last_block: the engine loads a prompt's last full block whole (its last token recomputed on
-            top) when the plan restores every block before it; that block is then a candidate too.
+        whole_last_block: the engine loads a prompt's last full block whole after a plan that restores
+            every block before it (`Plan.whole_block_stop`); that block is then a candidate too.
     """
 
     def __init__(self, books: Any, planner: Any, whole_last_block: bool = False) -> None:
         self.books = books
         self.planner = planner
-        self.whole_last_block = whole_last_block
+        self._load_stop = operator.attrgetter("whole_block_stop" if whole_last_block else "restore_stop")
         config = books.config
         self.target: TierName = books.prefetch_target
         self.active = (config.prefetch and TierName.DISK in books.tiers and self.target is not TierName.DISK)
@@ -244,8 +245,7 @@ class PrefetchAdmission:
         n = min(len(candidates), self.inflight_limit - self.inflight_blocks,
                 self.room_blocks - self.num_protected)
         if self.planner is not None and self.disk_block_s > 0:
-            spare = ahead - self.disk_backlog_s - self.disk_latency_s
-            cost = self.disk_cost
+            spare, cost = ahead - self.disk_backlog_s - self.disk_latency_s, self.disk_cost
             fits = cost.blocks_within(spare / cost.block_s) if cost.ramp_blocks else spare // cost.block_s
             n = min(n, int(fits) if spare > 0 else 0)
         if n <= 0 or (n < self.min_blocks and n < len(candidates)):
@@ -289,10 +289,6 @@ class PrefetchAdmission:
         if after is not None:
             state.predicted = ((len(tiers), fast, host + n), after)
         return n
-
-    def _load_stop(self, plan: Any) -> int:
-        """Where the engine's load of `plan` will stop."""
-        return plan.whole_block_stop if self.whole_last_block else plan.restore_stop
 
     def _plan_with(self, state: Any, tiers: list[TierName], promoted: list[tuple[int, Any]]) -> Any:
         """The request's plan were these candidates in the target tier."""
