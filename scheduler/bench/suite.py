@@ -160,7 +160,8 @@ def _commands(trace: str, tmp: Path, quick: bool, free_cores: int) -> dict[str, 
         return _pytest(["-m", "gpu", "tests"], TIMEOUT_S["gpu-tests"], tmp / f"gpu-tests-{run}.xml")
 
     return {"tiers": bench("tiers"), "scheduler": bench("scheduler"), "calibrate": calibrate,
-            "engine": bench("engine", "--threads", str(free_cores)), "replay": lambda run: _replay(trace, tmp), "vllm": bench("vllm"),
+            "engine": bench("engine", "--threads", str(free_cores)), "replay": lambda run: _replay(trace, tmp),
+            "vllm": bench("vllm"),
             "gpu-tests": gpu_tests,
             "gpu-tiers": lambda run: _kvtier(["bench", "tiers", *q], TIMEOUT_S["gpu-tiers"], tmp / f"gpu-tiers-{run}.json"),
             "gpu-engine": lambda run: _kvtier(["bench", "engine", "--device", "cuda", "--model", _engine_model(), *q],

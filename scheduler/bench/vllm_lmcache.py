@@ -179,12 +179,13 @@ def compare(row: dict[str, Any], samples: dict[str, list[float]]) -> None:
         samples: the same rounds' `none`, `kvtier_host` and `kvtier_disk` samples.
     """
     theirs = {k: row[f"{k}_samples_s"] for k in ("lmcache_host", "lmcache_disk")}
+    floor = row["floor_samples_s"]
     for tier in ("host", "disk"):
         lmc = theirs[f"lmcache_{tier}"]
         row[f"vs_lmcache_{tier}"] = round(_med([t / o for t, o in zip(lmc, samples[f"kvtier_{tier}"])]), 3)
         row[f"lmcache_{tier}_speedup"] = round(_med([n / t for n, t in zip(samples["none"], lmc)]), 3)
-        row[f"vs_lmcache_{tier}_bound"] = round(_med([t / f for t, f in zip(lmc, row["floor_samples_s"])]), 3)
-    row["kvtier_host_vs_floor"] = round(_med([k / f for k, f in zip(samples["kvtier_host"], row["floor_samples_s"])]), 3)
+        row[f"vs_lmcache_{tier}_bound"] = round(_med([t / f for t, f in zip(lmc, floor)]), 3)
+    row["kvtier_host_vs_floor"] = round(_med([k / f for k, f in zip(samples["kvtier_host"], floor)]), 3)
 
 
 def miss_rounds(arms: list[tuple[str, Any]], size: int, rounds: int, seed: int) -> dict[str, list[float]]:

@@ -146,17 +146,15 @@ def _fit_path(base: PathCost, points: Sequence[RestorePoint]) -> PathCost:
                        for p in points], dtype=float)
     seconds = np.array([p.seconds for p in points])
     line = _fit_line(base, blocks, nbytes, seconds, 0.0, 1.0)
-    best, best_error = line, _mean_error(line, points)
-    if len(set(blocks.tolist())) >= 4:  # a curve needs more points than its parameters
+    line_error = _mean_error(line, points)
+    best, best_error = line, line_error
+    if len(set(blocks.tolist())) >= 4 and line_error >= RAMP_MIN_ERROR:  # a curve needs more points than terms
         for exponent in RAMP_EXPONENTS[:-1]:
             curve = _fit_line(base, blocks, nbytes, seconds, float(nbytes.max()), exponent)
             error = _mean_error(curve, points)
             if error < best_error:
                 best, best_error = curve, error
-    line_error = _mean_error(line, points)
-    if best is not line and (best_error > (1 - RAMP_MIN_GAIN) * line_error or line_error < RAMP_MIN_ERROR):
-        return line
-    return best
+    return best if best_error <= (1 - RAMP_MIN_GAIN) * line_error else line
 
 
 def _fit_line(base: PathCost, blocks: np.ndarray, nbytes: np.ndarray, seconds: np.ndarray, ramp_bytes: float,
@@ -227,8 +225,9 @@ def predict(model: "CostModel", point: RestorePoint | RecomputePoint) -> float:
 def _predict_restore(cost: PathCost, point: RestorePoint) -> float:
     if point.num_bytes is None:
         return cost.time_s(point.num_blocks)
+    per_block = cost.per_block_s + cost.copies_per_block * cost.per_copy_s
     return cost.latency_s + cost.ramp_factor(point.num_bytes) * (
-        point.num_blocks * (cost.per_block_s + cost.copies_per_block * cost.per_copy_s) + point.num_bytes / cost.bytes_per_s)
+        point.num_blocks * per_block + point.num_bytes / cost.bytes_per_s)
 
 
 def relative_errors(model: "CostModel", points: Iterable[RestorePoint | RecomputePoint]) -> list[float]:

@@ -96,7 +96,8 @@ def test_a_fully_cached_prompts_last_block_is_promoted_where_the_engine_loads_it
     assert len(set(move.keys)) == len(move.keys)
     done(decider, move)
     plan = decider.plan("a")  # every block in host: all 29 restorable blocks restored, the 30th loaded whole
-    assert (plan.num_matched_blocks, plan.num_found_blocks, plan.restore_stop, plan.whole_block_stop) == (29, 30, 29, 30)
+    got = (plan.num_matched_blocks, plan.num_found_blocks, plan.restore_stop, plan.whole_block_stop)
+    assert got == (29, 30, 29, 30)
 
 
 def test_room_is_bounded_and_protected_blocks_survive_saves_until_the_load_ends():
