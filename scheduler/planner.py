@@ -254,8 +254,10 @@ def _smallest_split(front: np.ndarray, used: list, r: int, best: float) -> int:
         blocks = cnt[r] - cnt[0]
         if blocks and latency + per_block * (ramp.effective_blocks(blocks) if ramp else blocks) > limit:
             # blocks this link may carry within the limit
-            within = (limit - latency) / per_block if per_block > 0 else 0.0
-            fits = max(0, math.floor(ramp.blocks_within(within) if ramp else within)) if per_block > 0 else 0
+            fits = 0
+            if per_block > 0:
+                within = (limit - latency) / per_block
+                fits = max(0, math.floor(ramp.blocks_within(within) if ramp else within))
             s = max(s, bisect_left(cnt, cnt[r] - fits))
     if front[s] > limit:  # rounding: fall back to the crossing itself
         s = bisect_right(front, limit) - 1

@@ -90,7 +90,7 @@ class _Job:
 class _Link:
     latency_s: float
     block_s: float
-    cost: PathCost  # with a ramp (a calibrated cold disk) a move's time is not linear in its blocks
+    ramp: PathCost | None  # the path, when it has a ramp (a calibrated cold disk): time not linear in blocks
     queue: list = field(default_factory=list)  # (class, seq, job), lazy deletion of finished jobs
     top_free_at: float = 0.0  # when the class-0 work committed so far ends
     current: _Job | None = None
@@ -119,7 +119,7 @@ class SimExecutor:
         net = cost_model.paths.get("remote", paths["disk"])  # the remote tier's network
         by_link = {"gpu": paths["gpu"], "h2d": paths["host"], "d2h": paths["host"],
                    "disk-read": paths["disk"], "disk-write": paths["disk"], "net-read": net, "net-write": net}
-        self.links = {name: _Link(cost.latency_s, cost.block_s, cost) for name, cost in by_link.items()}
+        self.links = {name: _Link(cost.latency_s, cost.block_s, cost if cost.ramp_blocks else None) for name, cost in by_link.items()}
         self.jobs: dict[int, _Job] = {}
         self._seq = itertools.count()
         self._promoting: dict[BlockKey, int] = {}  # keys of promotions not completed -> how many
@@ -138,8 +138,8 @@ class SimExecutor:
         if num_blocks <= 0:
             return now
         link = self.links[name]
-        duration = (link.latency_s + num_blocks * link.block_s if not link.cost.ramp_blocks
-                    else link.cost.time_s(num_blocks))
+        duration = (link.latency_s + num_blocks * link.block_s if link.ramp is None
+                    else link.ramp.time_s(num_blocks))
         start = max(now, link.top_free_at, link.piece_end if link.current is not None else now)
         link.top_free_at = start + duration
         self._account(name, num_blocks, duration, reason)
@@ -218,8 +218,8 @@ class SimExecutor:
             return
         piece, job.left = job.left[:PIECE_BLOCKS], job.left[PIECE_BLOCKS:]
         per_block = link.block_s
-        if link.cost.ramp_blocks:  # a piece's share of its whole move's time at the path's ramp
-            per_block *= link.cost.effective_blocks(len(job.command.keys)) / len(job.command.keys)
+        if link.ramp is not None:  # a piece's share of its whole move's time at the path's ramp
+            per_block *= link.ramp.effective_blocks(len(job.command.keys)) / len(job.command.keys)
         duration = (0.0 if job.started else link.latency_s) + len(piece) * per_block
         job.started = True
         link.current, link.piece_end = job, now + duration
