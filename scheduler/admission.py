@@ -44,7 +44,7 @@ from typing import Any, Callable, Sequence
 
 from kvtier.tiers.commands import Command, Completion, Move, MoveReason
 from kvtier.tiers.keys import BlockKey
-from kvtier.tiers.tier import TierName
+from kvtier.tiers.tier import DISK, GPU, HOST, TierName
 
 from kvtier.scheduler.gpu_promotion import GpuPromotion
 
@@ -80,7 +80,7 @@ class PrefetchAdmission:
         self._load_stop = operator.attrgetter("whole_block_stop" if whole_last_block else "restore_stop")
         config = books.config
         self.target: TierName = books.prefetch_target
-        self.active = (config.prefetch and TierName.DISK in books.tiers and self.target is not TierName.DISK)
+        self.active = (config.prefetch and DISK in books.tiers and self.target is not DISK)
         capacity = books._capacities.get(self.target, 0)
         self.room_blocks = int(capacity * config.prefetch_room_share)
         self.inflight_limit = max(1, min(config.prefetch_inflight_blocks,
@@ -102,7 +102,7 @@ class PrefetchAdmission:
         books._drop_hooks[self.target] = self._left_target
         #: host -> gpu promotions, where the engine asked for them (`OffloadConfig.prefetch_gpu`)
         self.gpu = (GpuPromotion(books, planner) if config.prefetch and config.prefetch_gpu
-                    and TierName.GPU in books.tables and TierName.HOST in books.tables else None)
+                    and GPU in books.tables and HOST in books.tables else None)
 
     def disk_s(self, num_blocks: int) -> float:
         """Predicted seconds of one batched disk read of `num_blocks` blocks."""
@@ -192,7 +192,7 @@ class PrefetchAdmission:
         entries = index.entries
         now = books.clock()
         ahead = self._running_prefill_left(now) if self.planner is not None else math.inf
-        disk, protect = TierName.DISK, self._protect
+        disk, protect = DISK, self._protect
         for state in itertools.islice(queue, books.config.prefetch_window):
             tiers: list[TierName] = []
             add_tier = tiers.append
@@ -271,7 +271,7 @@ class PrefetchAdmission:
                 books.tables[self.target].free(key)
             return 0
         books.index.pin(keys)  # the disk copy stays until the bytes have landed
-        move = Move(TierName.DISK, self.target, keys, (), tuple(slots), state.request_id, MoveReason.PREFETCH)
+        move = Move(DISK, self.target, keys, (), tuple(slots), state.request_id, MoveReason.PREFETCH)
         duration = self.disk_s(n)
         self.moves[move.command_id] = Promotion(move.command_id, state.request_id, dict(zip(keys, slots)),
                                                 books.clock(), duration)
@@ -392,7 +392,7 @@ class PrefetchAdmission:
     def used(self, key: BlockKey, tier: TierName) -> None:
         """A load read this block from `tier` (counted where a promotion brought it there)."""
         if tier is not self.target:
-            if tier is TierName.GPU and self.gpu is not None:
+            if tier is GPU and self.gpu is not None:
                 self.gpu.used(key)
             return
         if key in self.unused:

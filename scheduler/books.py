@@ -29,13 +29,14 @@ from kvtier.tiers.commands import Command, Completion, Evict, Move, MoveReason
 from kvtier.tiers.keys import BlockKey
 from kvtier.tiers.slots import SlotTable
 from kvtier.tiers.spec import KVSpec
-from kvtier.tiers.tier import TierName
+from kvtier.tiers.tier import DISK, GPU, HOST, REMOTE, TierName
 
 from kvtier.scheduler.config import OffloadConfig, WriteMode
 from kvtier.scheduler.index import DISK_SLOT, Index
 from kvtier.scheduler.policies import AutoPolicy, make_policy
 
 log = logging.getLogger(__name__)
+_DEMOTE = MoveReason.DEMOTE  # a global: see `kvtier.tiers.tier.GPU`
 
 
 @dataclass(slots=True)
@@ -103,7 +104,7 @@ class Books:
         self.index = Index()
         self.lock = self.index.lock
         self.tables: dict[TierName, SlotTable] = {}
-        capacities = {TierName.GPU: config.gpu_bytes, TierName.HOST: config.host_bytes}
+        capacities = {GPU: config.gpu_bytes, HOST: config.host_bytes}
         for tier, capacity in capacities.items():
             if capacity:
                 self.tables[tier] = SlotTable(max(1, capacity // spec.bytes_per_block))
@@ -112,25 +113,27 @@ class Books:
         self.remote_slots = max(1, config.remote_bytes // spec.bytes_per_block) if config.remote_url else 0
         #: `probe(keys) -> leading keys the remote holds` (the remote tier's, or a client of it); None: no probing
         self.remote_probe: Callable[[Sequence[BlockKey]], int] | None = None
-        self.tiers = [t for t in (TierName.GPU, TierName.HOST) if t in self.tables]
+        self.tiers = [t for t in (GPU, HOST) if t in self.tables]
         if self.disk_slots:
-            self.tiers.append(TierName.DISK)
+            self.tiers.append(DISK)
         if self.remote_slots:
-            self.tiers.append(TierName.REMOTE)
+            self.tiers.append(REMOTE)
         self.policies = {tier: make_policy(config.policy, self._capacity(tier)) for tier in self.tiers}
         #: the policies that learn from whole requests and take retention hints (`auto`)
         self.learners = [p for p in self.policies.values() if isinstance(p, AutoPolicy)]
         self.pending: dict[int, _Pending] = {}
         self.stats = Stats()
         self._bytes_per_block = spec.bytes_per_block  # a property computed on every call: hoisted
+        self._write_back = config.write_mode is WriteMode.WRITE_BACK
         # hot-path constants (the eviction cascade runs per block)
         self._capacities = {tier: self._capacity(tier) for tier in self.tiers}
-        #: what len() counts the blocks of each tier by: its slot table, or the disk tier's policy
-        self._held = {tier: self.tables.get(tier, self.policies[tier]) for tier in self.tiers}
+        #: what len() counts the blocks of each tier by: its slot table's keys, or the disk tier's policy
+        self._held = {tier: self.tables[tier].held if tier in self.tables else self.policies[tier]
+                      for tier in self.tiers}
         self._below_of = {t: (self.tiers[i + 1] if i + 1 < len(self.tiers) else None) for i, t in enumerate(self.tiers)}
         self._above_of = {t: self.tiers[i - 1] for i, t in enumerate(self.tiers) if i}
         #: the tier prefetch fills: the one just above the disk (host), else the fastest
-        self.prefetch_target = self._above_of.get(TierName.DISK, self.tiers[0])
+        self.prefetch_target = self._above_of.get(DISK, self.tiers[0])
         self.index.target = self.prefetch_target
         entries = self.index.entries
 
@@ -153,22 +156,24 @@ class Books:
     def fastest_tier(self) -> TierName:
         return self.tiers[0]
 
+    # A tier's policy holds exactly the keys the index places in that tier (only `_add` and `_drop`
+    # change either), so the index answers "is it in the policy?" without asking the policy.
+
     def _add(self, key: BlockKey, tier: TierName, slot: int, depth: int = 0, parent: BlockKey | None = None) -> None:
+        entry = self.index.entries.get(key)
+        held = entry is not None and tier in entry.slots
         self.index.add(key, tier, slot, depth, parent)
-        policy = self.policies[tier]
-        if key in policy:
-            policy.access(key)
+        if held:
+            self.policies[tier].access(key)
         else:
-            policy.insert(key, parent)
+            self.policies[tier].insert(key, parent)
 
     def _drop(self, key: BlockKey, tier: TierName) -> None:
         hook = self._drop_hooks.get(tier)
         if hook is not None:
             hook(key)
-        self.index.drop(key, tier)
-        policy = self.policies[tier]
-        if key in policy:
-            policy.remove(key)
+        if self.index.drop(key, tier) is not None:
+            self.policies[tier].remove(key)
         table = self.tables.get(tier)
         if table is not None:
             table.free(key)
@@ -179,7 +184,7 @@ class Books:
     def _capacity(self, tier: TierName) -> int:
         if tier in self.tables:
             return self.tables[tier].num_slots
-        return self.disk_slots if tier is TierName.DISK else self.remote_slots
+        return self.disk_slots if tier is DISK else self.remote_slots
 
     def _make_room(self, tier: TierName, num: int, out: list[Command], request_id: str | None) -> int:
         """Frees up to `num` slots in `tier` (demoting or dropping victims); returns how many are free.
@@ -199,12 +204,12 @@ class Books:
         return max(0, capacity - len(held))
 
     def _evict(self, key: BlockKey, tier: TierName, out: list[Command], request_id: str | None) -> None:
-        entry = self.index.get(key)
+        entry = self.index.entries.get(key)
         below = self._below_of[tier]
         # nothing is demoted into the remote: every saved block was written through to it already
         demote = (entry is not None and below is not None and below not in entry.slots
-                  and below is not TierName.REMOTE and (tier is not TierName.HOST or self.config.write_mode is WriteMode.WRITE_BACK
-                       or below is not TierName.DISK))
+                  and below is not REMOTE and (tier is not HOST or self._write_back
+                       or below is not DISK))
         if demote and self._make_room(below, 1, out, request_id) > 0:
             dst_slot = self._allocate(below, key)
             if dst_slot is not None:
@@ -216,8 +221,8 @@ class Books:
                 return
         self.stats.dropped_blocks += 1
         self._drop(key, tier)
-        if tier is TierName.DISK:
-            out.append(Evict(TierName.DISK, (key,), request_id))
+        if tier is DISK:
+            out.append(Evict(DISK, (key,), request_id))
 
     def _demote(self, key: BlockKey, tier: TierName, below: TierName, src_slot: int | None, dst_slot: int,
                 out: list[Command], request_id: str | None) -> None:
@@ -227,16 +232,16 @@ class Books:
         src = (src_slot,) if src_slot is not None and src_slot >= 0 else ()
         dst = (dst_slot,) if dst_slot >= 0 else ()
         last = out[-1] if out else None
-        if (type(last) is Move and last.reason is MoveReason.DEMOTE and last.src is tier and last.dst is below
+        if (type(last) is Move and last.reason is _DEMOTE and last.src is tier and last.dst is below
                 and last.request_id == request_id and bool(last.src_slots) == bool(src)
                 and bool(last.dst_slots) == bool(dst) and key not in last.keys
                 and not (src and src[0] in last.src_slots) and not (dst and dst[0] in last.dst_slots)):
             move = Move(tier, below, last.keys + (key,), last.src_slots + src, last.dst_slots + dst, request_id,
-                        MoveReason.DEMOTE, last.command_id)
+                        _DEMOTE, last.command_id)
             out[-1] = move
             self.pending[move.command_id].command = move
             return
-        move = Move(tier, below, (key,), src, dst, request_id, MoveReason.DEMOTE)
+        move = Move(tier, below, (key,), src, dst, request_id, _DEMOTE)
         pending = self._track(move, None)
         pending.on_done = lambda c: self._after_demote(c, pending.command.keys, below)
         out.append(move)
@@ -282,7 +287,7 @@ class Books:
             return 0
         with self.lock:
             entries = self.index.lookup(keys)
-            first = next((i for i, e in enumerate(entries) if e.best_tier is TierName.REMOTE), len(entries))
+            first = next((i for i, e in enumerate(entries) if e.best_tier is REMOTE), len(entries))
         if first >= len(keys):
             return 0
         num = probe(keys[first:])
@@ -291,16 +296,16 @@ class Books:
             parent = keys[first - 1] if first else None
             for i, key in enumerate(keys[first:first + num], first):
                 entry = self.index.get(key)
-                if entry is None or TierName.REMOTE not in entry.slots:
-                    if self._make_room(TierName.REMOTE, 1, [], None) <= 0:
+                if entry is None or REMOTE not in entry.slots:
+                    if self._make_room(REMOTE, 1, [], None) <= 0:
                         num = i - first
                         break
-                    self._add(key, TierName.REMOTE, DISK_SLOT, entry.depth if entry else i, parent)
+                    self._add(key, REMOTE, DISK_SLOT, entry.depth if entry else i, parent)
                 parent = key
             for key in keys[first + num:]:
                 entry = self.index.get(key)
                 if entry is None:
                     break
-                if TierName.REMOTE in entry.slots and not entry.pins:
-                    self._drop(key, TierName.REMOTE)
+                if REMOTE in entry.slots and not entry.pins:
+                    self._drop(key, REMOTE)
         return num

@@ -30,13 +30,13 @@ from __future__ import annotations
 
 import logging
 import time
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from typing import Any, Callable, Sequence
 
 from kvtier.tiers.commands import Command, Completion, Load, Move, MoveReason, Save
 from kvtier.tiers.keys import BlockKey
 from kvtier.tiers.spec import KVSpec
-from kvtier.tiers.tier import TierName
+from kvtier.tiers.tier import DISK, HOST, REMOTE, TierName
 
 from kvtier.scheduler.admission import Canceller, PrefetchAdmission
 from kvtier.scheduler.books import Books, Stats  # noqa: F401 (Stats re-exported)
@@ -209,10 +209,10 @@ class Decider(Books):
                     slots.append(incoming[1])
                     continue
                 tier = entry.best_tier
-                if tier is TierName.DISK or tier is TierName.REMOTE:
+                if tier is DISK or tier is REMOTE:
                     if entry.incoming:  # a promotion the load could not join: read twice (never expected)
                         self.stats.double_reads += 1
-                    host = TierName.HOST
+                    host = HOST
                     slot = self._stage_slot(entry.key, out, request_id)
                     if slot is None:
                         for key, _ in staged:
@@ -229,15 +229,16 @@ class Decider(Books):
                     admission.used(entry.key, tier)
                     slots.append(entry.slots[tier])
                 tiers.append(tier)
-            for tier in tiers:
-                self.stats.hit_blocks_by_tier[str(tier)] = self.stats.hit_blocks_by_tier.get(str(tier), 0) + 1
-                if tier is not TierName.DISK:  # in memory when its load began (or joined on its way there)
-                    self.stats.prefetch_ready_blocks += 1
+            by_tier = self.stats.hit_blocks_by_tier
+            for tier, n in Counter(tiers).items():
+                by_tier[str(tier)] = by_tier.get(str(tier), 0) + n
+                if tier is not DISK:  # in memory when its load began (or joined on its way there)
+                    self.stats.prefetch_ready_blocks += n
             self.index.touch(entries)
-            for key in loaded:
-                for tier in list(self.index.get(key).slots):
-                    if key in self.policies[tier]:
-                        self.policies[tier].access(key)
+            policies = self.policies
+            for entry in entries:  # every tier holding a block holds it in its policy (`Books._add`)
+                for tier in list(entry.slots):
+                    policies[tier].access(entry.key)
             self.stats.restored_blocks += len(loaded)
             self.stats.hit_blocks += len(loaded)
             disk_s = admission.disk_s(len(staged))
@@ -252,7 +253,7 @@ class Decider(Books):
     def _stage_slot(self, key: BlockKey, out: list[Command], request_id: str) -> int | None:
         """A host slot to stage a running request's disk block in; queued requests' protections yield
         to it, the last queued first (None: every host block is pinned)."""
-        host = TierName.HOST
+        host = HOST
         if host not in self.tables:
             return None
         while True:
@@ -274,9 +275,9 @@ class Decider(Books):
         for key, slot in staged:
             entry = self.index.get(key)
             if key not in failed and entry is not None:
-                self._add(key, TierName.HOST, slot, entry.depth, entry.parent)
-            elif not self.index.holds(key, TierName.HOST):
-                self.tables[TierName.HOST].free(key)
+                self._add(key, HOST, slot, entry.depth, entry.parent)
+            elif not self.index.holds(key, HOST):
+                self.tables[HOST].free(key)
         self.index.unpin(keys)
         self.admission.disk_backlog_s = max(0.0, self.admission.disk_backlog_s - disk_s)
         state = self.running.get(completion.request_id) if completion.request_id is not None else None
@@ -334,10 +335,10 @@ class Decider(Books):
         self.stats.saved_blocks += len(completion.ok)
         out: list[Command] = []
         below = []  # the disk under write-through; the remote always (it is how replicas share)
-        if self.config.write_mode is WriteMode.WRITE_THROUGH and TierName.DISK in self.tiers:
-            below.append(TierName.DISK)
-        if TierName.REMOTE in self.tiers:
-            below.append(TierName.REMOTE)
+        if self.config.write_mode is WriteMode.WRITE_THROUGH and DISK in self.tiers:
+            below.append(DISK)
+        if REMOTE in self.tiers:
+            below.append(REMOTE)
         for dst in below:
             keys, slots = [], []
             for key in completion.ok:
@@ -356,7 +357,7 @@ class Decider(Books):
         return out
 
     def _after_write(self, completion: Completion, dst: TierName) -> list[Command]:
-        if dst is TierName.DISK:
+        if dst is DISK:
             self.stats.written_to_disk_blocks += len(completion.ok)
         else:
             self.stats.written_to_remote_blocks += len(completion.ok)
@@ -391,7 +392,7 @@ class Decider(Books):
         with self.lock:
             n = 0
             for key in keys:
-                if TierName.DISK in self.policies and n < self.disk_slots:
-                    self._add(key, TierName.DISK, DISK_SLOT)
+                if DISK in self.policies and n < self.disk_slots:
+                    self._add(key, DISK, DISK_SLOT)
                     n += 1
             return n

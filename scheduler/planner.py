@@ -53,6 +53,9 @@ _CODES = {TierName.GPU: 0, TierName.HOST: 1, TierName.DISK: 2, TierName.REMOTE: 
           "remote": 3}
 #: plans of at most this many matched blocks take the pure-Python path (module docstring)
 SMALL_K = 16
+#: how many recent plans a planner keeps for questions asked again (the same prefix tiers and prompt
+#: length: a queued request is planned at each prefetch round that changes nothing, and when it starts)
+MEMO_PLANS = 4096
 
 
 class Planner:
@@ -63,9 +66,6 @@ class Planner:
         disk_codec: the disk tier's codec: "none" restores over the `disk` path, a compressing one
             ("zstd", "zstd-shuffle") over `disk_zstd`.
 
-        Raises:
-            ConfigError: an unknown codec.
-
     Raises:
         ConfigError: an unknown codec.
     """
@@ -74,6 +74,11 @@ class Planner:
         self.cost_model = cost_model
         self.disk_path = "disk" if Codec.parse(disk_codec) is Codec.NONE else "disk_zstd"
         self._links: dict[int, tuple] = {}
+        self._memo: dict[tuple, Plan] = {}  # (tiers, num_tokens, block_tokens) -> plan; emptied when full
+
+    def forget(self) -> None:
+        """Empties the memo of recent plans (a benchmark timing the planning itself)."""
+        self._memo.clear()
 
     def _coefficients(self, block_tokens: int) -> tuple:
         cached = self._links.get(block_tokens)
@@ -107,6 +112,21 @@ class Planner:
             ConfigError: an unknown tier, more matched tokens than the prompt has, or a bad count.
         """
         bt = self.cost_model.spec.block_tokens if block_tokens is None else block_tokens
+        memo_key = ((tiers.dtype.str, tiers.shape, tiers.tobytes()) if isinstance(tiers, np.ndarray) else tuple(tiers),
+                    num_tokens, bt)
+        try:
+            plan = self._memo.get(memo_key)
+        except TypeError:  # an unhashable tier or count: `_plan` names it
+            return self._plan(tiers, num_tokens, bt, block_tokens)
+        if plan is None:
+            plan = self._plan(tiers, num_tokens, bt, block_tokens)
+            if len(self._memo) >= MEMO_PLANS:
+                self._memo.clear()
+            self._memo[memo_key] = plan
+        return plan
+
+    def _plan(self, tiers: Sequence[TierName | str] | np.ndarray, num_tokens: int, bt: int,
+              block_tokens: int | None) -> Plan:
         if not isinstance(bt, (int, np.integer)) or bt <= 0:
             raise ConfigError(f"block_tokens: expected a positive int, got {block_tokens!r}")
         if not isinstance(num_tokens, (int, np.integer)) or num_tokens <= 0:
@@ -300,5 +320,5 @@ def _as_codes(tiers: Sequence[TierName | str] | np.ndarray) -> np.ndarray:
     try:
         return np.fromiter(map(_CODES.__getitem__, tiers), dtype=np.int8, count=len(tiers))
     except (KeyError, TypeError):
-        bad = next((t for t in tiers if t not in _CODES), tiers)
+        bad = next((t for t in tiers if not isinstance(t, (str, int)) or t not in _CODES), tiers)
         raise ConfigError(f"tiers: {bad!r} is not a tier; expected 'gpu', 'host', 'disk' or 'remote'") from None

@@ -20,13 +20,15 @@ from kvtier.tiers.errors import ConfigError
 class SlotTable:
     """Key -> slot map of a pool with `num_slots` slots."""
 
-    __slots__ = ("num_slots", "_slot_of", "_free")
+    __slots__ = ("num_slots", "_slot_of", "held", "_free")
 
     def __init__(self, num_slots: int) -> None:
         if num_slots <= 0:
             raise ConfigError(f"num_slots: expected a positive int, got {num_slots!r}")
         self.num_slots = num_slots
         self._slot_of: dict[Hashable, int] = {}
+        #: key -> slot, read-only by contract: the hot paths count and test keys on it without a method call
+        self.held = self._slot_of
         self._free = list(range(num_slots))  # already a valid min-heap
 
     def __len__(self) -> int:

@@ -49,7 +49,10 @@ class TierName(str, enum.Enum):
         return self.value
 
 
-_RANK = {TierName.GPU: 0, TierName.HOST: 1, TierName.DISK: 2, TierName.REMOTE: 3}
+#: the members as plain names: CPython 3.11 loads a member off an Enum class ~5x slower than a
+#: module global, which the decision half's per-block paths feel
+GPU, HOST, DISK, REMOTE = TierName
+_RANK = {GPU: 0, HOST: 1, DISK: 2, REMOTE: 3}
 #: tiers outside this process's memory: read and written by key, on background workers
 OUTSIDE = (TierName.DISK, TierName.REMOTE)
 

@@ -34,7 +34,7 @@ from typing import Callable
 
 from kvtier.tiers.commands import Command, Evict, Load, Move, MoveReason, Save
 from kvtier.tiers.keys import BlockKey
-from kvtier.tiers.tier import TierName
+from kvtier.tiers.tier import DISK, GPU, REMOTE
 
 from kvtier.scheduler.cost.model import CostModel
 from kvtier.scheduler.cost.parts import PathCost
@@ -151,17 +151,17 @@ class SimExecutor:
         kind = type(command)
         self.counters.commands[kind.__name__] += 1
         if kind is Move:
-            if command.dst is TierName.DISK:
+            if command.dst is DISK:
                 name = "disk-write"
-            elif command.dst is TierName.REMOTE:
+            elif command.dst is REMOTE:
                 name = "net-write"
-            elif command.src is TierName.DISK:
+            elif command.src is DISK:
                 name = "disk-read"
-            elif command.src is TierName.REMOTE:
+            elif command.src is REMOTE:
                 name = "net-read"
-            elif command.dst is TierName.GPU:
+            elif command.dst is GPU:
                 name = "h2d"
-            elif command.src is TierName.GPU:
+            elif command.src is GPU:
                 name = "d2h"
             else:
                 name = "gpu"  # host -> host does not happen
@@ -177,13 +177,13 @@ class SimExecutor:
             return None
         if kind is Load:
             tiers = command.src_tiers
-            n_gpu = tiers.count(TierName.GPU)
-            n_disk = tiers.count(TierName.DISK)
-            n_remote = tiers.count(TierName.REMOTE)
+            n_gpu = tiers.count(GPU)
+            n_disk = tiers.count(DISK)
+            n_remote = tiers.count(REMOTE)
             n_host = len(tiers) - n_gpu - n_disk - n_remote
             if n_disk and self._promoting:
                 self.counters.double_reads += sum(1 for k, t in zip(command.keys, tiers)
-                                                  if t is TierName.DISK and k in self._promoting)
+                                                  if t is DISK and k in self._promoting)
             end = max(self._foreground("gpu", n_gpu, now, "load"),
                       self._foreground("h2d", n_host + n_disk + n_remote, now, "load"),
                       self._foreground("disk-read", n_disk, now, "load"),
@@ -195,7 +195,7 @@ class SimExecutor:
                     end = max(end, job.end_s)
             return end
         if kind is Save:
-            return self._foreground("gpu" if command.dst is TierName.GPU else "d2h", len(command.keys), now, "save")
+            return self._foreground("gpu" if command.dst is GPU else "d2h", len(command.keys), now, "save")
         assert kind is Evict, f"unknown command {command!r}"
         return now
 

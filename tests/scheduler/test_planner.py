@@ -120,6 +120,25 @@ def test_numpy_codes_and_tier_names_give_the_same_plan() -> None:
     assert planner.plan(names, 6000) == planner.plan(codes, 6000) == planner.plan(enums, 6000)
 
 
+def test_a_repeated_question_is_answered_from_the_memo_and_only_the_same_question() -> None:
+    planner = Planner(CostModel.from_profile("h100-sxm", "llama-3-8b"))
+    codes = np.array([1] * 40 + [2] * 40, dtype=np.int8)
+    first = planner.plan(codes, 6000)
+    assert planner.plan(codes.copy(), 6000) is first
+    assert planner.plan(["host"] * 40 + ["disk"] * 40, 6000) == first  # the same question in names
+    assert planner.plan(codes, 7000) != first
+    # the same bytes in another dtype or shape are other codes: planned (or refused) for what they are
+    wide = np.array([1], dtype=np.int64)
+    assert planner.plan(wide.view(np.int8), 1000).tier_codes == bytes([1] + [0] * 7)
+    assert planner.plan(wide, 1000).tier_codes == bytes([1])
+    with pytest.raises(ConfigError, match="1-D integer array"):
+        planner.plan(wide.view(np.int8).reshape(2, 4), 1000)
+    with pytest.raises(ConfigError, match="is not a tier"):
+        planner.plan([["host"]], 1000)  # unhashable: still the named error
+    planner.forget()
+    assert planner.plan(codes, 6000) is not first and planner.plan(codes, 6000) == first
+
+
 def test_all_from_host_restores_everything() -> None:
     # Llama-3-8B (GQA), 8k prefix in pinned RAM over PCIe Gen5: restore is ~12x cheaper than recompute
     cm = CostModel.from_profile("h100-sxm", "llama-3-8b")
@@ -231,6 +250,7 @@ def test_plan_of_2048_blocks_is_fast() -> None:
     planner.plan(codes, 131072 + 100)
     times = []
     for _ in range(30):
+        planner.forget()  # time the planning, not the memo
         start = time.perf_counter()
         planner.plan(codes, 131072 + 100)
         times.append(time.perf_counter() - start)
