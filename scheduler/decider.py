@@ -377,7 +377,17 @@ class Decider(Books):
             if completion.error:
                 log.warning("command %s of request %s failed: %s", type(pending.command).__name__,
                             completion.request_id, completion.error)
-            return pending.on_done(completion)
+            on_done, pending.on_done = pending.on_done, None  # a callback may hold its pending: no cycle left
+            return on_done(completion)
+
+    def close(self) -> None:
+        """Ends the decider (unusable afterwards): forgets every block and pending command now. A
+        decider's objects refer to each other, so without this a finished simulation's books (a
+        million objects for the shared trace) wait for a pass of the cyclic collector, which walks
+        them all."""
+        with self.lock:
+            self.index.clear()
+            self.pending.clear()
 
     def drop_tier(self, tier: TierName) -> int:
         """Forgets every unpinned block's copy in `tier` (e.g. emptying the host tier); returns how many."""

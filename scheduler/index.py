@@ -195,6 +195,11 @@ class Index:
         entry = self._entries.get(key)
         return entry is not None and (entry.pins > 0 or bool(entry.protected_by))
 
+    def clear(self) -> None:
+        """Forgets every block."""
+        with self.lock:
+            self._entries.clear()
+
     def pinned_keys(self) -> list[BlockKey]:
         """Keys with pins > 0 (none once every load, save and promotion has completed)."""
         with self.lock:

@@ -23,7 +23,8 @@ Speed: a run (and the bounds) runs with Python's cyclic garbage collector paused
 builds hundreds of thousands of long-lived objects (index entries, commands, records) and frees them by
 reference counting; the collector's full passes over them found nothing to free and cost about a fifth
 of a run's time (the shared trace: the same peak memory with or without them). What cycles a run leaves
-are collected once it returns.
+are collected once it returns; the decider's books, which refer to each other, are first dropped by
+`Decider.close` (the shared trace: that first pass walked 0.7 M objects in ~0.6 s; now 50 k in 0.05 s).
 """
 
 from __future__ import annotations
@@ -266,7 +267,10 @@ def _simulate(workload: Workload, settings: SimSettings, progress: Progress | No
     decider = make_decider(workload, settings, caps) if settings.cache else None
     engine = EngineSim(requests, workload.cost_model, decider, settings.max_batch, progress)
     records = engine.run()
-    stats = asdict(decider.stats) if decider is not None else None
+    stats = None
+    if decider is not None:
+        stats = asdict(decider.stats)
+        decider.close()
     return Simulation(settings, caps, scale, records, engine.counters, stats, time.perf_counter() - start)
 
 
