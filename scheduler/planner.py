@@ -52,7 +52,7 @@ from kvtier.scheduler.plan import TIERS as _TIERS, Plan
 _CODES = {TierName.GPU: 0, TierName.HOST: 1, TierName.DISK: 2, TierName.REMOTE: 3, "gpu": 0, "host": 1, "disk": 2,
           "remote": 3}
 #: plans of at most this many matched blocks take the pure-Python path (module docstring)
-SMALL_K = 16
+SMALL_K = 32
 #: how many recent plans a planner keeps for questions asked again (the same prefix tiers and prompt
 #: length: a queued request is planned at each prefetch round that changes nothing, and when it starts)
 MEMO_PLANS = 4096

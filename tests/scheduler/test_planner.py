@@ -15,6 +15,7 @@ from kvtier.scheduler.cost.model import CostModel
 from kvtier.scheduler.cost.parts import PathCost, RecomputeCost
 from kvtier.scheduler.cost.hardware import load_profile
 from kvtier.scheduler.plan import Plan
+from kvtier.scheduler import planner as planner_module
 from kvtier.scheduler.planner import Planner
 from kvtier.tiers.errors import ConfigError
 from kvtier.tiers.tier import TierName
@@ -118,6 +119,16 @@ def test_numpy_codes_and_tier_names_give_the_same_plan() -> None:
     codes = np.array([0] * 3 + [1] * 50 + [2] * 40, dtype=np.int8)
     enums = [TierName(n) for n in names]
     assert planner.plan(names, 6000) == planner.plan(codes, 6000) == planner.plan(enums, 6000)
+
+
+def test_the_pure_python_path_plans_exactly_as_numpy(monkeypatch) -> None:
+    cm = CostModel.from_profile("h100-sxm", "llama-3-8b")
+    rng = np.random.default_rng(3)
+    cases = [(rng.integers(0, 3, k).astype(np.int8), int(k * cm.spec.block_tokens + rng.integers(1, 200)))
+             for k in range(1, 2 * planner_module.SMALL_K + 2)]
+    small = [Planner(cm).plan(codes, n) for codes, n in cases]
+    monkeypatch.setattr(planner_module, "SMALL_K", 0)
+    assert [Planner(cm).plan(codes, n) for codes, n in cases] == small
 
 
 def test_a_repeated_question_is_answered_from_the_memo_and_only_the_same_question() -> None:
