@@ -178,6 +178,7 @@ class AutoPolicy(Policy):
             self._shadows, self._warm = [], None
             # the per-block calls of the tiers and the simulation go straight to C (no Python frame)
             self.access, self.insert = self._core.access, self._core.insert
+            self.remove = self._core.remove  # until a hint gives keys owners (`hint`)
 
     # -- books ------------------------------------------------------------------------------------
 
@@ -310,6 +311,7 @@ class AutoPolicy(Policy):
         if hint is None:
             return
         session = hint.session if hint.session is not None else ""
+        self.__dict__.pop("remove", None)  # from now on a removal also forgets the key's owner
         owner = self._owner
         mine = []
         for key in keys:

@@ -78,6 +78,16 @@ def test_hint_releases_only_the_ending_sessions_own_blocks():
     assert {1, 2, 20, 21} <= set(auto.keys())
 
 
+def test_a_removed_block_forgets_its_session():
+    auto = AutoPolicy(8, candidates=["lru"])
+    auto.replay_request((1,), RetentionHint("a"))
+    auto.remove(1)
+    auto.replay_request((1, 2), RetentionHint("b"))  # 1 is back: b's own, not shared with a
+    auto.replay_request((5,))
+    auto.replay_request((1, 2), RetentionHint("b", continues=False))
+    assert [auto.evict() for _ in range(2)] == [2, 1]
+
+
 def test_negative_priority_releases_too():
     auto = AutoPolicy(4, candidates=["lru"])
     auto.replay_request((1, 2), RetentionHint("x", priority=-1))
