@@ -124,8 +124,8 @@ class Books:
         self.pending: dict[int, _Pending] = {}
         self.stats = Stats()
         self._bytes_per_block = spec.bytes_per_block  # a property computed on every call: hoisted
-        self._write_back = config.write_mode is WriteMode.WRITE_BACK
         # hot-path constants (the eviction cascade runs per block)
+        self._write_back = config.write_mode is WriteMode.WRITE_BACK
         self._capacities = {tier: self._capacity(tier) for tier in self.tiers}
         #: what len() counts the blocks of each tier by: its slot table's keys, or the disk tier's policy
         self._held = {tier: self.tables[tier].held if tier in self.tables else self.policies[tier]
@@ -207,9 +207,8 @@ class Books:
         entry = self.index.entries.get(key)
         below = self._below_of[tier]
         # nothing is demoted into the remote: every saved block was written through to it already
-        demote = (entry is not None and below is not None and below not in entry.slots
-                  and below is not REMOTE and (tier is not HOST or self._write_back
-                       or below is not DISK))
+        demote = (entry is not None and below is not None and below not in entry.slots and below is not REMOTE
+                  and (tier is not HOST or self._write_back or below is not DISK))
         if demote and self._make_room(below, 1, out, request_id) > 0:
             dst_slot = self._allocate(below, key)
             if dst_slot is not None:

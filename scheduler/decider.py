@@ -382,9 +382,8 @@ class Decider(Books):
 
     def close(self) -> None:
         """Ends the decider (unusable afterwards): forgets every block and pending command now. A
-        decider's objects refer to each other, so without this a finished simulation's books (a
-        million objects for the shared trace) wait for a pass of the cyclic collector, which walks
-        them all."""
+        decider's objects refer to each other, so without this a finished simulation's books (0.7 M
+        objects for the shared trace) wait for a pass of the cyclic collector, which walks them all."""
         with self.lock:
             self.index.clear()
             self.pending.clear()
