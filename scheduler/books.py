@@ -178,6 +178,14 @@ class Books:
         if table is not None:
             table.free(key)
 
+    def close(self) -> None:
+        """Ends the books (unusable afterwards): forgets every block and pending command now. A
+        decider's objects refer to each other, so without this a finished simulation's books (0.7 M
+        objects for the shared trace) wait for a pass of the cyclic collector, which walks them all."""
+        with self.lock:
+            self.index.clear()
+            self.pending.clear()
+
     def count_in(self, tier: TierName) -> int:
         return len(self.tables[tier]) if tier in self.tables else len(self.policies[tier])
 

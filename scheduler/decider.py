@@ -380,14 +380,6 @@ class Decider(Books):
             on_done, pending.on_done = pending.on_done, None  # a callback may hold its pending: no cycle left
             return on_done(completion)
 
-    def close(self) -> None:
-        """Ends the decider (unusable afterwards): forgets every block and pending command now. A
-        decider's objects refer to each other, so without this a finished simulation's books (0.7 M
-        objects for the shared trace) wait for a pass of the cyclic collector, which walks them all."""
-        with self.lock:
-            self.index.clear()
-            self.pending.clear()
-
     def drop_tier(self, tier: TierName) -> int:
         """Forgets every unpinned block's copy in `tier` (e.g. emptying the host tier); returns how many."""
         with self.lock:
