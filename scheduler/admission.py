@@ -361,8 +361,8 @@ class PrefetchAdmission:
                 books.index.unpin((key,))
             books.stats.prefetch_cancelled_blocks += len(cancelled)
             self.inflight_blocks -= len(cancelled)
-            share = self.disk_block_s * len(cancelled) + (self.disk_latency_s if not promo.slots else 0.0)
-            promo.duration_s -= share
+            left = self.disk_s(len(promo.slots))  # the read of what is left (ramped like the whole was)
+            share, promo.duration_s = promo.duration_s - left, left
             self.disk_backlog_s = max(0.0, self.disk_backlog_s - share)
             books.stats.disk_prefetch_s -= share
             if not promo.slots:  # nothing left to land: no completion is expected

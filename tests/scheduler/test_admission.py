@@ -6,6 +6,8 @@ clock the test moves; completions are fed back as the byte half reports them.
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from kvtier.scheduler.config import OffloadConfig
@@ -169,6 +171,29 @@ def test_a_canceller_cancels_what_has_not_begun_and_the_load_reads_it_itself():
     done(decider, move, ok=move.keys[:begun])
     done(decider, load)
     assert decider.index.pinned_keys() == []
+
+
+def test_a_promotion_cancelled_whole_gives_back_its_whole_predicted_read_on_a_ramped_disk():
+    # a calibrated cold disk: small reads slower per byte (PathCost's ramp), so a read of n blocks costs
+    # more than latency + n x the bulk per-block time; cancelling it must give all of that back
+    bpb = COST.spec.bytes_per_block
+    disk = dataclasses.replace(COST.path("disk"), ramp_bytes=256 * bpb, ramp_exponent=0.7)
+    ramped = dataclasses.replace(COST, paths={**COST.paths, "disk": disk})
+    a = keys(0, 24)
+    config = OffloadConfig(host_bytes=64 * bpb, disk_bytes=4096 * bpb, disk_path="(simulated)")
+    decider = Decider(COST.spec, config, Planner(ramped), clock=Clock())
+    decider.rebuild_from_disk(a)
+    decider.set_canceller(lambda command_id: list(move.keys))  # nothing had begun
+    run_uncached(decider, "r", 200)
+    decider.enqueue("a", a, 24 * BT + 1)
+    (move,) = decider.next_prefetch()
+    admission = decider.admission
+    assert admission.disk_s(len(move.keys)) > disk.latency_s + len(move.keys) * disk.block_s  # the ramp costs
+    assert admission.disk_backlog_s == pytest.approx(admission.disk_s(len(move.keys)))
+    admission.cancel_request("a")
+    assert decider.stats.prefetch_cancelled_blocks == len(move.keys)
+    assert admission.disk_backlog_s == pytest.approx(0.0, abs=1e-12)
+    assert decider.stats.disk_prefetch_s == pytest.approx(0.0, abs=1e-12)
 
 
 def test_bad_prefetch_settings_are_refused():
