@@ -303,6 +303,10 @@ class OffloadManager:
             log.warning("close: %s", err)
         self._closed = True
         self.executor.close()
+        # the executor and the decider call back into this manager: unhooked, a closed manager (and its
+        # pools) is freed when its last user lets go, not at some later full garbage collection
+        self.executor.on_complete = None
+        self.decider.set_canceller(None)
 
     def __enter__(self) -> "OffloadManager":
         return self

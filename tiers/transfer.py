@@ -19,8 +19,10 @@ Invariants:
   reads it first. Writes to disk snapshot their source slots on that worker, in order, before the disk
   writer takes them; disk reads run on their own worker by priority (loads before prefetches), each
   after a fence on the copy worker, so they never fill a slot an earlier copy has yet to read;
-- a block that fails (a disk miss or a corrupt value) is listed in `handle.failed`, never delivered:
-  in a load, layer groups still complete, and the engine recomputes from the first failed block;
+- a block that fails (a disk miss or a corrupt value) is listed in `handle.failed`: in a load, layer
+  groups still complete, and the engine recomputes from the first failed block (a layer-by-layer disk
+  load completes groups before the checksums are decided: the engine drops a pass that had a failed
+  block, never keeps KV computed from it);
 - on CUDA, a job's copies run on the transfer stream after everything queued on the submitting
   thread's stream before the submission (an event, `_submitted`), and a layer group is reported done
   only after the stream has finished its copies.
@@ -246,10 +248,14 @@ class Transferer:
              wait_for: Sequence[TransferHandle] = ()) -> TransferHandle:
         """Copies blocks from pool tiers and disk into the engine's KV, layer group by layer group.
 
-        Disk blocks are read straight into the engine's KV where the buffer offers `block_memory` (each
-        batch copied into its host slots while the next is read), otherwise into their host slots
-        (each batch copied into the engine's KV while the next is read). Either way the handle ends
-        after those copies.
+        Disk blocks are read straight into the engine's KV where the buffer offers `block_memory`, otherwise
+        into their host slots and copied on. With more than one layer group (and no remote block) they are
+        read layer group by layer group (`DiskTier.get_many(layer_groups=...)`): the engine computes the
+        first groups while the rest is read, a group is complete before the blocks' checksums are decided,
+        and a block that then fails is listed failed (the engine drops the pass, as for any failed block);
+        the host slots of blocks read straight into the engine's KV are filled after the handle ends, on
+        the copy worker (whatever reads them later queues behind). Otherwise each batch of disk blocks is
+        copied on while the next is read, and the handle ends after those copies.
 
         Args:
             keys: the blocks, in prompt order.
@@ -294,13 +300,49 @@ class Transferer:
             return handle
         disk_keys = [keys[i] for i in disk_idx]
         memory = engine_memory(buffer, [dst_blocks[i] for i in disk_idx])
-        if memory is not None:
-            def fill_host(landed: list[int]) -> None:
-                host = self._pool(TierName.HOST).pool
-                for first, s0, _, n in slot_runs([src_slots[i] for i in landed]):
-                    buffer.read_blocks([dst_blocks[i] for i in landed[first:first + n]], host.blocks(s0, n),
-                                       (0, self.spec.num_layers))
 
+        def fill_host(landed: list[int]) -> None:
+            host = self._pool(TierName.HOST).pool
+            for first, s0, _, n in slot_runs([src_slots[i] for i in landed]):
+                buffer.read_blocks([dst_blocks[i] for i in landed[first:first + n]], host.blocks(s0, n),
+                                   (0, self.spec.num_layers))
+
+        if len(groups) > 1 and all(tiers[i] is TierName.DISK for i in disk_idx):
+            # layer by layer: group g of every disk block is read before group g + 1, so the engine computes
+            # the first groups while the rest is read; a group is delivered before the checksums are decided
+            # (with the last group), and a block that then fails is failed here: the engine drops that pass
+            sources = tiers if memory is not None else [TierName.HOST if t in OUTSIDE else t for t in tiers]
+
+            def deliver_group(g: int) -> None:
+                lo, hi = groups[g]
+                with self._on_stream(submitted):
+                    write_pieces(buffer, [(dst_blocks[first:first + n], self._pool(tier).pool.blocks(s0, n)[:, lo:hi])
+                                          for tier, first, s0, n in runs_by_tier(sources, src_slots)
+                                          if tier not in OUTSIDE], (lo, hi), self._copier)
+                    self._sync()
+                handle.group_done(g)
+
+            def read_layered() -> None:
+                try:
+                    self._fence(disk_keys)
+                    host = self._pool(TierName.HOST).pool
+                    outs = memory if memory is not None else [host.block(src_slots[i]) for i in disk_idx]
+                    found = self.tiers[TierName.DISK].get_many(disk_keys, outs, layer_groups=groups, on_group=lambda g: (
+                        self._copies.submit(lambda: deliver_group(g), TransferHandle(), PRIORITY_LOAD)))
+                except BaseException as err:
+                    handle.finish(keys, error=err)
+                    return
+                missed = {k for k, ok in zip(disk_keys, found) if not ok} | failed_of(wait_for, keys)
+                usable = next((i for i, k in enumerate(keys) if k in missed), len(keys))
+                self._copies.submit(lambda: list(keys[usable:]), handle, PRIORITY_LOAD)
+                if memory is not None:  # the host slots the decision half booked, after the engine's load ended:
+                    # whatever reads them later copies on the same FIFO worker, after this
+                    filled = [i for i in disk_idx if i < usable]
+                    self._copies.submit(lambda: fill_host(filled), TransferHandle(), PRIORITY_LOAD)
+
+            when_done(wait_for, handle, lambda: self._disk_worker().submit(read_layered, TransferHandle(), priority))
+            return handle
+        if memory is not None:
             def read_direct() -> None:
                 # straight into the engine's KV; each batch is copied into its host slots (the ones the decision
                 # half booked) on the copy worker while the next is read (the CPU is idle during the read);

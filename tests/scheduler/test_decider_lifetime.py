@@ -37,3 +37,30 @@ def test_completed_commands_are_freed_without_the_cycle_collector_and_close_forg
     assert len(decider.index) == 12 and not decider.pending
     decider.close()
     assert len(decider.index) == 0 and decider.lookup([trace_key(0)]) == []
+
+
+def test_a_closed_manager_and_its_pools_are_freed_without_the_cycle_collector(tmp_path):
+    """A server that reopens its manager (or a benchmark that opens one per cold repeat) gets the host pool's
+    memory back at once, not at a later full collection that stalls whichever request it lands in."""
+    import torch
+
+    from kvtier.scheduler.manager import OffloadManager
+    from kvtier.tiers.kvbuffer import BlockKVBuffer
+    from managerutil import MODEL, tiny_spec
+
+    spec = tiny_spec()
+    config = OffloadConfig(host_bytes=8 * spec.bytes_per_block, disk_bytes=8 * spec.bytes_per_block,
+                           disk_path=str(tmp_path / "d"), prefetch=False)
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        manager = OffloadManager(spec, config, model_config=MODEL)
+        buffer = BlockKVBuffer(spec, 4)
+        manager.store("r", torch.arange(64), buffer).wait(10)
+        manager.close()
+        refs = [weakref.ref(manager), *(weakref.ref(t) for t in manager.executor.tiers.values())]
+        del manager
+        assert [r for r in refs if r() is not None] == []
+    finally:
+        if was_enabled:
+            gc.enable()

@@ -5,6 +5,7 @@ in the same commit as the blocks (they hold across processes and crashes):
 - `lmdb_key(key)`: the LMDB key of a block of this model (fingerprint + block key);
 - `counters(txn)` / `set_counters(txn, count, stored)`: this model's block count and stored payload bytes;
 - `stored_len(txn, lmdb_key)`: a value's length from the index (None when absent), without reading it;
+- `drop(txn, lmdb_key)`: deletes a value and its index entry, counting it out;
 - `keys(txn)`: this model's block keys, by a prefix scan of the index.
 """
 
@@ -14,7 +15,7 @@ import struct
 
 import lmdb
 
-from kvtier.tiers.disk.format import lmdb_key
+from kvtier.tiers.disk.format import HEADER_BYTES, lmdb_key
 from kvtier.tiers.keys import BlockKey
 
 _U64 = struct.Struct("<Q")
@@ -51,6 +52,18 @@ class SpecBooks:
     def index(self, txn: lmdb.Transaction, lk: bytes, value_len: int) -> None:
         """Records a value's length in the index (same transaction as the value)."""
         txn.put(lk, _U64.pack(value_len), db=self._env.index_db)
+
+    def drop(self, txn: lmdb.Transaction, lk: bytes) -> bool:
+        """Deletes `lk`'s value and, if it was indexed, its index entry and its share of the counters;
+        whether it was indexed (counted)."""
+        old_len = self.stored_len(txn, lk)
+        txn.delete(lk, db=self._env.blocks_db)
+        if old_len is None:
+            return False
+        txn.delete(lk, db=self._env.index_db)
+        count, stored = self.counters(txn)
+        self.set_counters(txn, count - 1, stored - max(old_len - HEADER_BYTES, 0))
+        return True
 
     def keys(self, txn: lmdb.Transaction) -> list[BlockKey]:
         """This model's block keys, by a prefix scan of the index (no block page is read)."""

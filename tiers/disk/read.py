@@ -13,12 +13,18 @@ Primitives:
 - `Destination`: `out` of both: one block's contiguous bytes, or a list of memory runs that together
   take the payload in order (the raw codec's payload is then read straight into them, one `preadv`,
   and checksummed run by run).
+- `PartedValue(...)`: one raw value read in parts (layer groups) in order, `read(fd, part)` each: part 0
+  with the header, the checksum carried over the parts and decided with the last one; what an engine's
+  layer-by-layer disk restore reads (`DiskTier.get_many(..., layer_groups=...)`). A compressed value is
+  read whole with part 0.
 - `scratch(size)`: a reused per-thread buffer (the raw codec's write path builds values in it too).
 
 Both return None when the block was delivered, else the reason it was not: "corrupt" (malformed header,
 impossible lengths, checksum or decoding failure), "foreign" (a well-formed header of another model or
 block) or "short" (the file ended before the value: the offset was wrong). The checksum is always checked
-before `out` is reported valid; after a failure `out`'s contents are undefined.
+before `out` is reported valid; after a failure `out`'s contents are undefined. A `PartedValue`'s earlier
+parts are in `out` before its checksum is decided: whoever uses them before the verdict must drop what
+it computed from them when the verdict is a failure (an engine recomputes the pass).
 """
 
 from __future__ import annotations
@@ -123,6 +129,110 @@ def read_value_at(fd: int, offset: int, value_len: int, fingerprint: bytes, key:
     if os.preadv(fd, [src], offset) != value_len:
         return "short"
     return check_value(src, fingerprint, key, out, itemsize)
+
+
+class PartedValue:
+    """One value of the disk tier read in parts, each a contiguous byte range of its payload (a layer
+    group of the block), in order on one thread (see the module docstring)."""
+
+    __slots__ = ("offset", "value_len", "fingerprint", "key", "out", "itemsize", "parts", "reason", "_bounds",
+                 "_hash", "_checksum")
+
+    def __init__(self, offset: int, value_len: int, fingerprint: bytes, key: bytes, out: Destination, itemsize: int,
+                 bounds: Sequence[int]) -> None:
+        """
+        Args:
+            offset, value_len: where the value is in the file (`SharedEnv.locate_many`).
+            fingerprint, key, out, itemsize: as `read_value_at`'s.
+            bounds: the parts' payload byte offsets, increasing from 0 to the block's size.
+        """
+        runs = _runs(out)
+        raw_len = sum(len(r) for r in runs)
+        self.offset, self.value_len, self.fingerprint, self.key = offset, value_len, fingerprint, key
+        self.out, self.itemsize = out, itemsize
+        # a value of another length is compressed (or corrupt): read whole with part 0
+        self.parts = _split_runs(runs, bounds) if value_len == HEADER_BYTES + raw_len else None
+        self._bounds = bounds
+        self.reason: str | None = None
+        self._hash = xxhash.xxh3_64()
+        self._checksum = 0
+
+    def read(self, fd: int, part: int) -> str | None:
+        """Reads part `part` (parts are read 0, 1, ... in turn) into `out`.
+
+        Returns:
+            the reason the value failed, once known ("corrupt", "foreign", "short"), else None; None after
+            the last part means delivered, checksum included.
+        """
+        if self.reason is not None or (self.parts is None and part > 0):
+            return self.reason
+        if self.parts is None or part == 0 and not self._read_head(fd):
+            if self.reason is None:  # whole, as one read (a compressed payload decoded from a copy)
+                self.reason = read_value_at(fd, self.offset, self.value_len, self.fingerprint, self.key, self.out,
+                                            self.itemsize)
+                self.parts = None
+            return self.reason
+        runs = self.parts[part]
+        if part > 0:
+            lo, hi = self._bounds[part], self._bounds[part + 1]
+            if os.preadv(fd, runs, self.offset + HEADER_BYTES + lo) != hi - lo:
+                self.reason = "short"
+                return self.reason
+        for run in runs:
+            self._hash.update(run)
+        if part == len(self.parts) - 1 and self._hash.intdigest() != self._checksum:
+            self.reason = "corrupt"
+        return self.reason
+
+    def _read_head(self, fd: int) -> bool:
+        """Reads the header with part 0's bytes; False when the value is not raw after all (read it whole)."""
+        head = _head()
+        if os.preadv(fd, [head, *self.parts[0]], self.offset) != HEADER_BYTES + self._bounds[1]:
+            self.reason = "short"
+            return False
+        try:
+            header = decode_header(head)
+        except CorruptBlockError:
+            self.reason = "corrupt"
+            return False
+        if header.codec != Codec.NONE:
+            return False
+        self.reason = check_header(header, self.fingerprint, self.key, self.value_len, self._bounds[-1])
+        self._checksum = header.checksum
+        return self.reason is None
+
+
+def part_bounds(spec: KVSpec, layer_groups: Sequence[tuple[int, int]] | None) -> list[int]:
+    """The payload byte offsets of a block's `layer_groups` (0 first, the block's size last): the bounds of
+    a `PartedValue`; [] for no groups or one (a whole-value read).
+
+    Raises:
+        ConfigError: the groups are not contiguous [lo, hi) ranges from 0 to num_layers.
+    """
+    if layer_groups is None or len(layer_groups) <= 1:
+        return []
+    groups, layers = [tuple(g) for g in layer_groups], spec.num_layers
+    starts, stops = [lo for lo, _ in groups], [hi for _, hi in groups]
+    if starts != [0, *stops[:-1]] or stops[-1] != layers or any(lo >= hi for lo, hi in groups):
+        raise ConfigError(f"layer_groups: expected contiguous [lo, hi) ranges from 0 to {layers}, got {layer_groups!r}")
+    per_layer = spec.bytes_per_block // layers
+    return [lo * per_layer for lo in starts] + [spec.bytes_per_block]
+
+
+def _split_runs(runs: Sequence[memoryview], bounds: Sequence[int]) -> list[list[memoryview]]:
+    """Cuts memory runs (taken in order) at the byte offsets `bounds` (0 first, their total last)."""
+    parts: list[list[memoryview]] = []
+    it, pos, run = iter(runs), 0, memoryview(b"")
+    for stop in bounds[1:]:
+        part = []
+        while pos < stop:
+            if not len(run):
+                run = next(it)
+            take = min(len(run), stop - pos)
+            part.append(run[:take])
+            run, pos = run[take:], pos + take
+        parts.append(part)
+    return parts
 
 
 def _runs(out: Destination) -> list[memoryview]:

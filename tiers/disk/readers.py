@@ -16,7 +16,11 @@ Primitives:
 - `ReaderPool(num_threads)`: a bounded pool of reader threads, started on first use and joined by
   `close()`. `read(path, fd, located, read_one, on_result)` reads the runs in parallel and reports each
   value to `on_result(index, reason, length)` on the calling thread as it lands (so a caller's
-  bookkeeping and callbacks run in one thread); a run of one is read by the caller from `fd`.
+  bookkeeping and callbacks run in one thread); a run of one is read by the caller from `fd`. With
+  `num_parts` > 1 each reader reads part 0 of every value of its run, then part 1, and so on (an
+  engine's layer groups: the first layers of the whole restore land first, so the engine computes
+  them while the rest is read), its descriptor advised random (readahead would read the skipped
+  parts first), and `on_part(p)` is called once part p of every value is in place.
 
 Invariants:
 - when `read` returns (or raises), no reader thread touches a destination any more: it waits for every
@@ -51,7 +55,8 @@ STALL_LOG_S = 30.0
 
 #: (file offset, length, index into the caller's keys), in file order
 Located = tuple[int, int, int]
-ReadOne = Callable[[int, int, int, int], "str | None"]
+#: read_one(fd, offset, length, index, part) -> None when (so far) delivered, else the reason
+ReadOne = Callable[[int, int, int, int, int], "str | None"]
 OnResult = Callable[[int, "str | None", int], None]
 _DONE = object()
 
@@ -122,18 +127,22 @@ class ReaderPool:
                 self._executor = ThreadPoolExecutor(self.num_threads, thread_name_prefix="kvtier-disk-read")
             return self._executor
 
-    def read(self, path: str, fd: int, located: Sequence[Located], read_one: ReadOne, on_result: OnResult) -> None:
+    def read(self, path: str, fd: int, located: Sequence[Located], read_one: ReadOne, on_result: OnResult,
+             num_parts: int = 1, on_part: Callable[[int], None] | None = None) -> None:
         """Reads every located value, a few contiguous ranges in parallel, reporting each as it lands.
 
         Args:
             path: the file the values are in (each reader opens its own descriptor of it).
             fd: a descriptor of the same file, for a read that stays in the calling thread.
             located: (offset, length, index) sorted by offset.
-            read_one: `read_one(fd, offset, length, index)` reads and checks one value into its place and
-                returns None when delivered, else the reason (see `disk.read.read_value_at`); called from
-                reader threads, one value at a time per thread.
-            on_result: `on_result(index, reason, length)`, called on the calling thread for every value read,
-                in the order they land.
+            read_one: `read_one(fd, offset, length, index, part)` reads part `part` of one value into its
+                place and checks it, returning None when delivered (so far), else the reason (see
+                `disk.read`); called from reader threads, one value at a time per thread, a value's parts
+                in order on one thread.
+            on_result: `on_result(index, reason, length)`, called on the calling thread for every value once
+                its last part is read, in the order they land.
+            num_parts: parts per value (1: each value whole).
+            on_part: `on_part(p)`, called on the calling thread once part p of every value was read.
 
         Raises:
             OSError: a read failed (raised once every reader has stopped).
@@ -141,8 +150,13 @@ class ReaderPool:
         """
         runs = split_ranges(located, self.num_threads, self.min_part_bytes)
         if len(runs) <= 1:
-            for offset, length, i in located:
-                on_result(i, read_one(fd, offset, length, i), length)
+            for part in range(num_parts):
+                for offset, length, i in located:
+                    reason = read_one(fd, offset, length, i, part)
+                    if part == num_parts - 1:
+                        on_result(i, reason, length)
+                if on_part is not None:
+                    on_part(part)
             return
         results: queue.SimpleQueue = queue.SimpleQueue()
         stop = threading.Event()
@@ -150,13 +164,13 @@ class ReaderPool:
         futures: list[Future] = []
         try:
             for run in runs:
-                futures.append(pool.submit(_read_run, path, run, read_one, results, stop))
+                futures.append(pool.submit(_read_run, path, run, read_one, num_parts, results, stop))
         except RuntimeError as err:  # the executor was shut down between _pool() and submit
             stop.set()
             _wait_all(futures)
             raise ClosedError("disk reader pool is closed") from err
         error: BaseException | None = None
-        pending = len(futures)
+        pending, left = len(futures), [len(located)] * num_parts
         while pending:
             try:
                 item = results.get(timeout=STALL_LOG_S)
@@ -170,9 +184,13 @@ class ReaderPool:
                 error = error or item
                 stop.set()
             elif error is None:
-                i, reason, length = item
+                part, i, reason, length = item
+                left[part] -= 1
                 try:
-                    on_result(i, reason, length)
+                    if part == num_parts - 1:
+                        on_result(i, reason, length)
+                    if not left[part] and on_part is not None:  # a reader's parts are queued in order
+                        on_part(part)
                 except BaseException as err:  # the caller's bookkeeping failed: stop, wait, then raise
                     error = err
                     stop.set()
@@ -188,18 +206,20 @@ class ReaderPool:
             executor.shutdown(wait=True)
 
 
-def _read_run(path: str, run: Sequence[Located], read_one: ReadOne, results: queue.SimpleQueue,
+def _read_run(path: str, run: Sequence[Located], read_one: ReadOne, num_parts: int, results: queue.SimpleQueue,
               stop: threading.Event) -> None:
-    """One reader's range: its own descriptor, values in file order; every outcome goes to `results`."""
+    """One reader's range: its own descriptor, values in file order (part by part); every outcome goes to
+    `results`."""
     try:
         fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
         try:
-            if hasattr(os, "posix_fadvise"):
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
-            for offset, length, i in run:
-                if stop.is_set():
-                    break
-                results.put((i, read_one(fd, offset, length, i), length))
+            if hasattr(os, "posix_fadvise"):  # parts skip bytes: readahead would read them first
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL if num_parts == 1 else os.POSIX_FADV_RANDOM)
+            for part in range(num_parts):
+                for offset, length, i in run:
+                    if stop.is_set():
+                        return
+                    results.put((part, i, read_one(fd, offset, length, i, part), length))
         finally:
             os.close(fd)
     except BaseException as err:  # reported to the caller, which raises it once every reader stopped

@@ -43,7 +43,7 @@ from kvtier.tiers.disk import env as diskenv
 from kvtier.tiers.codecs import Codec, get_codec
 from kvtier.tiers.disk.format import HEADER_BYTES, encode_value
 from kvtier.tiers.disk.books import SpecBooks
-from kvtier.tiers.disk.read import check_value, destination, read_value_at
+from kvtier.tiers.disk.read import PartedValue, check_value, destination, part_bounds, read_value_at
 from kvtier.tiers.disk.readers import DEFAULT_READ_THREADS, MIN_PART_BYTES, ReaderPool
 from kvtier.tiers.disk.stats import PAGE_BYTES, DiskStats, default_map_size, store_error
 from kvtier.tiers.disk.writer import DiskWriter
@@ -256,14 +256,7 @@ class DiskTier(Tier):
         self._check_open()
         try:
             with self._env.txn(write=True) as txn:
-                old_len = self._books.stored_len(txn, self._books.lmdb_key(key))
-                if old_len is None:
-                    return False
-                txn.delete(self._books.lmdb_key(key), db=self._env.blocks_db)
-                txn.delete(self._books.lmdb_key(key), db=self._env.index_db)
-                count, stored = self._books.counters(txn)
-                self._books.set_counters(txn, count - 1, stored - (old_len - HEADER_BYTES))
-                return True
+                return self._books.drop(txn, self._books.lmdb_key(key))
         except lmdb.Error as err:
             raise store_error(self.path, "delete", err) from err
 
@@ -286,7 +279,9 @@ class DiskTier(Tier):
         return target if self.get_many([key], [target])[0] else None
 
     def get_many(self, keys: Sequence[BlockKey], outs: Sequence[torch.Tensor | Sequence[memoryview]],
-                 on_landed: Callable[[list[int]], None] | None = None, batch_blocks: int = 4) -> list[bool]:
+                 on_landed: Callable[[list[int]], None] | None = None, batch_blocks: int = 4,
+                 layer_groups: Sequence[tuple[int, int]] | None = None,
+                 on_group: Callable[[int], None] | None = None) -> list[bool]:
         """Reads blocks straight into `outs`: contiguous CPU tensors of one block each, or per block a list
         of writable memory runs that take its payload in order (an engine's own KV memory).
 
@@ -295,25 +290,38 @@ class DiskTier(Tier):
         is called on the calling thread with the indices (into `keys`) of delivered blocks in batches of
         `batch_blocks` as they land, so a caller can use them while the rest is read.
 
+        With `layer_groups` (contiguous [lo, hi) layer ranges from 0 to num_layers) every value is read group by
+        group, group g of every block before group g + 1 (`disk.read.PartedValue`), and `on_group(g)` is called
+        once group g of every block is in `outs`, before the blocks' checksums are decided (with their last
+        group): whoever computes from a group early must drop that work for a block reported missing. Such
+        a block is a miss (not read again through LMDB); the few values LMDB cannot locate are read whole first.
+
         Returns:
             which blocks were delivered; a miss (absent, corrupt, foreign) leaves its `out` undefined.
 
         Raises:
-            ConfigError: an output is not on the CPU, or `outs` and `keys` differ in length.
+            ConfigError: an output is not on the CPU, `outs` and `keys` differ in length, or `layer_groups`
+                do not cover the layers in order.
             SpecMismatchError: an output does not hold exactly one block.
         """
         self._check_open()
         if len(keys) != len(outs):
             raise ConfigError(f"get_many: {len(keys)} keys but {len(outs)} outputs")
+        bounds = part_bounds(self.spec, layer_groups)
         dsts = [destination(self.spec, out) for out in outs]
-        found, bad = [False] * len(keys), []
-        env = self._env
+        found, bad, landed = [False] * len(keys), [], []
+        env, itemsize = self._env, self.spec.itemsize
 
         def deliver(i: int, reason: str | None, length: int) -> None:
             self.record(bytes_read=length)
             found[i] = reason is None
             if reason is not None:
                 bad.append((keys[i], reason))
+            elif on_landed is not None:
+                landed.append(i)
+                if len(landed) >= batch_blocks:
+                    on_landed(landed[:])
+                    landed.clear()
 
         with env.txn() as txn:
             located, through_map = [], []
@@ -323,30 +331,27 @@ class DiskTier(Tier):
                 elif where is not None:
                     through_map.append(i)
             located.sort()
-            landed: list[int] = []
 
-            def read_one(fd: int, offset: int, length: int, i: int) -> str | None:  # on a reader thread
-                return read_value_at(fd, offset, length, self._fp, keys[i], dsts[i], self.spec.itemsize)
+            def from_map(indices: list[int]) -> None:  # LMDB's own read of the value decides
+                for i in indices:
+                    view = txn.get(self._books.lmdb_key(keys[i]), db=env.blocks_db)
+                    if view is not None:
+                        deliver(i, check_value(view, self._fp, keys[i], dsts[i], itemsize), len(view))
 
-            def arrived(i: int, reason: str | None, length: int) -> None:
-                if reason is not None:  # bad or misplaced: LMDB's own read of the value decides
-                    through_map.append(i)
-                    return
-                deliver(i, None, length)
-                landed.append(i)
-                if on_landed is not None and len(landed) >= batch_blocks:
-                    on_landed(landed[:])
-                    landed.clear()
-
-            self._readers.read(env.data_file, env.fd, located, read_one, arrived)
-            if on_landed is not None and landed:
+            if bounds:
+                from_map(through_map)
+                parted = {i: PartedValue(offset, n, self._fp, keys[i], dsts[i], itemsize, bounds)
+                          for offset, n, i in located}
+                self._readers.read(env.data_file, env.fd, located, lambda fd, o, n, i, part: parted[i].read(fd, part),
+                                   deliver, len(bounds) - 1, on_group)
+            else:
+                retry: list[int] = []
+                self._readers.read(env.data_file, env.fd, located, lambda fd, o, n, i, part: read_value_at(
+                    fd, o, n, self._fp, keys[i], dsts[i], itemsize), lambda i, reason, n: (
+                    retry.append(i) if reason is not None else deliver(i, None, n)))  # bad or misplaced
+                from_map(through_map + retry)
+            if landed:
                 on_landed(landed)
-            for i in through_map:
-                view = txn.get(self._books.lmdb_key(keys[i]), db=env.blocks_db)
-                if view is not None:
-                    deliver(i, check_value(view, self._fp, keys[i], dsts[i], self.spec.itemsize), len(view))
-            if on_landed is not None and any(found[i] for i in through_map):
-                on_landed([i for i in through_map if found[i]])
         hits = sum(found)
         self.record(hits=hits, misses=len(keys) - hits, corrupt=sum(r == "corrupt" for _, r in bad),
                     foreign=sum(r == "foreign" for _, r in bad))
@@ -361,18 +366,12 @@ class DiskTier(Tier):
         out = np.empty(self.spec.bytes_per_block, dtype=np.uint8)
         try:
             with self._env.txn(write=True) as txn:
-                count, stored = self._books.counters(txn)
                 for key in keys:
                     view = txn.get(self._books.lmdb_key(key), db=self._env.blocks_db)
                     if view is None or check_value(view, self._fp, key, out, self.spec.itemsize) is None:
                         continue
-                    indexed_len = self._books.stored_len(txn, self._books.lmdb_key(key))
-                    txn.delete(self._books.lmdb_key(key), db=self._env.blocks_db)
-                    if indexed_len is not None:  # counted only if it was indexed
-                        txn.delete(self._books.lmdb_key(key), db=self._env.index_db)
-                        count, stored = count - 1, stored - max(indexed_len - HEADER_BYTES, 0)
+                    self._books.drop(txn, self._books.lmdb_key(key))
                     log.warning("disk store %s: removed a bad value for block %s", self.path, key.hex()[:8])
-                self._books.set_counters(txn, count, stored)
         except (lmdb.Error, StoreError) as err:  # cleanup is best effort: the block was already a miss
             log.warning("disk store %s: could not remove %d bad values: %s", self.path, len(keys), err)
 

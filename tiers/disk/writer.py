@@ -22,6 +22,7 @@ from __future__ import annotations
 import collections
 import logging
 import threading
+import weakref
 from typing import TYPE_CHECKING, Callable, Sequence
 
 import numpy as np
@@ -53,7 +54,7 @@ class DiskWriter:
     """Batches queued blocks into write transactions on one owned thread."""
 
     def __init__(self, tier: "DiskTier", batch_max_blocks: int) -> None:
-        self.tier = tier
+        self.tier = weakref.proxy(tier)  # the tier owns its writer: no cycle, a closed tier is freed at once
         self.batch_max_blocks = batch_max_blocks
         self._queue: collections.deque[tuple[_Save, bytes, np.ndarray]] = collections.deque()
         self._cond = threading.Condition()

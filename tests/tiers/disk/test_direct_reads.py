@@ -120,6 +120,7 @@ def test_load_from_disk_reads_into_the_engine_kv_and_fills_the_booked_host_slots
         handle = transfer.load([key(i) for i in range(n)], [TierName.DISK] * n, host_slots, buffer, list(range(n)))
         handle.wait(30)
         assert handle.failed == ()
+        transfer.drain()  # the host slots are filled after the engine's load ends
         for i in range(n):
             assert torch.equal(as_block(buffer, i), block(i))
             assert torch.equal(host.pool.blocks(host_slots[i], 1)[0], block(i))  # the host copy exists

@@ -176,7 +176,7 @@ def test_a_failing_reader_stops_the_others_and_raises_after_they_stop(tmp_path):
     located = [(i * 100, 100, i) for i in range(64)]
     reported: list[int] = []
 
-    def read_one(fd: int, offset: int, length: int, i: int) -> str | None:
+    def read_one(fd: int, offset: int, length: int, i: int, part: int) -> str | None:
         if i == 40:
             raise OSError(5, "Input/output error")
         return None if len(os.pread(fd, length, offset)) == length else "short"
@@ -206,6 +206,7 @@ def test_an_engine_load_through_four_readers_fills_the_kv_and_the_host_slots(fil
         handle = transfer.load([key(i) for i in range(N)], [TierName.DISK] * N, slots, buffer, list(range(N)))
         handle.wait(30)
         assert handle.failed == ()
+        transfer.drain()  # the host slots are filled after the engine's load ends
         out = torch.empty((1, *SPEC.block_shape))
         for i in range(N):
             buffer.read_blocks([i], out, (0, SPEC.num_layers))
