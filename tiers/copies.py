@@ -4,7 +4,9 @@ Primitives:
 - `copy_tensor(dst, src)`: one tensor into another, single-threaded on CPU (one `memmove` per
   contiguous run), `copy_` on a device;
 - `memory_chunks(dst, src)`: the (dst address, src address, bytes) runs of a CPU copy;
-- `ParallelCopier`: a batch of runs copied by several threads taking 512 KiB pieces in turn.
+- `ParallelCopier`: a batch of runs copied by several threads taking 512 KiB pieces in turn;
+- `copy_slot_runs(dst_pool, src_pool, runs, groups, copier, on_group)`: runs of slots from one pool into
+  another, layer group by layer group.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from __future__ import annotations
 import ctypes
 import itertools
 from concurrent.futures import ThreadPoolExecutor
-from typing import Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -120,3 +122,30 @@ def _memmove_all(chunks: Sequence[tuple[int, int, int]]) -> None:
     for d, s, n in chunks:
         for o in range(0, n, step):
             ctypes.memmove(d + o, s + o, min(step, n - o))
+
+
+def copy_slot_runs(dst_pool: Any, src_pool: Any, runs: Sequence[tuple[int, int, int, int]],
+                   groups: Sequence[tuple[int, int]], copier: ParallelCopier, on_group: Callable[[int], Any]) -> None:
+    """Copies runs of slots (`slot_runs`: index, first source slot, first destination slot, count) between two
+    `SlotPool`s, layer group by layer group, calling `on_group(g)` after each group. On CPU the runs are
+    addressed by arithmetic (no tensor views) and copied as one batch over the copier's threads."""
+    spec = src_pool.spec
+    on_cpu = src_pool.device.type == "cpu" and dst_pool.device.type == "cpu"
+    bpb, lb = spec.bytes_per_block, spec.layer_bytes
+    s_base, d_base = src_pool.data.data_ptr(), dst_pool.data.data_ptr()
+    for g, (lo, hi) in enumerate(groups):
+        if on_cpu:
+            if len(groups) == 1:
+                chunks = [(d_base + d0 * bpb, s_base + s0 * bpb, n * bpb) for _, s0, d0, n in runs]
+            else:
+                off, size = lo * lb, (hi - lo) * lb
+                chunks = [(d_base + (d0 + i) * bpb + off, s_base + (s0 + i) * bpb + off, size)
+                          for _, s0, d0, n in runs for i in range(n)]
+            copier.copy(chunks)
+        else:
+            for _, s0, d0, n in runs:
+                if len(groups) == 1:
+                    copy_tensor(dst_pool.data[d0:d0 + n], src_pool.data[s0:s0 + n])
+                else:
+                    copy_tensor(dst_pool.blocks(d0, n)[:, lo:hi], src_pool.blocks(s0, n)[:, lo:hi])
+        on_group(g)

@@ -30,7 +30,6 @@ Invariants:
 
 from __future__ import annotations
 
-import logging
 import os
 import threading
 from contextlib import nullcontext
@@ -44,10 +43,8 @@ from kvtier.tiers.pool import PoolTier, check_same_spec, cuda_available
 from kvtier.tiers.tier import OUTSIDE, Tier, TierName, get_outside
 from kvtier.tiers.pieces import PieceReads, failed_of, when_done
 from kvtier.tiers.worker import PRIORITY_LOAD, TransferHandle, Worker
-from kvtier.tiers.copies import ParallelCopier, copy_tensor
+from kvtier.tiers.copies import ParallelCopier, copy_slot_runs
 from kvtier.tiers.kvbuffer import KVBuffer, engine_memory, runs_by_tier, slot_runs, write_pieces
-
-log = logging.getLogger(__name__)
 
 
 class Transferer:
@@ -142,28 +139,9 @@ class Transferer:
         submitted = self._submitted()
 
         def job() -> None:
-            runs = slot_runs(src_slots, dst_slots)
-            on_cpu = src_pool.device.type == "cpu" and dst_pool.device.type == "cpu"
-            bpb, lb = self.spec.bytes_per_block, self.spec.layer_bytes
-            s_base, d_base = src_pool.data.data_ptr(), dst_pool.data.data_ptr()
             with self._on_stream(submitted):
-                for g, (lo, hi) in enumerate(groups):
-                    if on_cpu:  # addresses by arithmetic (no tensor views), one batch over the copier's threads
-                        if len(groups) == 1:
-                            chunks = [(d_base + d0 * bpb, s_base + s0 * bpb, n * bpb) for _, s0, d0, n in runs]
-                        else:
-                            off, size = lo * lb, (hi - lo) * lb
-                            chunks = [(d_base + (d0 + i) * bpb + off, s_base + (s0 + i) * bpb + off, size)
-                                      for _, s0, d0, n in runs for i in range(n)]
-                        self._copier.copy(chunks)
-                    else:
-                        for _, s0, d0, n in runs:
-                            if len(groups) == 1:
-                                copy_tensor(dst_pool.data[d0:d0 + n], src_pool.data[s0:s0 + n])
-                            else:
-                                copy_tensor(dst_pool.blocks(d0, n)[:, lo:hi], src_pool.blocks(s0, n)[:, lo:hi])
-                    self._sync()
-                    handle.group_done(g)
+                copy_slot_runs(dst_pool, src_pool, slot_runs(src_slots, dst_slots), groups, self._copier,
+                               lambda g: (self._sync(), handle.group_done(g)))
 
         return self._copies.submit(job, handle, PRIORITY_LOAD)
 
@@ -248,14 +226,11 @@ class Transferer:
              wait_for: Sequence[TransferHandle] = ()) -> TransferHandle:
         """Copies blocks from pool tiers and disk into the engine's KV, layer group by layer group.
 
-        Disk blocks are read straight into the engine's KV where the buffer offers `block_memory`, otherwise
-        into their host slots and copied on. With more than one layer group (and no remote block) they are
-        read layer group by layer group (`DiskTier.get_many(layer_groups=...)`): the engine computes the
-        first groups while the rest is read, a group is complete before the blocks' checksums are decided,
-        and a block that then fails is listed failed (the engine drops the pass, as for any failed block);
-        the host slots of blocks read straight into the engine's KV are filled after the handle ends, on
-        the copy worker (whatever reads them later queues behind). Otherwise each batch of disk blocks is
-        copied on while the next is read, and the handle ends after those copies.
+        Disk blocks are read straight into the engine's KV where the buffer offers `block_memory` (their host
+        slots filled after the handle ends, on the copy worker, which whatever reads them later queues behind),
+        otherwise into their host slots and copied on. With several layer groups (and no remote block) they are
+        read group by group (`DiskTier.get_many(layer_groups=...)`), so the engine computes while the rest is
+        read; else each batch is copied on while the next is read.
 
         Args:
             keys: the blocks, in prompt order.
@@ -308,9 +283,7 @@ class Transferer:
                                    (0, self.spec.num_layers))
 
         if len(groups) > 1 and all(tiers[i] is TierName.DISK for i in disk_idx):
-            # layer by layer: group g of every disk block is read before group g + 1, so the engine computes
-            # the first groups while the rest is read; a group is delivered before the checksums are decided
-            # (with the last group), and a block that then fails is failed here: the engine drops that pass
+            # a group is delivered before the checksums are decided: a block that then fails is failed here
             sources = tiers if memory is not None else [TierName.HOST if t in OUTSIDE else t for t in tiers]
 
             def deliver_group(g: int) -> None:
@@ -335,8 +308,7 @@ class Transferer:
                 missed = {k for k, ok in zip(disk_keys, found) if not ok} | failed_of(wait_for, keys)
                 usable = next((i for i, k in enumerate(keys) if k in missed), len(keys))
                 self._copies.submit(lambda: list(keys[usable:]), handle, PRIORITY_LOAD)
-                if memory is not None:  # the host slots the decision half booked, after the engine's load ended:
-                    # whatever reads them later copies on the same FIFO worker, after this
+                if memory is not None:  # the host slots the decision half booked, once the engine's load ended
                     filled = [i for i in disk_idx if i < usable]
                     self._copies.submit(lambda: fill_host(filled), TransferHandle(), PRIORITY_LOAD)
 
@@ -344,9 +316,7 @@ class Transferer:
             return handle
         if memory is not None:
             def read_direct() -> None:
-                # straight into the engine's KV; each batch is copied into its host slots (the ones the decision
-                # half booked) on the copy worker while the next is read (the CPU is idle during the read);
-                # then the other tiers' blocks, and the handle ends
+                # each batch is copied into its booked host slots while the next is read; then the other tiers'
                 try:
                     self._fence(disk_keys)
                     found = get_outside(self.tiers, [tiers[i] for i in disk_idx], disk_keys, memory, lambda batch: (
