@@ -283,16 +283,18 @@ class Transferer:
                                    (0, self.spec.num_layers))
 
         if len(groups) > 1 and all(tiers[i] is TierName.DISK for i in disk_idx):
-            # a group is delivered before the checksums are decided: a block that then fails is failed here
             sources = tiers if memory is not None else [TierName.HOST if t in OUTSIDE else t for t in tiers]
 
             def deliver_group(g: int) -> None:
                 lo, hi = groups[g]
-                with self._on_stream(submitted):
-                    write_pieces(buffer, [(dst_blocks[first:first + n], self._pool(tier).pool.blocks(s0, n)[:, lo:hi])
-                                          for tier, first, s0, n in runs_by_tier(sources, src_slots)
-                                          if tier not in OUTSIDE], (lo, hi), self._copier)
-                    self._sync()
+                try:
+                    with self._on_stream(submitted):
+                        write_pieces(buffer, [(dst_blocks[f:f + n], self._pool(tier).pool.blocks(s0, n)[:, lo:hi])
+                                              for tier, f, s0, n in runs_by_tier(sources, src_slots)
+                                              if tier not in OUTSIDE], (lo, hi), self._copier)
+                        self._sync()
+                except BaseException as err:  # the load fails whole (its own job would not see this one's error)
+                    handle.finish(keys, error=err)
                 handle.group_done(g)
 
             def read_layered() -> None:

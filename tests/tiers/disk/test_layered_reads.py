@@ -14,7 +14,7 @@ from kvtier.tiers.codecs import Codec
 from kvtier.tiers.disk.format import HEADER_BYTES
 from kvtier.tiers.disk.read import part_bounds
 from kvtier.tiers.disk.store import DiskTier
-from kvtier.tiers.errors import ConfigError
+from kvtier.tiers.errors import ConfigError, TransferError
 from kvtier.tiers.kvbuffer import BlockKVBuffer
 from kvtier.tiers.pool import HostTier
 from kvtier.tiers.tier import TierName
@@ -107,6 +107,31 @@ def test_an_engine_load_is_exact_and_fails_from_the_first_damaged_block(store, e
             buffer.read_blocks([i], out, (0, SPEC.num_layers))
             assert torch.equal(out[0], block(i))
             assert torch.equal(host.pool.blocks(slots[i], 1)[0], block(i))
+    finally:
+        transfer.close()
+        disk.close()
+
+
+def test_a_layer_group_copy_that_fails_fails_the_load(store):
+    """The host blocks' share of a group is copied by a job of its own: its error must reach the load's handle."""
+    fill(store)
+
+    class Broken(HFKVBuffer):
+        def write_blocks(self, dst_blocks, src, layers):
+            raise RuntimeError("engine KV gone")
+
+        write_chunks = write_blocks
+
+    disk = DiskTier(store, SPEC, 4 * N * BPB)
+    host = HostTier(SPEC, N * BPB)
+    transfer = Transferer({TierName.HOST: host, TierName.DISK: disk})
+    try:
+        plain = HFKVBuffer.allocate(SPEC, N * SPEC.block_tokens)
+        buffer = Broken(SPEC, plain.keys, plain.values)
+        handle = transfer.load([key(i) for i in range(3)], [TierName.HOST, TierName.DISK, TierName.DISK], [0, 1, 2],
+                               buffer, [0, 1, 2], num_groups=2)
+        with pytest.raises(TransferError, match="engine KV gone"):
+            handle.wait(30)
     finally:
         transfer.close()
         disk.close()
