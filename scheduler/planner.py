@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import math
 from bisect import bisect_left, bisect_right
+from collections import Counter
 from typing import Sequence
 
 import numpy as np
@@ -56,6 +57,10 @@ SMALL_K = 32
 #: how many recent plans a planner keeps for questions asked again (the same prefix tiers and prompt
 #: length: a queued request is planned at each prefetch round that changes nothing, and when it starts)
 MEMO_PLANS = 4096
+#: the most one layer group of a load outsizes the one before (or the least, inverted): at 2, the first of 4
+#: groups is 2 of 30 layers (reads of ~0.2 MB a block); beyond it groups get small enough to cost more
+#: in requests and waits than they save
+MAX_GROUP_GROWTH = 2.0
 
 
 class Planner:
@@ -124,6 +129,25 @@ class Planner:
                 self._memo.clear()
             self._memo[memo_key] = plan
         return plan
+
+    def layer_growth(self, tiers: Sequence[TierName | str], stop_tokens: int, num_tokens: int) -> float:
+        """How many times the size of the one before each layer group of a load should be
+        (`KVSpec.layer_groups`): the predicted compute of what the engine computes after the load (tokens
+        [stop_tokens, num_tokens), at least one) over the predicted load of blocks in `tiers`, both per
+        layer, within [1 / MAX_GROUP_GROWTH, MAX_GROUP_GROWTH] (the load model of `plan`).
+
+        An engine computing more slowly than its KV arrives gets a small first group (it starts early);
+        one waiting for its KV (a long restore, little to compute) gets a small last group.
+        """
+        _, links = self._coefficients(self.cost_model.spec.block_tokens)
+        counts = Counter(_as_code_list(tiers))
+        load = max((latency + per_block * (ramp.effective_blocks(n) if ramp else n)
+                    for carried, latency, per_block, ramp in links if (n := sum(counts[c] for c in carried))),
+                   default=0.0)
+        compute = self.cost_model.recompute_s(stop_tokens, max(1, num_tokens - stop_tokens))
+        if load <= 0:
+            return MAX_GROUP_GROWTH
+        return min(MAX_GROUP_GROWTH, max(1 / MAX_GROUP_GROWTH, compute / load))
 
     def _plan(self, tiers: Sequence[TierName | str] | np.ndarray, num_tokens: int, bt: int,
               block_tokens: int | None) -> Plan:

@@ -61,7 +61,8 @@ class Load:
 
     `after`: command ids of moves in flight whose destination slots this load reads (a promotion the
     load joined instead of reading the disk again); the load's copies start once they have completed,
-    and a block one of them failed to deliver is a failed block of the load.
+    and a block one of them failed to deliver is a failed block of the load. `growth`: each of the
+    `num_groups` layer groups about this many times the size of the one before (`KVSpec.layer_groups`).
     """
 
     keys: tuple[BlockKey, ...]
@@ -72,6 +73,7 @@ class Load:
     request_id: str | None = None
     command_id: int = field(default_factory=next_command_id)
     after: tuple[int, ...] = ()
+    growth: float = 1.0
 
 
 @dataclass(frozen=True, slots=True)

@@ -75,7 +75,7 @@ class Executor:
             with self._lock:
                 joined = [h for c in command.after if (h := self._moves.get(c)) is not None]
             handle = self.transfer.load(command.keys, command.src_tiers, command.src_slots, buffer,
-                                        command.dst_blocks, num_groups=command.num_groups,
+                                        command.dst_blocks, num_groups=command.num_groups, growth=command.growth,
                                         priority=PRIORITY_LOAD if priority is None else priority,
                                         description=f"load {command.request_id} x{len(command.keys)}",
                                         wait_for=joined)

@@ -155,11 +155,28 @@ class KVSpec:
             raise ConfigError(f"layer range [{start}, {stop}) outside 0..{self.num_layers}")
         return start * self.layer_bytes, stop * self.layer_bytes
 
-    def layer_groups(self, num_groups: int) -> list[tuple[int, int]]:
-        """Splits the layers into `num_groups` contiguous groups of near-equal size, as [start, stop)."""
+    def layer_groups(self, num_groups: int, growth: float = 1.0) -> list[tuple[int, int]]:
+        """Splits the layers into `num_groups` contiguous groups, as [start, stop), each about `growth` times
+        the size of the one before (1: near-equal; every group at least one layer).
+
+        Why grow: an engine computes group g while group g + 1 arrives. When it computes a layer more
+        slowly than a layer arrives (growth > 1), a small first group lets it start early and each larger
+        group arrives while the one before is computed; when arriving is the slower (growth < 1), a small
+        last group leaves little to compute once the last bytes are in.
+
+        Raises:
+            ConfigError: `num_groups` outside 1..num_layers or `growth` not a positive finite number.
+        """
         if not 1 <= num_groups <= self.num_layers:
             raise ConfigError(f"num_groups: expected 1..{self.num_layers}, got {num_groups!r}")
-        bounds = [round(i * self.num_layers / num_groups) for i in range(num_groups + 1)]
+        if not isinstance(growth, (int, float)) or not 0 < growth < float("inf"):
+            raise ConfigError(f"growth: expected a positive finite number, got {growth!r}")
+        layers, weights = self.num_layers, [growth ** i for i in range(num_groups)]
+        total, bounds, done = sum(weights), [0], 0.0
+        for i, weight in enumerate(weights[:-1]):
+            done += weight
+            bounds.append(min(max(round(layers * done / total), bounds[-1] + 1), layers - (num_groups - 1 - i)))
+        bounds.append(layers)
         return [(bounds[i], bounds[i + 1]) for i in range(num_groups)]
 
     def num_blocks(self, num_tokens: int) -> int:

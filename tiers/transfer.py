@@ -221,7 +221,7 @@ class Transferer:
     # -- engine ----------------------------------------------------------------------------------
 
     def load(self, keys: Sequence[BlockKey], src_tiers: Sequence[TierName], src_slots: Sequence[int],
-             buffer: KVBuffer, dst_blocks: Sequence[int], *, num_groups: int = 4,
+             buffer: KVBuffer, dst_blocks: Sequence[int], *, num_groups: int = 4, growth: float = 1.0,
              priority: int = PRIORITY_LOAD, description: str = "",
              wait_for: Sequence[TransferHandle] = ()) -> TransferHandle:
         """Copies blocks from pool tiers and disk into the engine's KV, layer group by layer group.
@@ -239,7 +239,7 @@ class Transferer:
                 copy of it (booked by the decision half).
             buffer: the engine's KV memory.
             dst_blocks: the engine's block index for each block.
-            num_groups: layer groups; the handle completes them in order.
+            num_groups, growth: layer groups (`KVSpec.layer_groups`); the handle completes them in order.
             wait_for: moves into the host slots this load reads (a promotion it joined): the load starts
                 once they have completed, and a block they failed to deliver is a failed block here.
         """
@@ -247,7 +247,7 @@ class Transferer:
         for name, values in (("src_tiers", src_tiers), ("src_slots", src_slots), ("dst_blocks", dst_blocks)):
             _check_len(keys, values, name)
         check_same_spec(self.spec, buffer.spec, "load")
-        groups = self.spec.layer_groups(min(num_groups, self.spec.num_layers))
+        groups = self.spec.layer_groups(min(num_groups, self.spec.num_layers), growth)
         handle = TransferHandle(keys, groups, description or f"load x{len(keys)}")
         if not keys:
             handle.finish()

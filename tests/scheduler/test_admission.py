@@ -201,3 +201,20 @@ def test_bad_prefetch_settings_are_refused():
         OffloadConfig(prefetch_room_share=1.5)
     with pytest.raises(ConfigError, match="prefetch_inflight_blocks"):
         OffloadConfig(prefetch_inflight_blocks=0)
+
+
+def test_a_load_sizes_its_layer_groups_from_the_planner():
+    """Little to compute after a long disk read: small last groups; much to compute: small first groups."""
+    decider, _ = make(host_blocks=64, disk_keys=keys(0, 32), prefetch=False)
+    growths = []
+    for rid, blocks, after in (("short", keys(0, 16), 1), ("long", keys(16, 16), 64 * BT)):
+        decider.enqueue(rid, blocks, 16 * BT + after)
+        load = decider.start_load(rid, blocks, 0, 16, range(16))
+        assert isinstance(load, Load) and set(load.src_tiers) == {TierName.DISK}
+        assert load.growth == decider.planner.layer_growth(load.src_tiers, 16 * BT, 16 * BT + after)
+        growths.append(load.growth)
+        for command in decider.take_prepared():
+            done(decider, command)
+        done(decider, load)
+        decider.finish(rid)
+    assert growths[0] < 1 < growths[1]

@@ -139,6 +139,21 @@ def test_load_into_engine_layer_groups(small_spec):
         transfer.close()
 
 
+def test_a_load_with_growth_delivers_groups_of_growing_size(small_spec):
+    host = HostTier(small_spec, 4 * small_spec.bytes_per_block)
+    block = random_block(small_spec, 0)
+    host.put(key(0), block)
+    buffer = Buffer(small_spec, 2)
+    transfer = Transferer({TierName.HOST: host})
+    try:
+        handle = transfer.load([key(0)], ["host"], [host.slot_of(key(0))], buffer, [1], num_groups=2, growth=3.0)
+        handle.wait(10)
+        assert handle.layer_groups == ((0, 1), (1, 4)) == tuple(small_spec.layer_groups(2, 3.0))
+        assert buffer.writes == [(0, 1), (1, 4)] and torch.equal(buffer.data[1], block)
+    finally:
+        transfer.close()
+
+
 def test_save_from_engine(small_spec):
     host = HostTier(small_spec, 4 * small_spec.bytes_per_block)
     buffer = Buffer(small_spec, 3)

@@ -157,3 +157,18 @@ def test_bad_preset_and_config():
 def test_presets_are_real_configs():
     for name, config in PRESETS.items():
         assert config["num_hidden_layers"] > 0, name
+
+
+def test_layer_groups_grow_by_the_factor_given_and_cover_every_layer():
+    spec = KVSpec.from_preset("llama-3-8b").with_(num_layers=30)
+    assert spec.layer_groups(4, 2.0) == [(0, 2), (2, 6), (6, 14), (14, 30)]  # 1 : 2 : 4 : 8
+    assert spec.layer_groups(4, 0.5) == [(0, 16), (16, 24), (24, 28), (28, 30)]
+    assert spec.layer_groups(4, 1.0) == spec.layer_groups(4) == [(0, 8), (8, 15), (15, 22), (22, 30)]
+    for n in range(1, 31):
+        for growth in (0.1, 0.5, 1.0, 1.5, 3.0, 10.0):
+            groups = spec.layer_groups(n, growth)
+            assert len(groups) == n and groups[0][0] == 0 and groups[-1][1] == 30
+            assert all(lo < hi for lo, hi in groups) and all(a[1] == b[0] for a, b in zip(groups, groups[1:]))
+    for bad in (0, -1.0, float("inf"), float("nan"), "2"):
+        with pytest.raises(ConfigError, match="growth"):
+            spec.layer_groups(4, bad)
