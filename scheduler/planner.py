@@ -141,9 +141,8 @@ class Planner:
         """
         _, links = self._coefficients(self.cost_model.spec.block_tokens)
         counts = Counter(_as_code_list(tiers))
-        load = max((latency + per_block * (ramp.effective_blocks(n) if ramp else n)
-                    for carried, latency, per_block, ramp in links if (n := sum(counts[c] for c in carried))),
-                   default=0.0)
+        # each link's blocks as a count from 0 to n, so `_load` prices all of them (blocks [0, 1) of it)
+        load = _load([((0, sum(counts[c] for c in carried)), *cost) for carried, *cost in links], 0, 1)
         compute = self.cost_model.recompute_s(stop_tokens, max(1, num_tokens - stop_tokens))
         if load <= 0:
             return MAX_GROUP_GROWTH
