@@ -51,7 +51,8 @@ class OffloadConfig:
         prefetch_min_blocks: smallest promotion worth a move (unless it is the request's whole disk run).
         prefetch_gpu: also copy queued requests' host blocks into kvtier's own GPU pool while it has free
             slots (never evicting for it); needs `gpu_bytes` and `host_bytes` > 0 and `prefetch`.
-        num_layer_groups: layer groups of a load (the engine waits for each in turn).
+        num_layer_groups: layer groups of a load at most (the engine waits for each in turn; the planner reads
+            a disk load with little to compute after it whole, in one group).
         hardware: cost-model profile name or JSON path (None: this machine's calibrated profile if
             present, else a built-in default).
         salt: cache salt that keeps tenants apart (part of every key).

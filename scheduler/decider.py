@@ -9,7 +9,7 @@ Primitives (all called with no lock held; the decider takes its own):
 - `start_load(request_id, keys, first, stop, dst_blocks)`: the `Load` of the blocks the plan restores
   (disk blocks go through host slots, which keep a host copy; a block still being promoted joins that
   move: the load waits for it (`Load.after`) instead of reading the disk again; its layer groups are
-  sized by the planner's predicted compute and load, `Planner.layer_growth`);
+  sized by the planner's predicted compute and load, `Planner.layer_groups`);
   `start_save(request_id, keys, src_blocks)`: the `Save` of new blocks, after the demotions or drops
   that make room;
 - `complete(completion)`: applies a command's outcome to the books and returns follow-up commands
@@ -245,10 +245,11 @@ class Decider(Books):
             disk_s = admission.disk_s(len(staged))
             admission.disk_backlog_s += disk_s
             self.stats.disk_load_s += disk_s
-            growth = 1.0 if self.planner is None or state is None else self.planner.layer_growth(
-                tiers, stop * self.spec.block_tokens, state.num_tokens)
-            load = Load(tuple(loaded), tuple(tiers), tuple(slots), tuple(dst_blocks), self.config.num_layer_groups,
-                        request_id, after=tuple(sorted(after)), growth=growth)
+            groups, growth = (self.config.num_layer_groups, 1.0) if self.planner is None or state is None else \
+                self.planner.layer_groups(tiers, stop * self.spec.block_tokens, state.num_tokens,
+                                          self.config.num_layer_groups)
+            load = Load(tuple(loaded), tuple(tiers), tuple(slots), tuple(dst_blocks), groups, request_id,
+                        after=tuple(sorted(after)), growth=growth)
             self._track(load, lambda c, ks=tuple(loaded), st=tuple(staged), d=disk_s: self._after_load(c, ks, st, d))
             self._pre.extend(out)  # demotions and drops, to run before the load
             return load

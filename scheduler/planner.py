@@ -61,6 +61,11 @@ MEMO_PLANS = 4096
 #: groups is 2 of 30 layers (reads of ~0.2 MB a block); beyond it groups get small enough to cost more
 #: in requests and waits than they save
 MAX_GROUP_GROWTH = 2.0
+#: below this ratio of the predicted compute after a load to the load, a load with disk blocks is read whole
+#: (one layer group): a read by layer groups skips bytes, which costs the kernel's sequential readahead
+#: (here 1.3-1.6x the time and 2.5x the CPU of one stream over the same bytes, docs/disk-reads.md), more
+#: than overlapping so little compute with the read wins back
+WHOLE_READ_BELOW = 1 / MAX_GROUP_GROWTH
 
 
 class Planner:
@@ -130,23 +135,28 @@ class Planner:
             self._memo[memo_key] = plan
         return plan
 
-    def layer_growth(self, tiers: Sequence[TierName | str], stop_tokens: int, num_tokens: int) -> float:
-        """How many times the size of the one before each layer group of a load should be
-        (`KVSpec.layer_groups`): the predicted compute of what the engine computes after the load (tokens
-        [stop_tokens, num_tokens), at least one) over the predicted load of blocks in `tiers`, both per
-        layer, within [1 / MAX_GROUP_GROWTH, MAX_GROUP_GROWTH] (the load model of `plan`).
+    def layer_groups(self, tiers: Sequence[TierName | str], stop_tokens: int, num_tokens: int,
+                     num_groups: int) -> tuple[int, float]:
+        """How a load is cut into layer groups (`KVSpec.layer_groups`): (groups, growth), growth being how many
+        times the size of the one before each group is.
 
-        An engine computing more slowly than its KV arrives gets a small first group (it starts early);
-        one waiting for its KV (a long restore, little to compute) gets a small last group.
+        The ratio r of the predicted compute of what the engine computes after the load (tokens
+        [stop_tokens, num_tokens), at least one) to the predicted load of blocks in `tiers` (the load model
+        of `plan`) sets both: an engine computing more slowly than its KV arrives gets a small first group
+        (it starts early); one waiting for its KV gets a small last group; growth is r within
+        [1 / MAX_GROUP_GROWTH, MAX_GROUP_GROWTH]. A load with disk blocks and r below WHOLE_READ_BELOW is
+        one group (whole values read in file order): `num_groups` otherwise.
         """
         _, links = self._coefficients(self.cost_model.spec.block_tokens)
-        counts = Counter(_as_code_list(tiers))
+        codes = _as_code_list(tiers)
+        counts = Counter(codes)
         # each link's blocks as a count from 0 to n, so `_load` prices all of them (blocks [0, 1) of it)
         load = _load([((0, sum(counts[c] for c in carried)), *cost) for carried, *cost in links], 0, 1)
         compute = self.cost_model.recompute_s(stop_tokens, max(1, num_tokens - stop_tokens))
-        if load <= 0:
-            return MAX_GROUP_GROWTH
-        return min(MAX_GROUP_GROWTH, max(1 / MAX_GROUP_GROWTH, compute / load))
+        ratio = compute / load if load > 0 else MAX_GROUP_GROWTH
+        if counts[_CODES[TierName.DISK]] and ratio < WHOLE_READ_BELOW:
+            return 1, 1.0
+        return num_groups, min(MAX_GROUP_GROWTH, max(1 / MAX_GROUP_GROWTH, ratio))
 
     def _plan(self, tiers: Sequence[TierName | str] | np.ndarray, num_tokens: int, bt: int,
               block_tokens: int | None) -> Plan:

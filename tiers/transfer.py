@@ -51,8 +51,7 @@ class Transferer:
     """Runs batched copies between the tiers it is given, on background workers.
 
     Attributes:
-        DISK_LOAD_BATCH: disk blocks per batch in a load (each batch is copied into the engine's KV
-            while the next is read).
+        DISK_LOAD_BATCH: disk blocks per batch of a read into host slots (copied on while the next is read).
 
     Args:
         tiers: the tiers by name (any of gpu, host, disk), all of one KVSpec.
@@ -318,17 +317,18 @@ class Transferer:
             return handle
         if memory is not None:
             def read_direct() -> None:
-                # each batch is copied into its booked host slots while the next is read; then the other tiers'
+                # whole values into the engine's KV, then the other tiers'; the booked host slots after the load ends
                 try:
                     self._fence(disk_keys)
-                    found = get_outside(self.tiers, [tiers[i] for i in disk_idx], disk_keys, memory, lambda batch: (
-                        self._copies.submit(lambda: fill_host([disk_idx[j] for j in batch]), TransferHandle(),
-                                            PRIORITY_LOAD)), self.DISK_LOAD_BATCH)
+                    found = get_outside(self.tiers, [tiers[i] for i in disk_idx], disk_keys, memory, None,
+                                        self.DISK_LOAD_BATCH)
                 except BaseException as err:
                     handle.finish(keys, error=err)
                     return
                 missed = {k for k, ok in zip(disk_keys, found) if not ok} | failed_of(wait_for, keys)
                 self._copies.submit(lambda: copy_groups(missed, frozenset(disk_idx)), handle, PRIORITY_LOAD)
+                self._copies.submit(lambda: fill_host([i for i, ok in zip(disk_idx, found) if ok]), TransferHandle(),
+                                    PRIORITY_LOAD)
 
             when_done(wait_for, handle, lambda: self._disk_worker().submit(read_direct, TransferHandle(), priority))
             return handle

@@ -204,17 +204,22 @@ def test_bad_prefetch_settings_are_refused():
 
 
 def test_a_load_sizes_its_layer_groups_from_the_planner():
-    """Little to compute after a long disk read: small last groups; much to compute: small first groups."""
-    decider, _ = make(host_blocks=64, disk_keys=keys(0, 32), prefetch=False)
-    growths = []
-    for rid, blocks, after in (("short", keys(0, 16), 1), ("long", keys(16, 16), 64 * BT)):
+    """Little to compute after a disk read: whole values; some: small last groups; much: small first groups."""
+    decider, _ = make(host_blocks=64, disk_keys=keys(0, 48), prefetch=False)
+    shapes = []
+    for rid, blocks, after in (("one", keys(0, 16), 1), ("short", keys(16, 16), 8 * BT),
+                               ("long", keys(32, 16), 64 * BT)):
         decider.enqueue(rid, blocks, 16 * BT + after)
         load = decider.start_load(rid, blocks, 0, 16, range(16))
         assert isinstance(load, Load) and set(load.src_tiers) == {TierName.DISK}
-        assert load.growth == decider.planner.layer_growth(load.src_tiers, 16 * BT, 16 * BT + after)
-        growths.append(load.growth)
+        shape = (load.num_groups, load.growth)
+        assert shape == decider.planner.layer_groups(load.src_tiers, 16 * BT, 16 * BT + after,
+                                                     decider.config.num_layer_groups)
+        shapes.append(shape)
         for command in decider.take_prepared():
             done(decider, command)
         done(decider, load)
         decider.finish(rid)
-    assert growths[0] < 1 < growths[1]
+    (one, _), (short, shrinking), (long, growing) = shapes
+    assert one == 1 and short == long == decider.config.num_layer_groups
+    assert shrinking < 1 < growing

@@ -268,20 +268,24 @@ def test_plan_of_2048_blocks_is_fast() -> None:
     assert statistics.median(times) < 2e-3  # typically ~0.25 ms here; slack for a busy shared machine
 
 
-def test_layer_growth_is_the_compute_after_a_load_over_the_load_within_its_bounds() -> None:
+def test_layer_groups_grow_by_the_compute_after_a_load_over_the_load_within_their_bounds() -> None:
     cm = CostModel.from_profile("h100-sxm", "llama-3-8b", block_tokens=64)
     planner, bt, top = Planner(cm), cm.spec.block_tokens, planner_module.MAX_GROUP_GROWTH
     seen = set()
-    for tiers in (["host"] * 8, ["disk"] * 8, ["gpu", "host", "disk", "disk"] * 2):
+    for tiers in (["host"] * 8, ["host"] * 64, ["disk"] * 8, ["gpu", "host", "disk", "disk"] * 2):
         load = max(cm.restore_s("gpu", tiers.count("gpu")),
                    cm.restore_s("host", tiers.count("host") + tiers.count("disk")),
                    cm.restore_s("disk", tiers.count("disk")))
         for after in (1, 16, 64, 256, 1024, 4096, 16384, 65536):
-            expected = min(top, max(1 / top, cm.recompute_s(8 * bt, after) / load))
-            growth = planner.layer_growth(tiers, 8 * bt, 8 * bt + after)
-            assert growth == pytest.approx(expected)
+            ratio = cm.recompute_s(8 * bt, after) / load
+            groups, growth = planner.layer_groups(tiers, 8 * bt, 8 * bt + after, 4)
+            if "disk" in tiers and ratio < planner_module.WHOLE_READ_BELOW:  # whole values, in file order
+                assert (groups, growth) == (1, 1.0)
+                seen.add("whole")
+                continue
+            assert groups == 4 and growth == pytest.approx(min(top, max(1 / top, ratio)))
             seen.add("low" if growth == 1 / top else "high" if growth == top else "between")
-    assert seen == {"low", "between", "high"}  # every regime was exercised
+    assert seen == {"whole", "low", "between", "high"}  # every regime was exercised
     # nothing left to compute still costs a token (an engine recomputes the last one); nothing to load: grow most
-    assert planner.layer_growth(["host"], bt, bt) == planner.layer_growth(["host"], bt, bt + 1)
-    assert planner.layer_growth([], 0, 100) == top
+    assert planner.layer_groups(["host"], bt, bt, 4) == planner.layer_groups(["host"], bt, bt + 1, 4)
+    assert planner.layer_groups([], 0, 100, 4) == (4, top)

@@ -16,7 +16,8 @@ Primitives:
 - `PartedValue(...)`: one raw value read in parts (layer groups) in order, `read(fd, part)` each: part 0
   with the header, the checksum carried over the parts and decided with the last one; what an engine's
   layer-by-layer disk restore reads (`DiskTier.get_many(..., layer_groups=...)`). A compressed value is
-  read whole with part 0.
+  read whole with part 0. `extent(part)`: the file bytes `read` will read for that part (what a reader
+  asks the kernel to fetch ahead, see `disk.readers`).
 - `scratch(size)`: a reused per-thread buffer (the raw codec's write path builds values in it too).
 
 Both return None when the block was delivered, else the reason it was not: "corrupt" (malformed header,
@@ -183,6 +184,14 @@ class PartedValue:
         if part == len(self.parts) - 1 and self._hash.intdigest() != self._checksum:
             self.reason = "corrupt"
         return self.reason
+
+    def extent(self, part: int) -> tuple[int, int]:
+        """(file offset, bytes) that `read(fd, part)` reads: the whole value with part 0 when it is read
+        whole, else the part's byte range (part 0 with the header); (offset, 0) when a part reads nothing."""
+        if self.parts is None:
+            return (self.offset, self.value_len if part == 0 else 0)
+        lo = 0 if part == 0 else HEADER_BYTES + self._bounds[part]
+        return (self.offset + lo, HEADER_BYTES + self._bounds[part + 1] - lo)
 
     def _read_head(self, fd: int) -> bool:
         """Reads the header with part 0's bytes; False when the value is not raw after all (read it whole)."""

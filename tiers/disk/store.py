@@ -343,7 +343,7 @@ class DiskTier(Tier):
                 parted = {i: PartedValue(offset, n, self._fp, keys[i], dsts[i], itemsize, bounds)
                           for offset, n, i in located}
                 self._readers.read(env.data_file, env.fd, located, lambda fd, o, n, i, part: parted[i].read(fd, part),
-                                   deliver, len(bounds) - 1, on_group)
+                                   deliver, len(bounds) - 1, on_group, lambda i, part: parted[i].extent(part))
             else:
                 retry: list[int] = []
                 self._readers.read(env.data_file, env.fd, located, lambda fd, o, n, i, part: read_value_at(

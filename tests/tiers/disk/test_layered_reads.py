@@ -12,7 +12,7 @@ from diskutil import SPEC, block, edit_value, empty, key
 from kvtier.scheduler.engines.hf.kv import HFKVBuffer
 from kvtier.tiers.codecs import Codec
 from kvtier.tiers.disk.format import HEADER_BYTES
-from kvtier.tiers.disk.read import part_bounds
+from kvtier.tiers.disk.read import PartedValue, part_bounds
 from kvtier.tiers.disk.store import DiskTier
 from kvtier.tiers.errors import ConfigError, TransferError
 from kvtier.tiers.kvbuffer import BlockKVBuffer
@@ -72,6 +72,16 @@ def test_absent_blocks_still_report_every_group(store):
     with DiskTier(store, SPEC, 4 * N * BPB) as disk:
         found = disk.get_many([key(100), key(0)], [empty(), empty()], layer_groups=GROUPS, on_group=groups.append)
     assert found == [False, True] and groups == [0, 1]
+
+
+def test_the_parts_extents_are_the_bytes_each_part_reads():
+    bounds = part_bounds(SPEC, GROUPS)
+    raw = PartedValue(4096, HEADER_BYTES + BPB, b"f" * 16, key(0), empty().numpy(), SPEC.itemsize, bounds)
+    first, second = raw.extent(0), raw.extent(1)
+    assert first == (4096, HEADER_BYTES + bounds[1])  # the header with part 0
+    assert second == (4096 + HEADER_BYTES + bounds[1], BPB - bounds[1])
+    packed = PartedValue(4096, BPB // 3, b"f" * 16, key(0), empty().numpy(), SPEC.itemsize, bounds)
+    assert [packed.extent(0), packed.extent(1)] == [(4096, BPB // 3), (4096, 0)]  # compressed: read whole first
 
 
 def test_layer_groups_must_cover_the_layers_in_order(store):

@@ -26,8 +26,8 @@ N = 24
 BPB = SPEC.bytes_per_block
 
 
-def reader_threads() -> list[threading.Thread]:
-    return [t for t in threading.enumerate() if t.name.startswith("kvtier-disk-read")]
+def reader_threads(prefix: str = "kvtier-disk-read") -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name.startswith(prefix)]
 
 
 @pytest.fixture
@@ -196,14 +196,79 @@ def test_a_failing_reader_stops_the_others_and_raises_after_they_stop(tmp_path):
         pool.read(str(path), -1, located, read_one, lambda *a: None)
 
 
-def test_an_engine_load_through_four_readers_fills_the_kv_and_the_host_slots(filled):
+# -- announcing a read in parts -------------------------------------------------------------------------
+
+@pytest.mark.parametrize("threads", [1, 4])
+def test_the_announcer_advises_every_part_in_read_order_and_stops_with_the_read(tmp_path, threads):
+    path = tmp_path / "f"
+    path.write_bytes(os.urandom(64 * 100))
+    located = [(i * 100, 100, i) for i in range(64)]
+    asked: list[tuple[int, int]] = []
+    parts_read: list[tuple[int, int]] = []
+    announced = threading.Condition()
+
+    def read_one(fd: int, offset: int, length: int, i: int, part: int) -> str | None:
+        with announced:  # each part is read once the announcer has asked for it (so it runs ahead)
+            if not announced.wait_for(lambda: (part, i) in asked, timeout=10):
+                return "short"
+            parts_read.append((part, i))
+        return None if len(os.pread(fd, 50, offset + 50 * part)) == 50 else "short"
+
+    def extent(i: int, part: int) -> tuple[int, int]:
+        with announced:
+            asked.append((part, i))
+            announced.notify_all()
+        return (i * 100 + 50 * part, 50)
+
+    before = set(reader_threads("kvtier-disk-announce"))
+    pool = ReaderPool(threads, min_part_bytes=1)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        results: list[tuple[int, str | None]] = []
+        pool.read(str(path), fd, located, read_one, lambda i, reason, n: results.append((i, reason)), 2, extent=extent)
+        assert sorted(results) == [(i, None) for i in range(64)]
+        assert asked == [(p, i) for p in range(2) for i in range(64)]  # every part, part 0 of every value first
+        assert sorted(parts_read) == sorted(asked)
+        announcers = set(reader_threads("kvtier-disk-announce")) - before
+        assert len(announcers) == 1
+    finally:
+        os.close(fd)
+        pool.close()
+    assert not any(t.is_alive() for t in announcers)
+
+
+def test_advice_that_fails_does_not_fail_the_read(tmp_path):
+    path = tmp_path / "f"
+    path.write_bytes(os.urandom(16 * 100))
+    located = [(i * 100, 100, i) for i in range(16)]
+
+    def extent(i: int, part: int) -> tuple[int, int]:
+        raise OSError(22, "Invalid argument")
+
+    pool = ReaderPool(1)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        reported: list[tuple[int, str | None]] = []
+        pool.read(str(path), fd, located, lambda fd, o, n, i, part: None if len(os.pread(fd, n, o)) == n else "short",
+                  lambda i, reason, n: reported.append((i, reason)), 2, extent=extent)
+        pool.read(str(tmp_path / "missing"), fd, located, lambda fd, o, n, i, part: None,  # the announcer cannot open it
+                  lambda i, reason, n: reported.append((i, reason)), 2, extent=lambda i, part: (0, 1))
+        assert sorted(reported) == sorted([(i, None) for i in range(16)] * 2)
+    finally:
+        os.close(fd)
+        pool.close()
+
+
+@pytest.mark.parametrize("num_groups", [1, 2])  # whole values, or layer group by layer group
+def test_an_engine_load_through_four_readers_fills_the_kv_and_the_host_slots(filled, num_groups):
     disk = DiskTier(filled, SPEC, 4 * N * BPB, read_threads=4, read_split_bytes=BPB)
     host = HostTier(SPEC, N * BPB)
     transfer = Transferer({TierName.HOST: host, TierName.DISK: disk})
     try:
         buffer = HFKVBuffer.allocate(SPEC, N * SPEC.block_tokens)
         slots = list(reversed(range(N)))
-        handle = transfer.load([key(i) for i in range(N)], [TierName.DISK] * N, slots, buffer, list(range(N)))
+        handle = transfer.load([key(i) for i in range(N)], [TierName.DISK] * N, slots, buffer, list(range(N)),
+                               num_groups=num_groups)
         handle.wait(30)
         assert handle.failed == ()
         transfer.drain()  # the host slots are filled after the engine's load ends
