@@ -148,8 +148,7 @@ class Planner:
         one group (whole values read in file order): `num_groups` otherwise.
         """
         _, links = self._coefficients(self.cost_model.spec.block_tokens)
-        codes = _as_code_list(tiers)
-        counts = Counter(codes)
+        counts = Counter(_as_code_list(tiers))
         # each link's blocks as a count from 0 to n, so `_load` prices all of them (blocks [0, 1) of it)
         load = _load([((0, sum(counts[c] for c in carried)), *cost) for carried, *cost in links], 0, 1)
         compute = self.cost_model.recompute_s(stop_tokens, max(1, num_tokens - stop_tokens))

@@ -33,7 +33,7 @@ class KVBuffer(Protocol):
     memory runs in docs/design.md payload order (CPU memory only). Where an adapter has it, a load reads
     disk blocks straight into the engine's KV (`DiskTier.get_many` into the runs) instead of through
     a host slot and a second copy; the host slot the decision half booked is filled from the engine's
-    KV batch by batch, while the rest is read.
+    KV once the read has ended, before the load's handle ends (the engine may reuse the memory after).
 
     Optional: `write_chunks(dst_blocks, src, layers) -> list[(dst address, src address, bytes)] | None`,
     the memory runs a CPU `write_blocks` would copy (None when it is not a plain CPU copy), so a load

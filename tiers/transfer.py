@@ -226,10 +226,10 @@ class Transferer:
         """Copies blocks from pool tiers and disk into the engine's KV, layer group by layer group.
 
         Disk blocks are read straight into the engine's KV where the buffer offers `block_memory` (their host
-        slots filled after the handle ends, on the copy worker, which whatever reads them later queues behind),
-        otherwise into their host slots and copied on. With several layer groups (and no remote block) they are
-        read group by group (`DiskTier.get_many(layer_groups=...)`), so the engine computes while the rest is
-        read; else each batch is copied on while the next is read.
+        slots filled from it once the read ended, before the handle ends), otherwise into their host slots and
+        copied on. With several layer groups (and no remote block) they are read group by group
+        (`DiskTier.get_many(layer_groups=...)`), so the engine computes while the rest is read; else whole
+        (through host slots: each batch copied on while the next is read).
 
         Args:
             keys: the blocks, in prompt order.
@@ -275,11 +275,15 @@ class Transferer:
         disk_keys = [keys[i] for i in disk_idx]
         memory = engine_memory(buffer, [dst_blocks[i] for i in disk_idx])
 
-        def fill_host(landed: list[int]) -> None:
-            host = self._pool(TierName.HOST).pool
-            for first, s0, _, n in slot_runs([src_slots[i] for i in landed]):
-                buffer.read_blocks([dst_blocks[i] for i in landed[first:first + n]], host.blocks(s0, n),
-                                   (0, self.spec.num_layers))
+        def settle(usable: int) -> list[BlockKey]:
+            # the load's last job: the host slots booked for disk blocks read into the engine's KV filled from it
+            # before the handle ends (the engine may reuse that memory once it has); returns the failed keys
+            if memory is not None:
+                landed, host = [i for i in disk_idx if i < usable], self._pool(TierName.HOST).pool
+                for first, s0, _, n in slot_runs([src_slots[i] for i in landed]):
+                    buffer.read_blocks([dst_blocks[i] for i in landed[first:first + n]], host.blocks(s0, n),
+                                       (0, self.spec.num_layers))
+            return list(keys[usable:])
 
         if len(groups) > 1 and all(tiers[i] is TierName.DISK for i in disk_idx):
             sources = tiers if memory is not None else [TierName.HOST if t in OUTSIDE else t for t in tiers]
@@ -308,16 +312,13 @@ class Transferer:
                     return
                 missed = {k for k, ok in zip(disk_keys, found) if not ok} | failed_of(wait_for, keys)
                 usable = next((i for i, k in enumerate(keys) if k in missed), len(keys))
-                self._copies.submit(lambda: list(keys[usable:]), handle, PRIORITY_LOAD)
-                if memory is not None:  # the host slots the decision half booked, once the engine's load ended
-                    filled = [i for i in disk_idx if i < usable]
-                    self._copies.submit(lambda: fill_host(filled), TransferHandle(), PRIORITY_LOAD)
+                self._copies.submit(lambda: settle(usable), handle, PRIORITY_LOAD)
 
             when_done(wait_for, handle, lambda: self._disk_worker().submit(read_layered, TransferHandle(), priority))
             return handle
         if memory is not None:
             def read_direct() -> None:
-                # whole values into the engine's KV, then the other tiers'; the booked host slots after the load ends
+                # whole values into the engine's KV, then the other tiers'; host slots after the read (`settle`)
                 try:
                     self._fence(disk_keys)
                     found = get_outside(self.tiers, [tiers[i] for i in disk_idx], disk_keys, memory, None,
@@ -326,8 +327,7 @@ class Transferer:
                     handle.finish(keys, error=err)
                     return
                 missed = {k for k, ok in zip(disk_keys, found) if not ok} | failed_of(wait_for, keys)
-                self._copies.submit(lambda: copy_groups(missed, frozenset(disk_idx)), handle, PRIORITY_LOAD)
-                self._copies.submit(lambda: fill_host([i for i, ok in zip(disk_idx, found) if ok]), TransferHandle(),
+                self._copies.submit(lambda: settle(len(keys) - len(copy_groups(missed, frozenset(disk_idx)))), handle,
                                     PRIORITY_LOAD)
 
             when_done(wait_for, handle, lambda: self._disk_worker().submit(read_direct, TransferHandle(), priority))

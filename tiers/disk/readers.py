@@ -33,8 +33,8 @@ Invariants:
   value is reported with its reason, never as delivered;
 - at most `num_threads` reads are in flight per pool, whatever the number of concurrent `read` calls
   (their runs queue);
-- the announcer only advises (no destination is touched; a failed advice is logged and ignored) and
-  has stopped when `read` returns.
+- the announcer only advises (no destination is touched; a failed advice is logged and ignored), runs
+  at most ANNOUNCE_AHEAD_BYTES ahead of the readers, and has stopped when `read` returns.
 """
 
 from __future__ import annotations
@@ -55,6 +55,9 @@ DEFAULT_READ_THREADS = 4
 #: the smallest range worth its own thread: below it a thread's start and a short stream cost more
 #: than the queue depth gains (a restore of 31 blocks of 3 MB is cut into 4 ranges, a block or two not)
 MIN_PART_BYTES = 8 << 20
+#: the most bytes announced and not yet read: a restore larger than the free memory must not push its own
+#: announced pages out before they are read (an engine's restore of 2k tokens here is 94 MB)
+ANNOUNCE_AHEAD_BYTES = 256 << 20
 #: how long `read` waits for a reader before logging that it is still waiting (a read cannot be
 #: abandoned: the reader would write into a destination its caller no longer owns)
 STALL_LOG_S = 30.0
@@ -111,7 +114,8 @@ class ReaderPool:
     def __init__(self, num_threads: int = DEFAULT_READ_THREADS, min_part_bytes: int = MIN_PART_BYTES) -> None:
         """
         Args:
-            num_threads: reader threads at most (1: every read stays in the calling thread).
+            num_threads: reader threads at most (1: every read stays in the calling thread; a large read in
+                parts is announced by one more thread).
             min_part_bytes: the smallest range given its own thread.
 
         Raises:
@@ -157,25 +161,30 @@ class ReaderPool:
             num_parts: parts per value (1: each value whole).
             on_part: `on_part(p)`, called on the calling thread once part p of every value was read.
             extent: with `num_parts` > 1, `extent(index, part)` gives the file bytes of each part, which the
-                announcer asks the kernel for ahead of the readers (None: no announcing).
+                announcer asks the kernel for ahead of the readers (None, or a read below `min_part_bytes`:
+                no announcing).
 
         Raises:
             OSError: a read failed (raised once every reader has stopped).
             ClosedError: the pool was closed.
         """
-        stop = threading.Event()
-        announcing = None
-        if extent is not None and num_parts > 1 and located and hasattr(os, "posix_fadvise"):
+        stop, window, announcing = threading.Event(), None, None
+        if extent is not None and num_parts > 1 and hasattr(os, "posix_fadvise") and \
+                sum(length for _, length, _ in located) >= max(self.min_part_bytes, 1):
+            window = _Window(ANNOUNCE_AHEAD_BYTES)
             try:
-                announcing = self._pool(announcer=True).submit(_announce, path, located, extent, num_parts, stop)
+                announcing = self._pool(announcer=True).submit(_announce, path, located, extent, num_parts, window)
             except RuntimeError as err:  # shut down between _pool() and submit
                 raise ClosedError("disk reader pool is closed") from err
+            read_one = window.counting(read_one, extent)
         try:
             self._read(path, fd, located, read_one, on_result, num_parts, on_part, stop)
         finally:
             stop.set()
-            if announcing is not None:
-                _wait_all([announcing])
+            if window is not None:
+                window.close()
+                if not announcing.cancel():  # not started (behind another read's): dropped, else waited for
+                    _wait_all([announcing])
 
     def _read(self, path: str, fd: int, located: Sequence[Located], read_one: ReadOne, on_result: OnResult,
               num_parts: int, on_part: Callable[[int], None] | None, stop: threading.Event) -> None:
@@ -260,8 +269,41 @@ def _read_run(path: str, run: Sequence[Located], read_one: ReadOne, num_parts: i
         results.put(_DONE)
 
 
-def _announce(path: str, located: Sequence[Located], extent: Extent, num_parts: int, stop: threading.Event) -> None:
-    """Advises the kernel of every part's bytes (WILLNEED), part 0 of every value first, until `stop`."""
+class _Window:
+    """How far the announcer is ahead of the readers, in bytes (both counted from the read's start, so a
+    reader ahead of the announcer never holds it back); `close` ends its wait."""
+
+    def __init__(self, limit: int) -> None:
+        self._cond = threading.Condition()
+        self._limit, self._announced, self._read, self._closed = limit, 0, 0, False
+
+    def announce(self, size: int) -> bool:
+        """Waits until `size` more bytes are within the limit ahead of the readers; False once closed."""
+        with self._cond:
+            self._cond.wait_for(lambda: self._closed or self._announced + size - self._read <= self._limit
+                                or self._announced <= self._read)
+            self._announced += size
+            return not self._closed
+
+    def counting(self, read_one: ReadOne, extent: Extent) -> ReadOne:
+        """`read_one` that counts the bytes of every part it reads."""
+        def counted(fd: int, offset: int, length: int, i: int, part: int) -> "str | None":
+            try:
+                return read_one(fd, offset, length, i, part)
+            finally:
+                with self._cond:
+                    self._read += extent(i, part)[1]
+                    self._cond.notify_all()
+        return counted
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+
+
+def _announce(path: str, located: Sequence[Located], extent: Extent, num_parts: int, window: _Window) -> None:
+    """Advises the kernel of every part's bytes (WILLNEED), part 0 of every value first, within the window."""
     try:
         fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
     except OSError as err:
@@ -270,12 +312,12 @@ def _announce(path: str, located: Sequence[Located], extent: Extent, num_parts: 
     try:
         for part in range(num_parts):
             for _, _, i in located:
-                if stop.is_set():
-                    return
                 offset, size = extent(i, part)
+                if not window.announce(size):
+                    return
                 if size:
                     os.posix_fadvise(fd, offset, size, os.POSIX_FADV_WILLNEED)
-    except OSError as err:  # only advice: the readers read regardless
+    except Exception as err:  # noqa: BLE001 - only advice: the readers read regardless
         log.debug("disk read of %s: announcing stopped (%s)", path, err)
     finally:
         os.close(fd)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 
 import pytest
 import torch
@@ -15,6 +16,7 @@ from kvtier.scheduler.config import OffloadConfig
 from kvtier.scheduler.engines.hf.kv import HFKVBuffer
 from kvtier.tiers.codecs import Codec
 from kvtier.tiers.disk.format import HEADER_BYTES
+from kvtier.tiers.disk import readers
 from kvtier.tiers.disk.readers import ReaderPool, split_ranges
 from kvtier.tiers.disk.store import DiskTier
 from kvtier.tiers.errors import ClosedError, ConfigError
@@ -198,62 +200,169 @@ def test_a_failing_reader_stops_the_others_and_raises_after_they_stop(tmp_path):
 
 # -- announcing a read in parts -------------------------------------------------------------------------
 
-@pytest.mark.parametrize("threads", [1, 4])
-def test_the_announcer_advises_every_part_in_read_order_and_stops_with_the_read(tmp_path, threads):
+PARTS = [(p, i) for p in range(2) for i in range(64)]  # part 0 of every value first
+
+
+def parted_file(tmp_path) -> tuple[str, list]:
+    """A file of 64 values of 100 bytes, each read in 2 parts of 50 (`part_extent`)."""
     path = tmp_path / "f"
     path.write_bytes(os.urandom(64 * 100))
-    located = [(i * 100, 100, i) for i in range(64)]
-    asked: list[tuple[int, int]] = []
+    return str(path), [(i * 100, 100, i) for i in range(64)]
+
+
+def part_extent(i: int, part: int) -> tuple[int, int]:
+    return (i * 100 + 50 * part, 50)
+
+
+def announcer_call() -> bool:
+    return threading.current_thread().name.startswith("kvtier-disk-announce")
+
+
+@pytest.fixture
+def advised(monkeypatch) -> list[tuple[int, int]]:
+    """The (offset, length) of every POSIX_FADV_WILLNEED asked for, in order."""
+    calls: list[tuple[int, int]] = []
+    real = os.posix_fadvise
+
+    def record(fd: int, offset: int, length: int, advice: int) -> None:
+        if advice == os.POSIX_FADV_WILLNEED:
+            calls.append((offset, length))
+        real(fd, offset, length, advice)
+
+    monkeypatch.setattr(os, "posix_fadvise", record)
+    return calls
+
+
+@pytest.mark.parametrize("threads", [1, 4])
+def test_the_announcer_advises_every_part_in_read_order_ahead_of_the_readers(tmp_path, advised, threads):
+    path, located = parted_file(tmp_path)
     parts_read: list[tuple[int, int]] = []
     announced = threading.Condition()
 
     def read_one(fd: int, offset: int, length: int, i: int, part: int) -> str | None:
-        with announced:  # each part is read once the announcer has asked for it (so it runs ahead)
-            if not announced.wait_for(lambda: (part, i) in asked, timeout=10):
+        with announced:  # each part is read once the kernel was asked for it
+            if not announced.wait_for(lambda: part_extent(i, part) in advised, timeout=10):
                 return "short"
             parts_read.append((part, i))
         return None if len(os.pread(fd, 50, offset + 50 * part)) == 50 else "short"
 
     def extent(i: int, part: int) -> tuple[int, int]:
         with announced:
-            asked.append((part, i))
             announced.notify_all()
-        return (i * 100 + 50 * part, 50)
+        return part_extent(i, part)
 
     before = set(reader_threads("kvtier-disk-announce"))
     pool = ReaderPool(threads, min_part_bytes=1)
     fd = os.open(path, os.O_RDONLY)
     try:
         results: list[tuple[int, str | None]] = []
-        pool.read(str(path), fd, located, read_one, lambda i, reason, n: results.append((i, reason)), 2, extent=extent)
+        pool.read(path, fd, located, read_one, lambda i, reason, n: results.append((i, reason)), 2, extent=extent)
         assert sorted(results) == [(i, None) for i in range(64)]
-        assert asked == [(p, i) for p in range(2) for i in range(64)]  # every part, part 0 of every value first
-        assert sorted(parts_read) == sorted(asked)
-        announcers = set(reader_threads("kvtier-disk-announce")) - before
-        assert len(announcers) == 1
+        assert advised == [part_extent(i, p) for p, i in PARTS]
+        assert sorted(parts_read) == sorted(PARTS)
+        assert len(set(reader_threads("kvtier-disk-announce")) - before) == 1
     finally:
         os.close(fd)
         pool.close()
-    assert not any(t.is_alive() for t in announcers)
+    assert not set(reader_threads("kvtier-disk-announce")) - before  # the thread ends with the pool
+
+
+def test_the_announcer_has_stopped_when_the_read_returns(tmp_path, advised):
+    path, located = parted_file(tmp_path)
+    calls: list[int] = []
+
+    def slow_extent(i: int, part: int) -> tuple[int, int]:
+        if announcer_call():
+            calls.append(i)
+            time.sleep(0.005)
+        return part_extent(i, part)
+
+    pool = ReaderPool(1, min_part_bytes=1)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        pool.read(path, fd, located, lambda fd, o, n, i, part: None, lambda *a: None, 2, extent=slow_extent)
+        seen = len(calls)
+        time.sleep(0.05)
+        assert len(calls) == seen < len(PARTS)  # stopped with the read, before the end of its parts
+    finally:
+        os.close(fd)
+        pool.close()
+
+
+def test_the_announcer_stays_within_its_window_ahead_of_the_readers(tmp_path, advised, monkeypatch):
+    monkeypatch.setattr(readers, "ANNOUNCE_AHEAD_BYTES", 120)
+    path, located = parted_file(tmp_path)
+    read_bytes, ahead = [0], []
+
+    def read_one(fd: int, offset: int, length: int, i: int, part: int) -> str | None:
+        time.sleep(0.001)
+        ahead.append(sum(n for _, n in advised) - read_bytes[0])
+        read_bytes[0] += 50
+        return None
+
+    pool = ReaderPool(1, min_part_bytes=1)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        pool.read(path, fd, located, read_one, lambda *a: None, 2, extent=part_extent)
+    finally:
+        os.close(fd)
+        pool.close()
+    assert max(ahead) <= 120 + 50 and len(advised) > 64  # within the window (one part of slack), yet advancing
+
+
+def test_a_read_does_not_wait_for_another_reads_announcer(tmp_path):
+    path, located = parted_file(tmp_path)
+    release = threading.Event()
+
+    def stuck_extent(i: int, part: int) -> tuple[int, int]:
+        if announcer_call():
+            release.wait(10)
+        return part_extent(i, part)
+
+    pool = ReaderPool(1, min_part_bytes=1)
+    fd = os.open(path, os.O_RDONLY)
+    first_done = threading.Event()
+    try:
+        def first() -> None:  # its announcer holds the pool's announcing thread until `release`
+            def read_one(fd: int, o: int, n: int, i: int, part: int) -> None:
+                release.wait(10)
+            pool.read(path, fd, located, read_one, lambda *a: None, 2, extent=stuck_extent)
+            first_done.set()
+
+        thread = threading.Thread(target=first)
+        thread.start()
+        time.sleep(0.05)
+        results: list[int] = []
+        second = threading.Thread(target=lambda: pool.read(path, fd, located, lambda *a: None,
+                                                           lambda i, reason, n: results.append(i), 2, extent=part_extent))
+        second.start()
+        second.join(5)
+        assert not second.is_alive() and sorted(results) == list(range(64)) and not first_done.is_set()
+    finally:
+        release.set()
+        thread.join(10)
+        os.close(fd)
+        pool.close()
+    assert first_done.is_set()
 
 
 def test_advice_that_fails_does_not_fail_the_read(tmp_path):
-    path = tmp_path / "f"
-    path.write_bytes(os.urandom(16 * 100))
-    located = [(i * 100, 100, i) for i in range(16)]
+    path, located = parted_file(tmp_path)
 
-    def extent(i: int, part: int) -> tuple[int, int]:
-        raise OSError(22, "Invalid argument")
+    def failing(i: int, part: int) -> tuple[int, int]:
+        if announcer_call():
+            raise OSError(22, "Invalid argument")
+        return part_extent(i, part)
 
-    pool = ReaderPool(1)
+    pool = ReaderPool(1, min_part_bytes=1)
     fd = os.open(path, os.O_RDONLY)
     try:
         reported: list[tuple[int, str | None]] = []
-        pool.read(str(path), fd, located, lambda fd, o, n, i, part: None if len(os.pread(fd, n, o)) == n else "short",
-                  lambda i, reason, n: reported.append((i, reason)), 2, extent=extent)
-        pool.read(str(tmp_path / "missing"), fd, located, lambda fd, o, n, i, part: None,  # the announcer cannot open it
-                  lambda i, reason, n: reported.append((i, reason)), 2, extent=lambda i, part: (0, 1))
-        assert sorted(reported) == sorted([(i, None) for i in range(16)] * 2)
+        read_one = lambda fd, o, n, i, part: None if len(os.pread(fd, 50, o + 50 * part)) == 50 else "short"  # noqa: E731
+        pool.read(path, fd, located, read_one, lambda i, reason, n: reported.append((i, reason)), 2, extent=failing)
+        pool.read(path + ".missing", fd, located, read_one,  # the announcer cannot open it
+                  lambda i, reason, n: reported.append((i, reason)), 2, extent=part_extent)
+        assert sorted(reported) == sorted([(i, None) for i in range(64)] * 2)
     finally:
         os.close(fd)
         pool.close()
@@ -270,13 +379,33 @@ def test_an_engine_load_through_four_readers_fills_the_kv_and_the_host_slots(fil
         handle = transfer.load([key(i) for i in range(N)], [TierName.DISK] * N, slots, buffer, list(range(N)),
                                num_groups=num_groups)
         handle.wait(30)
-        assert handle.failed == ()
-        transfer.drain()  # the host slots are filled after the engine's load ends
+        assert handle.failed == ()  # the host slots are filled when the handle ends (the engine may then reuse its KV)
         out = torch.empty((1, *SPEC.block_shape))
         for i in range(N):
             buffer.read_blocks([i], out, (0, SPEC.num_layers))
             assert torch.equal(out[0], block(i))
             assert torch.equal(host.pool.blocks(slots[i], 1)[0], block(i))
+    finally:
+        transfer.close()
+        disk.close()
+
+
+@pytest.mark.parametrize("num_groups", [1, 2])
+def test_an_engine_load_fills_no_host_slot_from_the_first_failed_block_on(filled, num_groups):
+    at = HEADER_BYTES + 3  # a payload byte of layer 0: the checksum fails
+    edit_value(filled, SPEC, key(10), lambda v: v[:at] + bytes([v[at] ^ 0xFF]) + v[at + 1:])
+    disk = DiskTier(filled, SPEC, 4 * N * BPB, read_threads=4, read_split_bytes=BPB)
+    host = HostTier(SPEC, N * BPB)
+    transfer = Transferer({TierName.HOST: host, TierName.DISK: disk})
+    try:
+        buffer = HFKVBuffer.allocate(SPEC, N * SPEC.block_tokens)
+        handle = transfer.load([key(i) for i in range(N)], [TierName.DISK] * N, list(range(N)), buffer,
+                               list(range(N)), num_groups=num_groups)
+        handle.wait(30)
+        assert handle.failed == tuple(key(i) for i in range(10, N))
+        transfer.drain()
+        for i in range(N):  # the slots of failed blocks are freed when the handle ends: nothing written there
+            assert torch.equal(host.pool.blocks(i, 1)[0], block(i)) if i < 10 else not host.pool.data[i].any()
     finally:
         transfer.close()
         disk.close()
