@@ -229,7 +229,7 @@ class Transferer:
         slots filled from it once the read ended, before the handle ends), otherwise into their host slots and
         copied on. With several layer groups (and no remote block) they are read group by group
         (`DiskTier.get_many(layer_groups=...)`), so the engine computes while the rest is read; else whole
-        (through host slots: each batch copied on while the next is read).
+        (through host slots, each batch copied on while the next is read, where there is no `block_memory`).
 
         Args:
             keys: the blocks, in prompt order.

@@ -168,7 +168,7 @@ class ReaderPool:
             OSError: a read failed (raised once every reader has stopped).
             ClosedError: the pool was closed.
         """
-        stop, window, announcing = threading.Event(), None, None
+        window, announcing = None, None
         if extent is not None and num_parts > 1 and hasattr(os, "posix_fadvise") and \
                 sum(length for _, length, _ in located) >= max(self.min_part_bytes, 1):
             window = _Window(ANNOUNCE_AHEAD_BYTES)
@@ -178,16 +178,15 @@ class ReaderPool:
                 raise ClosedError("disk reader pool is closed") from err
             read_one = window.counting(read_one, extent)
         try:
-            self._read(path, fd, located, read_one, on_result, num_parts, on_part, stop)
+            self._read(path, fd, located, read_one, on_result, num_parts, on_part)
         finally:
-            stop.set()
             if window is not None:
                 window.close()
                 if not announcing.cancel():  # not started (behind another read's): dropped, else waited for
                     _wait_all([announcing])
 
     def _read(self, path: str, fd: int, located: Sequence[Located], read_one: ReadOne, on_result: OnResult,
-              num_parts: int, on_part: Callable[[int], None] | None, stop: threading.Event) -> None:
+              num_parts: int, on_part: Callable[[int], None] | None) -> None:
         runs = split_ranges(located, self.num_threads, self.min_part_bytes)
         if len(runs) <= 1:
             for part in range(num_parts):
@@ -199,6 +198,7 @@ class ReaderPool:
                     on_part(part)
             return
         results: queue.SimpleQueue = queue.SimpleQueue()
+        stop = threading.Event()
         pool = self._pool()
         futures: list[Future] = []
         try:
