@@ -40,6 +40,8 @@ class OffloadConfig:
         codec: disk codec: "none", "zstd" or "zstd-shuffle".
         disk_read_threads: reader threads of a large disk read (a restore cut into that many contiguous
             ranges of the store's file, read at once; 1: one sequential stream).
+        disk_uncached_reads: those readers read around the page cache (O_DIRECT) when the bytes are not in it
+            (less CPU per byte; see docs/disk-reads.md); False: always through the page cache.
         policy: eviction policy name for every tier (see `kvtier.scheduler.policies`).
         write_mode: "write-through" or "write-back".
         prefetch: whether queued requests' blocks are promoted (disk -> host) in the background.
@@ -74,6 +76,7 @@ class OffloadConfig:
     disk_path: str | None = None
     codec: str = "none"
     disk_read_threads: int = 4
+    disk_uncached_reads: bool = True
     policy: str = "auto"
     write_mode: WriteMode = WriteMode.WRITE_THROUGH
     prefetch: bool = True
@@ -113,6 +116,8 @@ class OffloadConfig:
             raise ConfigError("host_bytes: at least one memory tier (gpu_bytes or host_bytes) must be > 0")
         if not isinstance(self.disk_read_threads, int) or self.disk_read_threads < 1:
             raise ConfigError(f"disk_read_threads: expected a positive int, got {self.disk_read_threads!r}")
+        if not isinstance(self.disk_uncached_reads, bool):
+            raise ConfigError(f"disk_uncached_reads: expected true or false, got {self.disk_uncached_reads!r}")
         if self.num_layer_groups < 1:
             raise ConfigError(f"num_layer_groups: expected >= 1, got {self.num_layer_groups}")
         if self.prefetch_window < 0:

@@ -328,7 +328,7 @@ def build_tiers(spec: KVSpec, config: OffloadConfig) -> dict[TierName, Tier]:
         tiers[TierName.HOST] = HostTier(spec, config.host_bytes)
     if config.disk_bytes:
         tiers[TierName.DISK] = DiskTier(config.disk_path, spec, config.disk_bytes, codec=Codec.parse(config.codec),
-                                         read_threads=config.disk_read_threads)
+                                         read_threads=config.disk_read_threads, uncached_reads=config.disk_uncached_reads)
     if config.remote_url:
         tiers[TierName.REMOTE] = remote_tier(spec, config)
     return tiers

@@ -18,30 +18,17 @@ Primitives:
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import logging
-import mmap
 import os
 import shutil
 import subprocess
 import time
 
-import numpy as np
-
 from kvtier.tiers.disk import env as diskenv
+from kvtier.tiers.disk import uncached
 from kvtier.tiers.errors import StoreError
 
 log = logging.getLogger(__name__)
-
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-_libc.mmap.restype = ctypes.c_void_p
-_libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
-_libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
-_libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
-_MAP_FAILED = ctypes.c_void_p(-1).value
-_PAGE = mmap.PAGESIZE
-
 
 def _check_not_open(path: str) -> None:
     real = os.path.realpath(path)
@@ -63,20 +50,10 @@ def resident_bytes(path: str | os.PathLike[str]) -> int:
         return 0
     fd = os.open(path, os.O_RDONLY)
     try:
-        addr = _libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
-        if addr in (None, _MAP_FAILED):
-            return _fincore(path)
-        try:
-            num_pages = -(-size // _PAGE)
-            vec = (ctypes.c_ubyte * num_pages)()
-            if _libc.mincore(addr, size, vec) != 0:
-                return _fincore(path)
-            resident = int(np.count_nonzero(np.frombuffer(vec, dtype=np.uint8) & 1))
-            return min(resident * _PAGE, size)
-        finally:
-            _libc.munmap(addr, size)
+        resident = uncached.resident_bytes(fd, 0, size)
     finally:
         os.close(fd)
+    return _fincore(path) if resident is None else resident
 
 
 def _fincore(path: str) -> int:

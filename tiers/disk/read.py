@@ -39,6 +39,7 @@ import numpy as np
 import xxhash
 
 from kvtier.tiers.codecs import Codec, get_codec
+from kvtier.tiers.disk.uncached import Readable, preadv
 from kvtier.tiers.disk.format import HEADER_BYTES, check_header, checksum, decode_header
 from kvtier.tiers.errors import ConfigError, CorruptBlockError, SpecMismatchError
 from kvtier.tiers.spec import KVSpec
@@ -100,7 +101,7 @@ def check_value(src: memoryview | bytes, fingerprint: bytes, key: bytes, out: De
     return None
 
 
-def read_value_at(fd: int, offset: int, value_len: int, fingerprint: bytes, key: bytes, out: Destination,
+def read_value_at(fd: Readable, offset: int, value_len: int, fingerprint: bytes, key: bytes, out: Destination,
                   itemsize: int) -> str | None:
     """Reads the value of `value_len` bytes at `offset` of `fd` and checks it, decoding into `out`.
 
@@ -114,7 +115,7 @@ def read_value_at(fd: int, offset: int, value_len: int, fingerprint: bytes, key:
     if value_len == HEADER_BYTES + raw_len:
         # the raw codec's fast path: header and payload in one preadv, the payload lands in `out`
         head = _head()
-        if os.preadv(fd, [head, *runs], offset) != value_len:
+        if preadv(fd, [head, *runs], offset) != value_len:
             return "short"
         try:
             header = decode_header(head)
@@ -127,7 +128,7 @@ def read_value_at(fd: int, offset: int, value_len: int, fingerprint: bytes, key:
             return None if _checksum_runs(runs) == header.checksum else "corrupt"
         # a compressed payload exactly one block long: decode it from a copy below
     src = scratch(value_len)
-    if os.preadv(fd, [src], offset) != value_len:
+    if preadv(fd, [src], offset) != value_len:
         return "short"
     return check_value(src, fingerprint, key, out, itemsize)
 
@@ -158,7 +159,7 @@ class PartedValue:
         self._hash = xxhash.xxh3_64()
         self._checksum = 0
 
-    def read(self, fd: int, part: int) -> str | None:
+    def read(self, fd: Readable, part: int) -> str | None:
         """Reads part `part` (parts are read 0, 1, ... in turn) into `out`.
 
         Returns:
@@ -176,7 +177,7 @@ class PartedValue:
         runs = self.parts[part]
         if part > 0:
             lo, hi = self._bounds[part], self._bounds[part + 1]
-            if os.preadv(fd, runs, self.offset + HEADER_BYTES + lo) != hi - lo:
+            if preadv(fd, runs, self.offset + HEADER_BYTES + lo) != hi - lo:
                 self.reason = "short"
                 return self.reason
         for run in runs:
@@ -193,10 +194,10 @@ class PartedValue:
         lo = 0 if part == 0 else HEADER_BYTES + self._bounds[part]
         return (self.offset + lo, HEADER_BYTES + self._bounds[part + 1] - lo)
 
-    def _read_head(self, fd: int) -> bool:
+    def _read_head(self, fd: Readable) -> bool:
         """Reads the header with part 0's bytes; False when the value is not raw after all (read it whole)."""
         head = _head()
-        if os.preadv(fd, [head, *self.parts[0]], self.offset) != HEADER_BYTES + self._bounds[1]:
+        if preadv(fd, [head, *self.parts[0]], self.offset) != HEADER_BYTES + self._bounds[1]:
             self.reason = "short"
             return False
         try:

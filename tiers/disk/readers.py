@@ -25,6 +25,9 @@ Primitives:
   (`POSIX_FADV_WILLNEED`), so the disk sees a deep queue of reads in that order: parts skip bytes, so
   the kernel's own readahead cannot do it (31 values of 2.95 MB in 4 parts, cold, other core busy,
   median of 5-6: one reader 106-122 ms without, 70-82 with; four readers 83-84 and 80-83; docs/disk-reads.md).
+  A read whose bytes are mostly out of the page cache is read around it instead (`disk.uncached`: each
+  reader's descriptor opened with O_DIRECT, nothing announced): the same requests at the disk, a fraction
+  of the CPU.
 
 Invariants:
 - when `read` returns (or raises), no reader thread touches a destination any more: it waits for every
@@ -46,6 +49,7 @@ import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Callable, Sequence
 
+from kvtier.tiers.disk.uncached import UncachedFile, Readable, mostly_cold
 from kvtier.tiers.errors import ClosedError, ConfigError
 
 log = logging.getLogger(__name__)
@@ -111,12 +115,15 @@ def split_ranges(located: Sequence[Located], num_parts: int, min_part_bytes: int
 class ReaderPool:
     """A bounded pool of threads that read ranges of a file for `DiskTier.get_many` (see the module docstring)."""
 
-    def __init__(self, num_threads: int = DEFAULT_READ_THREADS, min_part_bytes: int = MIN_PART_BYTES) -> None:
+    def __init__(self, num_threads: int = DEFAULT_READ_THREADS, min_part_bytes: int = MIN_PART_BYTES,
+                 uncached: bool = True) -> None:
         """
         Args:
             num_threads: reader threads at most (1: every read stays in the calling thread; a large read in
                 parts is announced by one more thread).
             min_part_bytes: the smallest range given its own thread.
+            uncached: reader threads read around the page cache (O_DIRECT, `disk.uncached`) when the read's
+                bytes are out of it and the file system allows it.
 
         Raises:
             ConfigError: `num_threads` not a positive int, or `min_part_bytes` negative.
@@ -127,6 +134,7 @@ class ReaderPool:
             raise ConfigError(f"min_part_bytes: expected >= 0, got {min_part_bytes}")
         self.num_threads = num_threads
         self.min_part_bytes = min_part_bytes
+        self.uncached = uncached
         self._lock = threading.Lock()
         self._executor: ThreadPoolExecutor | None = None
         self._announcer: ThreadPoolExecutor | None = None
@@ -168,8 +176,10 @@ class ReaderPool:
             OSError: a read failed (raised once every reader has stopped).
             ClosedError: the pool was closed.
         """
+        runs = split_ranges(located, self.num_threads, self.min_part_bytes)
+        uncached = self.uncached and len(runs) > 1 and _cold(fd, located)
         window, announcing = None, None
-        if extent is not None and num_parts > 1 and hasattr(os, "posix_fadvise") and \
+        if extent is not None and num_parts > 1 and not uncached and hasattr(os, "posix_fadvise") and \
                 sum(length for _, length, _ in located) >= max(self.min_part_bytes, 1):
             window = _Window(ANNOUNCE_AHEAD_BYTES)
             try:
@@ -178,19 +188,18 @@ class ReaderPool:
                 raise ClosedError("disk reader pool is closed") from err
             read_one = window.counting(read_one, extent)
         try:
-            self._read(path, fd, located, read_one, on_result, num_parts, on_part)
+            self._read(path, fd, runs, read_one, on_result, num_parts, on_part, uncached)
         finally:
             if window is not None:
                 window.close()
                 if not announcing.cancel():  # not started (behind another read's): dropped, else waited for
                     _wait_all([announcing])
 
-    def _read(self, path: str, fd: int, located: Sequence[Located], read_one: ReadOne, on_result: OnResult,
-              num_parts: int, on_part: Callable[[int], None] | None) -> None:
-        runs = split_ranges(located, self.num_threads, self.min_part_bytes)
+    def _read(self, path: str, fd: int, runs: Sequence[Sequence[Located]], read_one: ReadOne, on_result: OnResult,
+              num_parts: int, on_part: Callable[[int], None] | None, uncached: bool) -> None:
         if len(runs) <= 1:
             for part in range(num_parts):
-                for offset, length, i in located:
+                for offset, length, i in (runs[0] if runs else ()):
                     reason = read_one(fd, offset, length, i, part)
                     if part == num_parts - 1:
                         on_result(i, reason, length)
@@ -203,13 +212,13 @@ class ReaderPool:
         futures: list[Future] = []
         try:
             for run in runs:
-                futures.append(pool.submit(_read_run, path, run, read_one, num_parts, results, stop))
+                futures.append(pool.submit(_read_run, path, run, read_one, num_parts, results, stop, uncached))
         except RuntimeError as err:  # the executor was shut down between _pool() and submit
             stop.set()
             _wait_all(futures)
             raise ClosedError("disk reader pool is closed") from err
         error: BaseException | None = None
-        pending, left = len(futures), [len(located)] * num_parts
+        pending, left = len(futures), [sum(len(run) for run in runs)] * num_parts
         while pending:
             try:
                 item = results.get(timeout=STALL_LOG_S)
@@ -248,25 +257,43 @@ class ReaderPool:
 
 
 def _read_run(path: str, run: Sequence[Located], read_one: ReadOne, num_parts: int, results: queue.SimpleQueue,
-              stop: threading.Event) -> None:
+              stop: threading.Event, uncached: bool) -> None:
     """One reader's range: its own descriptor, values in file order (part by part); every outcome goes to
     `results`."""
     try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        fd = _open(path, num_parts, uncached)
         try:
-            if hasattr(os, "posix_fadvise"):  # parts skip bytes: readahead would read them first
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL if num_parts == 1 else os.POSIX_FADV_RANDOM)
             for part in range(num_parts):
                 for offset, length, i in run:
                     if stop.is_set():
                         return
                     results.put((part, i, read_one(fd, offset, length, i, part), length))
         finally:
-            os.close(fd)
+            fd.close() if isinstance(fd, UncachedFile) else os.close(fd)
     except BaseException as err:  # reported to the caller, which raises it once every reader stopped
         results.put(err)
     finally:
         results.put(_DONE)
+
+
+def _open(path: str, num_parts: int, uncached: bool) -> Readable:
+    """A reader's own descriptor: uncached when asked and allowed, else buffered with readahead advice."""
+    if uncached:
+        try:
+            return UncachedFile(path)
+        except OSError as err:  # the file system refuses O_DIRECT: read through the page cache
+            log.debug("disk read of %s: through the page cache (%s)", path, err)
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+    if hasattr(os, "posix_fadvise"):  # parts skip bytes: readahead would read them first
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL if num_parts == 1 else os.POSIX_FADV_RANDOM)
+    return fd
+
+
+def _cold(fd: int, located: Sequence[Located]) -> bool:
+    """Whether the span of file the values lie in is mostly out of the page cache (see `disk.uncached`)."""
+    lo = located[0][0]
+    hi = max(offset + length for offset, length, _ in located)
+    return mostly_cold(fd, lo, hi - lo)
 
 
 class _Window:

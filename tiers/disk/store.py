@@ -64,7 +64,8 @@ class DiskTier(Tier):
     def __init__(self, path: str | os.PathLike[str], spec: KVSpec, capacity_bytes: int | str, *,
                  codec: Codec | str = Codec.NONE, zstd_level: int = 1, map_size: int | str | None = None,
                  max_map_size: int | str | None = None, batch_max_blocks: int = 64, readonly: bool = False,
-                 read_threads: int = DEFAULT_READ_THREADS, read_split_bytes: int = MIN_PART_BYTES) -> None:
+                 read_threads: int = DEFAULT_READ_THREADS, read_split_bytes: int = MIN_PART_BYTES,
+                 uncached_reads: bool = True) -> None:
         """Opens (or creates) the store at `path` for `spec`'s blocks.
 
         Args:
@@ -82,6 +83,8 @@ class DiskTier(Tier):
             readonly: open without write access (puts raise StoreError; corrupt values are not removed).
             read_threads / read_split_bytes: a `get_many` is cut into up to `read_threads` contiguous ranges of
                 the file of at least `read_split_bytes` each, read at once (see `disk.readers`; 1: one stream).
+            uncached_reads: those ranges are read around the page cache (O_DIRECT) when their bytes are not in
+                it and the file system allows it (`disk.uncached`).
 
         Raises:
             ConfigError: capacity below one block, bad codec, level, batch size or sizes.
@@ -105,7 +108,7 @@ class DiskTier(Tier):
         self._n = dict(hits=0, misses=0, corrupt=0, foreign=0, acknowledged_blocks=0, bytes_read=0, bytes_written=0)
         self._closed = False
         self._final_stats = DiskStats(0, 0, 0, 0, 0, 0, 0, 0, 0)
-        self._readers = ReaderPool(read_threads, read_split_bytes)  # checks the count before the store is opened
+        self._readers = ReaderPool(read_threads, read_split_bytes, uncached_reads)  # checks the count before the store is opened
         self._env = diskenv.acquire(self.path, size, max_size, readonly)
         self._books = SpecBooks(self._env, self._fp)
         self._writer = DiskWriter(self, batch_max_blocks)

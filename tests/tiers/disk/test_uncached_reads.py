@@ -1,0 +1,149 @@
+"""Reads around the page cache (`disk.uncached`): the same bytes as a buffered read at any offset and length,
+only when the bytes are out of the page cache, whole and by layer group, bad values still clean misses.
+Real files and LMDB stores in temp dirs, evicted for real (`coldcache.evict_file`)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from diskutil import SPEC, block, edit_value, empty, key
+from kvtier.scheduler.config import OffloadConfig
+from kvtier.tiers import coldcache
+from kvtier.tiers.disk.uncached import ALIGN, UncachedFile, mostly_cold, preadv, resident_bytes
+from kvtier.tiers.disk.format import HEADER_BYTES
+from kvtier.tiers.disk.store import DiskTier
+from kvtier.tiers.errors import ConfigError
+
+N = 24
+BPB = SPEC.bytes_per_block
+
+
+def uncached_file(path: str) -> UncachedFile:
+    try:
+        return UncachedFile(path)
+    except OSError as err:
+        pytest.skip(f"the temp dir's file system refuses O_DIRECT ({err})")
+
+
+@pytest.fixture
+def data_file(tmp_path):
+    path = str(tmp_path / "data.bin")
+    with open(path, "wb") as f:
+        f.write(os.urandom(5 * ALIGN + 123))  # does not end on an aligned boundary
+    return path
+
+
+def test_uncached_reads_the_same_bytes_as_a_buffered_read(data_file):
+    expected = open(data_file, "rb").read()
+    f = uncached_file(data_file)
+    try:
+        for offset, sizes in ((0, [100]), (17, [4096]), (4095, [1, 2, 8190]), (3 * ALIGN - 80, [64, 8000]),
+                              (5 * ALIGN, [123])):
+            bufs = [memoryview(bytearray(n)) for n in sizes]
+            assert preadv(f, bufs, offset) == sum(sizes)
+            assert b"".join(bytes(b) for b in bufs) == expected[offset:offset + sum(sizes)]
+    finally:
+        f.close()
+
+
+def test_a_direct_read_past_the_end_is_short_like_a_buffered_one(data_file):
+    size = os.path.getsize(data_file)
+    f = uncached_file(data_file)
+    fd = os.open(data_file, os.O_RDONLY)
+    try:
+        for offset, n in ((size - 10, 50), (size, 8), (size + ALIGN, 8)):
+            direct, plain = memoryview(bytearray(n)), memoryview(bytearray(n))
+            got = preadv(f, [direct], offset)
+            assert got == os.preadv(fd, [plain], offset) == max(0, min(n, size - offset))
+            assert bytes(direct[:got]) == bytes(plain[:got])
+    finally:
+        os.close(fd)
+        f.close()
+
+
+def test_residency_is_told_by_range(data_file):
+    assert coldcache.evict_file(data_file) == 0
+    fd = os.open(data_file, os.O_RDONLY)
+    try:
+        assert resident_bytes(fd, 0, os.path.getsize(data_file)) == 0
+        assert mostly_cold(fd, 0, os.path.getsize(data_file))
+        os.pread(fd, 2 * ALIGN, ALIGN)  # pages 1 and 2 (perhaps more, by readahead)
+        assert resident_bytes(fd, ALIGN, 2 * ALIGN) == 2 * ALIGN
+        assert not mostly_cold(fd, ALIGN, 2 * ALIGN)
+    finally:
+        os.close(fd)
+
+
+# -- through the disk tier -------------------------------------------------------------------------------
+
+@pytest.fixture
+def cold_store(store):
+    """A store holding blocks 0..N-1, closed and out of the page cache."""
+    with DiskTier(store, SPEC, 4 * N * BPB) as disk:
+        disk.put_many([key(i) for i in range(N)], [block(i) for i in range(N)])
+    if coldcache.evict_file(DiskTier.data_file_of(store)):
+        pytest.skip("cannot evict the store's data file from the page cache here")
+    return store
+
+
+def values_resident(store: str) -> int:
+    """Bytes of the store's data file in the page cache, B-tree pages aside (values are BPB + header each)."""
+    return coldcache.resident_bytes(DiskTier.data_file_of(store))
+
+
+@pytest.mark.parametrize("groups", [None, [(0, 1), (1, 2)]])
+def test_a_cold_restore_is_read_direct_and_exact(cold_store, groups):
+    uncached_file(DiskTier.data_file_of(cold_store)).close()  # skips where O_DIRECT is refused
+    with DiskTier(cold_store, SPEC, 4 * N * BPB, read_threads=4, read_split_bytes=BPB) as disk:
+        outs = [empty() for _ in range(N)]
+        assert disk.get_many([key(i) for i in range(N)], outs, layer_groups=groups) == [True] * N
+        # the values went around the page cache: what is resident is the B-tree lookups' pages, not N values
+        assert values_resident(cold_store) < N * BPB // 2
+    for i, out in enumerate(outs):
+        assert out.equal(block(i))
+
+
+def test_a_warm_restore_reads_through_the_page_cache(cold_store):
+    with DiskTier(cold_store, SPEC, 4 * N * BPB, read_threads=4, read_split_bytes=BPB) as disk:
+        keys, outs = [key(i) for i in range(N)], [empty() for _ in range(N)]
+        fd = os.open(DiskTier.data_file_of(cold_store), os.O_RDONLY)
+        os.read(fd, os.path.getsize(DiskTier.data_file_of(cold_store)))  # everything in the page cache
+        os.close(fd)
+        assert disk.get_many(keys, outs) == [True] * N
+    assert all(out.equal(block(i)) for i, out in enumerate(outs))
+
+
+def test_uncached_reads_off_read_through_the_page_cache(cold_store):
+    with DiskTier(cold_store, SPEC, 4 * N * BPB, read_threads=4, read_split_bytes=BPB, uncached_reads=False) as disk:
+        outs = [empty() for _ in range(N)]
+        assert disk.get_many([key(i) for i in range(N)], outs) == [True] * N
+        assert values_resident(cold_store) >= N * BPB
+    assert all(out.equal(block(i)) for i, out in enumerate(outs))
+
+
+@pytest.mark.parametrize("groups", [None, [(0, 1), (1, 2)]])
+def test_a_corrupt_value_read_direct_is_a_clean_miss(store, groups):
+    with DiskTier(store, SPEC, 4 * N * BPB) as disk:
+        disk.put_many([key(i) for i in range(N)], [block(i) for i in range(N)])
+
+    def flip(value: bytearray) -> bytearray:
+        value[HEADER_BYTES + BPB - 1] ^= 0xFF  # the payload's last byte: in the last layer group
+        return value
+
+    edit_value(store, SPEC, key(5), flip)
+    if coldcache.evict_file(DiskTier.data_file_of(store)):
+        pytest.skip("cannot evict the store's data file from the page cache here")
+    with DiskTier(store, SPEC, 4 * N * BPB, read_threads=4, read_split_bytes=BPB) as disk:
+        outs = [empty() for _ in range(N)]
+        found = disk.get_many([key(i) for i in range(N)], outs, layer_groups=groups)
+        assert disk.stats().corrupt == 1
+    assert found == [i != 5 for i in range(N)]
+    assert all(out.equal(block(i)) for i, out in enumerate(outs) if i != 5)
+
+
+def test_uncached_reads_is_a_bool():
+    assert OffloadConfig().disk_uncached_reads is True
+    with pytest.raises(ConfigError, match="disk_uncached_reads: expected true or false"):
+        OffloadConfig(disk_uncached_reads="yes")

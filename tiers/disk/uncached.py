@@ -1,0 +1,137 @@
+"""Reading data.mdb around the page cache (O_DIRECT) when the bytes are not in it: an uncached read.
+
+Why: on this project's machine (Linux 6.18, ext4 on virtio) a cold buffered read spends much of its CPU
+filling the page cache, more with several readers (they contend on it) and more in parts than as one stream
+(the kernel fills it page by page when reads skip bytes). 93 MB cold, 3 MB reads, other core busy, median of
+5: one buffered stream 58 ms / 23 ms CPU, 4 buffered readers 75 ms / 38 ms CPU (in 4 parts: 75 / 38),
+4 uncached readers 70 ms / 13 ms CPU (in 4 parts: 76 / 21; without the copy out of the aligned buffer
+6 ms). Where an engine computes on the same cores while it reads, that CPU is what its TTFT pays
+(docs/disk-reads.md "Reading around the page cache"). An uncached read skips the page cache both ways: bytes
+already in it are read from the disk again (dirty ones written back first), so readers go uncached only
+when `mostly_cold` says the bytes are out of it, and what they read is not kept there (the host tier is
+kvtier's cache of hot blocks).
+
+Primitives:
+- `UncachedFile(path)`: a descriptor opened with O_DIRECT and an aligned buffer of its own (one reader
+  thread's); `preadv(bufs, offset)` reads the aligned span around the bytes into the buffer and copies
+  them out, returning what `os.preadv` would. A file system that refuses O_DIRECT (tmpfs, some FUSE)
+  raises on open; a read it refuses (EINVAL) falls back to a buffered descriptor of the same file, for good.
+- `preadv(f, bufs, offset)`: `os.preadv` for a plain descriptor, `f.preadv` for an `UncachedFile`.
+- `resident_bytes(fd, offset, length)`: bytes of that range in the page cache (`mincore`), None when it
+  cannot be told; `mostly_cold(fd, offset, length)`: whether a read of that range may go uncached.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import mmap
+import os
+from typing import Sequence, Union
+
+import numpy as np
+
+#: the alignment of an uncached read's offset, length and memory (the largest logical block size in use)
+ALIGN = 4096
+#: a read goes uncached when at most this share of its span is in the page cache (what it reads again)
+RESIDENT_AT_MOST = 0.25
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+_libc.mmap.restype = ctypes.c_void_p
+_libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+_libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+_libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+_MAP_FAILED = ctypes.c_void_p(-1).value
+_PAGE = mmap.PAGESIZE
+
+
+class UncachedFile:
+    """One reader's O_DIRECT descriptor of a file and its aligned buffer (not shared between threads)."""
+
+    def __init__(self, path: str) -> None:
+        """
+        Raises:
+            OSError: the file cannot be opened, or its file system refuses O_DIRECT.
+        """
+        if not hasattr(os, "O_DIRECT"):
+            raise OSError(errno.EINVAL, "O_DIRECT is not available on this platform", path)
+        self.path = path
+        self.fd = os.open(path, os.O_RDONLY | os.O_DIRECT | getattr(os, "O_CLOEXEC", 0))
+        self._buffer: mmap.mmap | None = None
+        self._plain: int | None = None  # a buffered descriptor, once an uncached read was refused
+
+    def preadv(self, bufs: Sequence[memoryview], offset: int) -> int:
+        """Reads into `bufs` in order from `offset`, as `os.preadv` (the bytes read, fewer at the file's end)."""
+        if self._plain is not None:
+            return os.preadv(self._plain, bufs, offset)
+        size = sum(len(b) for b in bufs)
+        lo = offset - offset % ALIGN
+        hi = -(-(offset + size) // ALIGN) * ALIGN
+        span = self._span(hi - lo)
+        try:
+            got = os.preadv(self.fd, [span], lo)
+        except OSError as err:
+            if err.errno != errno.EINVAL:
+                raise
+            self._plain = os.open(self.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+            return os.preadv(self._plain, bufs, offset)
+        got = max(0, min(size, got - (offset - lo)))
+        pos = offset - lo
+        for buf in bufs:
+            take = min(len(buf), got - (pos - (offset - lo)))
+            if take <= 0:
+                break
+            buf[:take] = span[pos:pos + take]
+            pos += take
+        return got
+
+    def _span(self, size: int) -> memoryview:
+        if self._buffer is None or len(self._buffer) < size:
+            if self._buffer is not None:
+                self._buffer.close()
+            self._buffer = mmap.mmap(-1, max(size, 4 << 20))  # page aligned
+        return memoryview(self._buffer)[:size]
+
+    def close(self) -> None:
+        for fd in (self.fd, self._plain):
+            if fd is not None:
+                os.close(fd)
+        self._plain = None
+        if self._buffer is not None:
+            self._buffer.close()
+            self._buffer = None
+
+
+#: what a reader reads from: a plain descriptor or a `UncachedFile`
+Readable = Union[int, UncachedFile]
+
+
+def preadv(f: Readable, bufs: Sequence[memoryview], offset: int) -> int:
+    """`os.preadv(f, bufs, offset)` for a plain descriptor, `f.preadv(bufs, offset)` for a `UncachedFile`."""
+    return os.preadv(f, bufs, offset) if isinstance(f, int) else f.preadv(bufs, offset)
+
+
+def resident_bytes(fd: int, offset: int, length: int) -> int | None:
+    """Bytes of `fd`'s range [offset, offset + length) in the page cache (page granularity), or None when
+    it cannot be told (mapping or mincore refused). Maps without touching: nothing is faulted in."""
+    lo = offset - offset % _PAGE
+    size = offset + length - lo
+    if size <= 0:
+        return 0
+    addr = _libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, lo)
+    if addr in (None, _MAP_FAILED):
+        return None
+    try:
+        vec = (ctypes.c_ubyte * -(-size // _PAGE))()
+        if _libc.mincore(addr, size, vec) != 0:
+            return None
+        return min(int(np.count_nonzero(np.frombuffer(vec, dtype=np.uint8) & 1)) * _PAGE, size)
+    finally:
+        _libc.munmap(addr, size)
+
+
+def mostly_cold(fd: int, offset: int, length: int) -> bool:
+    """Whether at most RESIDENT_AT_MOST of the range is in the page cache (unknown: no)."""
+    resident = resident_bytes(fd, offset, length)
+    return resident is not None and resident <= RESIDENT_AT_MOST * length
