@@ -30,6 +30,7 @@ from kvtier.tiers.errors import StoreError
 
 log = logging.getLogger(__name__)
 
+
 def _check_not_open(path: str) -> None:
     real = os.path.realpath(path)
     for store in diskenv.open_paths():

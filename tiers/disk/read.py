@@ -3,7 +3,8 @@
 Primitives:
 - `read_value_at(fd, offset, value_len, fingerprint, key, out, itemsize)`: reads a value from data.mdb at a
   file offset (`SharedEnv.locate_many`) and checks it; the raw codec's payload lands in `out` with one
-  `os.preadv` (header and payload in one call), a compressed payload is read into a per-thread scratch
+  `preadv` (header and payload in one call; `fd` a plain descriptor, or a `disk.uncached.UncachedFile`
+  that reads around the page cache), a compressed payload is read into a per-thread scratch
   buffer and decoded into `out`. The disk tier's read path: values read in file order this way stream
   at the speed of a cold sequential read of a file, provided LMDB's map does no readahead of its own
   (see `disk.env`: a fault in the map otherwise reads 8 MiB around it, synchronously, and the reads
@@ -39,8 +40,8 @@ import numpy as np
 import xxhash
 
 from kvtier.tiers.codecs import Codec, get_codec
-from kvtier.tiers.disk.uncached import Readable, preadv
 from kvtier.tiers.disk.format import HEADER_BYTES, check_header, checksum, decode_header
+from kvtier.tiers.disk.uncached import Readable, preadv
 from kvtier.tiers.errors import ConfigError, CorruptBlockError, SpecMismatchError
 from kvtier.tiers.spec import KVSpec
 

@@ -49,7 +49,7 @@ import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Callable, Sequence
 
-from kvtier.tiers.disk.uncached import UncachedFile, Readable, mostly_cold
+from kvtier.tiers.disk.uncached import Readable, UncachedFile, close, mostly_cold
 from kvtier.tiers.errors import ClosedError, ConfigError
 
 log = logging.getLogger(__name__)
@@ -69,7 +69,7 @@ STALL_LOG_S = 30.0
 #: (file offset, length, index into the caller's keys), in file order
 Located = tuple[int, int, int]
 #: read_one(fd, offset, length, index, part) -> None when (so far) delivered, else the reason
-ReadOne = Callable[[int, int, int, int, int], "str | None"]
+ReadOne = Callable[[Readable, int, int, int, int], "str | None"]
 #: extent(index, part) -> (file offset, bytes) that read_one reads for that part of that value
 Extent = Callable[[int, int], "tuple[int, int]"]
 OnResult = Callable[[int, "str | None", int], None]
@@ -130,6 +130,8 @@ class ReaderPool:
         """
         if not isinstance(num_threads, int) or isinstance(num_threads, bool) or num_threads < 1:
             raise ConfigError(f"read_threads: expected a positive int, got {num_threads!r}")
+        if not isinstance(uncached, bool):
+            raise ConfigError(f"uncached_reads: expected true or false, got {uncached!r}")
         if min_part_bytes < 0:
             raise ConfigError(f"min_part_bytes: expected >= 0, got {min_part_bytes}")
         self.num_threads = num_threads
@@ -177,7 +179,7 @@ class ReaderPool:
             ClosedError: the pool was closed.
         """
         runs = split_ranges(located, self.num_threads, self.min_part_bytes)
-        uncached = self.uncached and len(runs) > 1 and _cold(fd, located)
+        uncached = self.uncached and len(runs) > 1 and mostly_cold(fd, [(o, n) for o, n, _ in located])
         window, announcing = None, None
         if extent is not None and num_parts > 1 and not uncached and hasattr(os, "posix_fadvise") and \
                 sum(length for _, length, _ in located) >= max(self.min_part_bytes, 1):
@@ -269,7 +271,7 @@ def _read_run(path: str, run: Sequence[Located], read_one: ReadOne, num_parts: i
                         return
                     results.put((part, i, read_one(fd, offset, length, i, part), length))
         finally:
-            fd.close() if isinstance(fd, UncachedFile) else os.close(fd)
+            close(fd)
     except BaseException as err:  # reported to the caller, which raises it once every reader stopped
         results.put(err)
     finally:
@@ -287,13 +289,6 @@ def _open(path: str, num_parts: int, uncached: bool) -> Readable:
     if hasattr(os, "posix_fadvise"):  # parts skip bytes: readahead would read them first
         os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL if num_parts == 1 else os.POSIX_FADV_RANDOM)
     return fd
-
-
-def _cold(fd: int, located: Sequence[Located]) -> bool:
-    """Whether the span of file the values lie in is mostly out of the page cache (see `disk.uncached`)."""
-    lo = located[0][0]
-    hi = max(offset + length for offset, length, _ in located)
-    return mostly_cold(fd, lo, hi - lo)
 
 
 class _Window:
@@ -314,7 +309,7 @@ class _Window:
 
     def counting(self, read_one: ReadOne, extent: Extent) -> ReadOne:
         """`read_one` that counts the bytes of every part it reads."""
-        def counted(fd: int, offset: int, length: int, i: int, part: int) -> "str | None":
+        def counted(fd: Readable, offset: int, length: int, i: int, part: int) -> "str | None":
             try:
                 return read_one(fd, offset, length, i, part)
             finally:

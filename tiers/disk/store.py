@@ -108,7 +108,8 @@ class DiskTier(Tier):
         self._n = dict(hits=0, misses=0, corrupt=0, foreign=0, acknowledged_blocks=0, bytes_read=0, bytes_written=0)
         self._closed = False
         self._final_stats = DiskStats(0, 0, 0, 0, 0, 0, 0, 0, 0)
-        self._readers = ReaderPool(read_threads, read_split_bytes, uncached_reads)  # checks the count before the store is opened
+        # checks its arguments before the store is opened
+        self._readers = ReaderPool(read_threads, read_split_bytes, uncached_reads)
         self._env = diskenv.acquire(self.path, size, max_size, readonly)
         self._books = SpecBooks(self._env, self._fp)
         self._writer = DiskWriter(self, batch_max_blocks)
@@ -288,10 +289,11 @@ class DiskTier(Tier):
         """Reads blocks straight into `outs`: contiguous CPU tensors of one block each, or per block a list
         of writable memory runs that take its payload in order (an engine's own KV memory).
 
-        Values are read in file order with `os.preadv` at their located offsets, a large read cut into a few
-        contiguous ranges read by the tier's reader threads (`disk.readers`). `on_landed(indices)`, when given,
-        is called on the calling thread with the indices (into `keys`) of delivered blocks in batches of
-        `batch_blocks` as they land, so a caller can use them while the rest is read.
+        Values are read in file order with `preadv` at their located offsets, a large read cut into a few
+        contiguous ranges read by the tier's reader threads (`disk.readers`; around the page cache when their
+        bytes are out of it, `disk.uncached`). `on_landed(indices)`, when given, is called on the calling
+        thread with the indices (into `keys`) of delivered blocks in batches of `batch_blocks` as they land,
+        so a caller can use them while the rest is read.
 
         With `layer_groups` (contiguous [lo, hi) layer ranges from 0 to num_layers) every value is read group by
         group, group g of every block before group g + 1 (`disk.read.PartedValue`), and `on_group(g)` is called

@@ -12,13 +12,14 @@ when `mostly_cold` says the bytes are out of it, and what they read is not kept 
 kvtier's cache of hot blocks).
 
 Primitives:
-- `UncachedFile(path)`: a descriptor opened with O_DIRECT and an aligned buffer of its own (one reader
-  thread's); `preadv(bufs, offset)` reads the aligned span around the bytes into the buffer and copies
+- `UncachedFile(path)`: a descriptor opened with O_DIRECT; `preadv(bufs, offset)` reads the aligned span
+  around the bytes into the calling thread's aligned buffer (kept from one read to the next) and copies
   them out, returning what `os.preadv` would. A file system that refuses O_DIRECT (tmpfs, some FUSE)
   raises on open; a read it refuses (EINVAL) falls back to a buffered descriptor of the same file, for good.
-- `preadv(f, bufs, offset)`: `os.preadv` for a plain descriptor, `f.preadv` for an `UncachedFile`.
+- `preadv(f, bufs, offset)` / `close(f)`: for a plain descriptor or an `UncachedFile` alike.
 - `resident_bytes(fd, offset, length)`: bytes of that range in the page cache (`mincore`), None when it
-  cannot be told; `mostly_cold(fd, offset, length)`: whether a read of that range may go uncached.
+  cannot be told; `mostly_cold(fd, spans)`: whether a read of those (offset, length) spans may go
+  uncached.
 """
 
 from __future__ import annotations
@@ -26,17 +27,24 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import errno
+import logging
 import mmap
 import os
+import threading
 from typing import Sequence, Union
 
 import numpy as np
 
 #: the alignment of an uncached read's offset, length and memory (the largest logical block size in use)
 ALIGN = 4096
-#: a read goes uncached when at most this share of its span is in the page cache (what it reads again)
+#: a read goes uncached when at most this share of its bytes is in the page cache (what it reads again)
 RESIDENT_AT_MOST = 0.25
 
+#: an aligned buffer grows by this much (a value of the engine's geometry here is ~3 MB)
+BUFFER_STEP = 4 << 20
+
+log = logging.getLogger(__name__)
+_local = threading.local()
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 _libc.mmap.restype = ctypes.c_void_p
 _libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
@@ -47,60 +55,61 @@ _PAGE = mmap.PAGESIZE
 
 
 class UncachedFile:
-    """One reader's O_DIRECT descriptor of a file and its aligned buffer (not shared between threads)."""
+    """One reader's O_DIRECT descriptor of a file (used by one thread at a time; the aligned buffer it reads
+    through is its thread's own)."""
 
     def __init__(self, path: str) -> None:
         """
         Raises:
-            OSError: the file cannot be opened, or its file system refuses O_DIRECT.
+            OSError: the file cannot be opened, or its file system (or platform) refuses O_DIRECT.
         """
         if not hasattr(os, "O_DIRECT"):
             raise OSError(errno.EINVAL, "O_DIRECT is not available on this platform", path)
         self.path = path
-        self.fd = os.open(path, os.O_RDONLY | os.O_DIRECT | getattr(os, "O_CLOEXEC", 0))
-        self._buffer: mmap.mmap | None = None
+        self.fd: int | None = os.open(path, os.O_RDONLY | os.O_DIRECT | getattr(os, "O_CLOEXEC", 0))
         self._plain: int | None = None  # a buffered descriptor, once an uncached read was refused
 
     def preadv(self, bufs: Sequence[memoryview], offset: int) -> int:
-        """Reads into `bufs` in order from `offset`, as `os.preadv` (the bytes read, fewer at the file's end)."""
+        """Reads into `bufs` in order from `offset`; returns what `os.preadv` would (fewer bytes at the end)."""
         if self._plain is not None:
             return os.preadv(self._plain, bufs, offset)
         size = sum(len(b) for b in bufs)
         lo = offset - offset % ALIGN
-        hi = -(-(offset + size) // ALIGN) * ALIGN
-        span = self._span(hi - lo)
-        try:
-            got = os.preadv(self.fd, [span], lo)
-        except OSError as err:
-            if err.errno != errno.EINVAL:
-                raise
-            self._plain = os.open(self.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
-            return os.preadv(self._plain, bufs, offset)
-        got = max(0, min(size, got - (offset - lo)))
-        pos = offset - lo
-        for buf in bufs:
-            take = min(len(buf), got - (pos - (offset - lo)))
-            if take <= 0:
-                break
-            buf[:take] = span[pos:pos + take]
-            pos += take
+        skip = offset - lo
+        with _aligned(-(-(skip + size) // ALIGN) * ALIGN) as span:
+            try:
+                got = os.preadv(self.fd, [span], lo)
+            except OSError as err:
+                if err.errno != errno.EINVAL:
+                    raise
+                log.info("%s: O_DIRECT read refused (%s); reading through the page cache", self.path, err)
+                self._plain = os.open(self.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+                return os.preadv(self._plain, bufs, offset)
+            got = max(0, min(size, got - skip))
+            pos, end = skip, skip + got
+            for buf in bufs:
+                take = max(0, min(len(buf), end - pos))
+                buf[:take] = span[pos:pos + take]
+                pos += take
         return got
 
-    def _span(self, size: int) -> memoryview:
-        if self._buffer is None or len(self._buffer) < size:
-            if self._buffer is not None:
-                self._buffer.close()
-            self._buffer = mmap.mmap(-1, max(size, 4 << 20))  # page aligned
-        return memoryview(self._buffer)[:size]
-
     def close(self) -> None:
-        for fd in (self.fd, self._plain):
+        """Closes the descriptors (idempotent)."""
+        fds, self.fd, self._plain = (self.fd, self._plain), None, None
+        for fd in fds:
             if fd is not None:
                 os.close(fd)
-        self._plain = None
-        if self._buffer is not None:
-            self._buffer.close()
-            self._buffer = None
+
+
+def _aligned(size: int) -> memoryview:
+    """A view of `size` bytes of this thread's page-aligned buffer (grown in BUFFER_STEP steps; a reader
+    thread keeps it from one read to the next)."""
+    buf = getattr(_local, "buffer", None)
+    if buf is None or len(buf) < size:
+        if buf is not None:
+            buf.close()
+        buf = _local.buffer = mmap.mmap(-1, -(-size // BUFFER_STEP) * BUFFER_STEP)
+    return memoryview(buf)[:size]
 
 
 #: what a reader reads from: a plain descriptor or a `UncachedFile`
@@ -110,6 +119,11 @@ Readable = Union[int, UncachedFile]
 def preadv(f: Readable, bufs: Sequence[memoryview], offset: int) -> int:
     """`os.preadv(f, bufs, offset)` for a plain descriptor, `f.preadv(bufs, offset)` for a `UncachedFile`."""
     return os.preadv(f, bufs, offset) if isinstance(f, int) else f.preadv(bufs, offset)
+
+
+def close(f: Readable) -> None:
+    """`os.close(f)` for a plain descriptor, `f.close()` for an `UncachedFile`."""
+    os.close(f) if isinstance(f, int) else f.close()
 
 
 def resident_bytes(fd: int, offset: int, length: int) -> int | None:
@@ -131,7 +145,24 @@ def resident_bytes(fd: int, offset: int, length: int) -> int | None:
         _libc.munmap(addr, size)
 
 
-def mostly_cold(fd: int, offset: int, length: int) -> bool:
-    """Whether at most RESIDENT_AT_MOST of the range is in the page cache (unknown: no)."""
-    resident = resident_bytes(fd, offset, length)
-    return resident is not None and resident <= RESIDENT_AT_MOST * length
+def mostly_cold(fd: int, spans: Sequence[tuple[int, int]]) -> bool:
+    """Whether at most RESIDENT_AT_MOST of the bytes of `spans` ((offset, length), in file order, joined
+    when they touch) are in the page cache; unknown: no."""
+    total = resident = 0
+    for offset, length in _joined(spans):
+        got = resident_bytes(fd, offset, length)
+        if got is None:
+            return False
+        total, resident = total + length, resident + got
+    return resident <= RESIDENT_AT_MOST * total
+
+
+def _joined(spans: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
+    """(offset, length) spans in file order, those less than a page apart joined into one."""
+    out: list[list[int]] = []
+    for offset, length in spans:
+        if out and offset - (out[-1][0] + out[-1][1]) < _PAGE:
+            out[-1][1] = max(out[-1][1], offset + length - out[-1][0])
+        else:
+            out.append([offset, length])
+    return [(o, n) for o, n in out]
