@@ -9,12 +9,13 @@ filling the page cache, more with several readers (they contend on it) and more 
 (docs/disk-reads.md "Reading around the page cache"). An uncached read skips the page cache both ways: bytes
 already in it are read from the disk again (dirty ones written back first), so readers go uncached only
 when `mostly_cold` says the bytes are out of it, and what they read is not kept there (the host tier is
-kvtier's cache of hot blocks).
+kvtier's cache of hot blocks). Only reads of whole values go uncached (`disk.readers`): a read in parts keeps
+the page cache and its announcer, which give the disk a deeper queue.
 
 Primitives:
 - `UncachedFile(path)`: a descriptor opened with O_DIRECT; `preadv(bufs, offset)` reads the aligned span
   around the bytes into the calling thread's aligned buffer (kept from one read to the next) and copies
-  them out, returning what `os.preadv` would. A file system that refuses O_DIRECT (tmpfs, some FUSE)
+  them out, returning what `os.preadv` would. A file system that refuses O_DIRECT (some FUSE, old tmpfs)
   raises on open; a read it refuses (EINVAL) falls back to a buffered descriptor of the same file, for good.
 - `preadv(f, bufs, offset)` / `close(f)`: for a plain descriptor or an `UncachedFile` alike.
 - `resident_bytes(fd, offset, length)`: bytes of that range in the page cache (`mincore`), None when it
@@ -74,6 +75,8 @@ class UncachedFile:
         if self._plain is not None:
             return os.preadv(self._plain, bufs, offset)
         size = sum(len(b) for b in bufs)
+        if not size:
+            return 0
         lo = offset - offset % ALIGN
         skip = offset - lo
         with _aligned(-(-(skip + size) // ALIGN) * ALIGN) as span:
@@ -146,8 +149,8 @@ def resident_bytes(fd: int, offset: int, length: int) -> int | None:
 
 
 def mostly_cold(fd: int, spans: Sequence[tuple[int, int]]) -> bool:
-    """Whether at most RESIDENT_AT_MOST of the bytes of `spans` ((offset, length), in file order, joined
-    when they touch) are in the page cache; unknown: no."""
+    """Whether at most RESIDENT_AT_MOST of the bytes of `spans` ((offset, length), in file order, those
+    less than a page apart joined) are in the page cache; unknown: no."""
     total = resident = 0
     for offset, length in _joined(spans):
         got = resident_bytes(fd, offset, length)
