@@ -108,8 +108,7 @@ class DiskTier(Tier):
         self._n = dict(hits=0, misses=0, corrupt=0, foreign=0, acknowledged_blocks=0, bytes_read=0, bytes_written=0)
         self._closed = False
         self._final_stats = DiskStats(0, 0, 0, 0, 0, 0, 0, 0, 0)
-        # checks its arguments before the store is opened
-        self._readers = ReaderPool(read_threads, read_split_bytes, uncached_reads)
+        self._readers = ReaderPool(read_threads, read_split_bytes, uncached_reads)  # checked before the store opens
         self._env = diskenv.acquire(self.path, size, max_size, readonly)
         self._books = SpecBooks(self._env, self._fp)
         self._writer = DiskWriter(self, batch_max_blocks)
