@@ -184,7 +184,7 @@ class ReaderPool:
         uncached = self.uncached and num_parts == 1 and len(runs) > 1 and \
             mostly_cold(fd, [(o, n) for o, n, _ in located])
         window, announcing = None, None
-        if extent is not None and num_parts > 1 and not uncached and hasattr(os, "posix_fadvise") and \
+        if extent is not None and num_parts > 1 and hasattr(os, "posix_fadvise") and \
                 sum(length for _, length, _ in located) >= max(self.min_part_bytes, 1):
             window = _Window(ANNOUNCE_AHEAD_BYTES)
             try:
