@@ -1,6 +1,6 @@
 """An engine's KV memory as transfers see it: the `KVBuffer` protocol and `BlockKVBuffer`.
 
-- `KVBuffer`: what an engine adapter implements (`write_blocks`, `read_blocks`, optionally `block_memory`);
+- `KVBuffer`: what an engine adapter implements (`write_blocks`, `read_blocks`, optionally `write_chunks`);
 - `BlockKVBuffer`: the simplest real one, whole blocks in the block layout (replay `--real`, benchmarks);
 - `write_pieces(buffer, pieces, layers, copier)`: several runs of blocks into an engine's KV, as one batch
   of memory runs over a `ParallelCopier` where the buffer offers `write_chunks`;
@@ -28,12 +28,6 @@ class KVBuffer(Protocol):
     Sources and destinations are typed tensors shaped `[n, hi - lo, kv_factor, num_kv_heads,
     block_tokens, head_dim]` (layers [lo, hi) of n blocks in the docs/design.md layout), usually a view
     of consecutive pool slots, so an adapter can move a run of blocks with one copy per layer.
-
-    Optional: `block_memory(block) -> list[memoryview] | None`, the engine block's bytes as writable
-    memory runs in docs/design.md payload order (CPU memory only). Where an adapter has it, a load reads
-    disk blocks straight into the engine's KV (`DiskTier.get_many` into the runs) instead of through
-    a host slot and a second copy; the host slot the decision half booked is filled from the engine's
-    KV once the read has ended, before the load's handle ends (the engine may reuse the memory after).
 
     Optional: `write_chunks(dst_blocks, src, layers) -> list[(dst address, src address, bytes)] | None`,
     the memory runs a CPU `write_blocks` would copy (None when it is not a plain CPU copy), so a load
@@ -119,18 +113,3 @@ def runs_by_tier(tiers: Sequence[TierName], slots: Sequence[int]) -> list[tuple[
             runs.append((tiers[start], start, slots[start], i - start))
             start = i
     return runs
-
-
-def engine_memory(buffer: KVBuffer, blocks: Sequence[int]) -> list[list[memoryview]] | None:
-    """The memory runs of `blocks` in an engine's KV (`KVBuffer.block_memory`), or None unless the
-    buffer offers them for every block."""
-    block_memory = getattr(buffer, "block_memory", None)
-    if block_memory is None:
-        return None
-    memory = []
-    for block in blocks:
-        runs = block_memory(block)
-        if runs is None:
-            return None
-        memory.append(runs)
-    return memory

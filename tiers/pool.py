@@ -2,11 +2,14 @@
 
 Primitives:
 - `SlotPool`: `num_slots` blocks in one uint8 tensor `[num_slots, bytes_per_block]`, allocated once
-  (pinned host memory when CUDA is present); `block(slot)`, `blocks(first, count)` (a typed view of
-  consecutive slots shaped `[count, num_layers, kv_factor, num_kv_heads, block_tokens, head_dim]`).
+  (pinned host memory when CUDA is present; CPU memory starting `page_offset` bytes into a page);
+  `block(slot)`, `blocks(first, count)` (a typed view of consecutive slots shaped
+  `[count, num_layers, kv_factor, num_kv_heads, block_tokens, head_dim]`).
 - `PoolTier`: a `Tier` over a `SlotPool` and a `SlotTable` (key -> slot).
 - `GpuTier`: the pool on the CUDA device; on CPU memory when there is no CUDA (same code).
-- `HostTier`: the pool in host memory, pinned when CUDA is present.
+- `HostTier`: the pool in host memory, pinned when CUDA is present; its slots start where a value's payload
+  does in its page of the disk tier's file, so an uncached disk read lands in them without a copy
+  (`disk.uncached`).
 
 Invariants: memory is allocated once at construction, never per block; a slot's bytes are this
 process's own memory guarded by the index, so reads are not checksummed (docs/design.md).
@@ -19,6 +22,8 @@ from typing import Any
 
 import torch
 
+from kvtier.tiers.disk.format import PAYLOAD_IN_PAGE
+from kvtier.tiers.disk.uncached import ALIGN
 from kvtier.tiers.errors import CapacityError, ConfigError, SpecMismatchError
 from kvtier.tiers.keys import BlockKey
 from kvtier.tiers.slots import SlotTable
@@ -41,7 +46,10 @@ def default_device(name: TierName) -> torch.device:
 class SlotPool:
     """One preallocated uint8 tensor cut into block slots."""
 
-    def __init__(self, spec: KVSpec, num_slots: int, device: torch.device | str = "cpu", pin: bool = False) -> None:
+    def __init__(self, spec: KVSpec, num_slots: int, device: torch.device | str = "cpu", pin: bool = False,
+                 page_offset: int = 0) -> None:
+        """`page_offset`: where in its page (of `disk.uncached.ALIGN` bytes) the pool's memory starts (CPU
+        memory only; with blocks a whole number of pages long, every slot starts there)."""
         if num_slots <= 0:
             raise ConfigError(f"num_slots: expected a positive int, got {num_slots!r}")
         self.spec = spec
@@ -53,14 +61,18 @@ class SlotPool:
             # took 34 ms against 41 ms here, but allocating such a pool set off memory compaction that
             # halved the speed of cold disk reads running at the same time (the engine benchmark, which
             # opens a fresh manager per repeat, read its 94 MB in 55-62 ms without, 55-103 ms with)
-            self.data = torch.empty((num_slots, spec.bytes_per_block), dtype=torch.uint8, device=self.device,
-                                    pin_memory=self.pinned)
+            size = num_slots * spec.bytes_per_block
             if self.device.type == "cpu":
+                whole = torch.empty(size + ALIGN, dtype=torch.uint8, pin_memory=self.pinned)
+                start = (page_offset - whole.data_ptr()) % ALIGN
+                self.data = whole[start:start + size].view(num_slots, spec.bytes_per_block)
                 # fault every page in now, in order (the kernel can back it with huge pages), rather than
                 # on the first copy into each slot: first-touch faults in slot order cost ~3x a copy
                 self.data.zero_()
+            else:
+                self.data = torch.empty((num_slots, spec.bytes_per_block), dtype=torch.uint8, device=self.device)
         except RuntimeError as err:
-            raise ConfigError(f"cannot allocate {format_size(num_slots * spec.bytes_per_block)} for "
+            raise ConfigError(f"cannot allocate {format_size(size)} for "
                               f"{num_slots} slots on {self.device}: {err}") from err
 
     @property
@@ -80,11 +92,15 @@ class SlotPool:
 class PoolTier(Tier):
     """A tier of whole blocks in a `SlotPool`, addressed by key through a `SlotTable`."""
 
+    #: where in its page the pool's memory starts (`SlotPool`)
+    page_offset = 0
+
     def __init__(self, spec: KVSpec, capacity_bytes: int | str, *, device: torch.device | str | None = None,
                  pin: bool | None = None) -> None:
         super().__init__(spec, capacity_bytes)
         device = torch.device(device) if device is not None else default_device(self.name)
-        self.pool = SlotPool(spec, self.num_slots, device, pin=cuda_available() if pin is None else pin)
+        self.pool = SlotPool(spec, self.num_slots, device, pin=cuda_available() if pin is None else pin,
+                             page_offset=self.page_offset)
         self.table = SlotTable(self.num_slots)
         self._lock = threading.Lock()
 
@@ -155,6 +171,7 @@ class HostTier(PoolTier):
     """The `host` tier: a slot pool in host memory, pinned when CUDA is present."""
 
     name = TierName.HOST
+    page_offset = PAYLOAD_IN_PAGE
 
 
 def check_same_spec(a: KVSpec, b: KVSpec, what: str) -> None:

@@ -7,8 +7,8 @@ Primitives:
   - `move(...)`: tier to tier, whole blocks or layer-group order; disk reads straight into the slots (a
     background one in pieces behind loads, `cancel` drops the pieces not started: `pieces`);
   - `load(..., wait_for)`: tiers into the engine's KV in layer-group order (layer i waits only for its
-    group; disk reads land straight in the engine's KV when its buffer offers `block_memory`), once
-    the moves it joined (`wait_for`) have completed;
+    group; disk reads land in host slots placed for them, `pool.HostTier`), once the moves it joined
+    (`wait_for`) have completed;
   - `save(buffer, src_blocks, keys, dst, dst_slots)`: the engine's KV into a pool tier.
 
 Invariants:
@@ -44,7 +44,7 @@ from kvtier.tiers.tier import OUTSIDE, Tier, TierName, get_outside
 from kvtier.tiers.pieces import PieceReads, failed_of, when_done
 from kvtier.tiers.worker import PRIORITY_LOAD, TransferHandle, Worker
 from kvtier.tiers.copies import ParallelCopier, copy_slot_runs
-from kvtier.tiers.kvbuffer import KVBuffer, engine_memory, runs_by_tier, slot_runs, write_pieces
+from kvtier.tiers.kvbuffer import KVBuffer, runs_by_tier, slot_runs, write_pieces
 
 
 class Transferer:
@@ -225,11 +225,10 @@ class Transferer:
              wait_for: Sequence[TransferHandle] = ()) -> TransferHandle:
         """Copies blocks from pool tiers and disk into the engine's KV, layer group by layer group.
 
-        Disk blocks are read straight into the engine's KV where the buffer offers `block_memory` (their host
-        slots filled from it once the read ended, before the handle ends), otherwise into their host slots and
-        copied on. With several layer groups (and no remote block) they are read group by group
-        (`DiskTier.get_many(layer_groups=...)`), so the engine computes while the rest is read; else whole
-        (through host slots, each batch copied on while the next is read, where there is no `block_memory`).
+        Disk blocks are read into the host slots booked for them (where a cold read lands without a copy,
+        `disk.uncached`) and copied on: with several layer groups (and no remote block) group by group
+        (`DiskTier.get_many(layer_groups=...)`), so the engine computes while the rest is read, else whole,
+        each batch copied on while the next is read.
 
         Args:
             keys: the blocks, in prompt order.
@@ -273,20 +272,8 @@ class Transferer:
                                                                      PRIORITY_LOAD))
             return handle
         disk_keys = [keys[i] for i in disk_idx]
-        memory = engine_memory(buffer, [dst_blocks[i] for i in disk_idx])
-
-        def settle(usable: int) -> list[BlockKey]:
-            # the load's last job: the host slots booked for disk blocks read into the engine's KV filled from it
-            # before the handle ends (the engine may reuse that memory once it has); returns the failed keys
-            if memory is not None:
-                landed, host = [i for i in disk_idx if i < usable], self._pool(TierName.HOST).pool
-                for first, s0, _, n in slot_runs([src_slots[i] for i in landed]):
-                    buffer.read_blocks([dst_blocks[i] for i in landed[first:first + n]], host.blocks(s0, n),
-                                       (0, self.spec.num_layers))
-            return list(keys[usable:])
-
         if len(groups) > 1 and all(tiers[i] is TierName.DISK for i in disk_idx):
-            sources = tiers if memory is not None else [TierName.HOST if t in OUTSIDE else t for t in tiers]
+            sources = [TierName.HOST if t in OUTSIDE else t for t in tiers]
 
             def deliver_group(g: int) -> None:
                 lo, hi = groups[g]
@@ -303,8 +290,7 @@ class Transferer:
             def read_layered() -> None:
                 try:
                     self._fence(disk_keys)
-                    host = self._pool(TierName.HOST).pool
-                    outs = memory if memory is not None else [host.block(src_slots[i]) for i in disk_idx]
+                    outs = [self._pool(TierName.HOST).pool.block(src_slots[i]) for i in disk_idx]
                     found = self.tiers[TierName.DISK].get_many(disk_keys, outs, layer_groups=groups, on_group=lambda g: (
                         self._copies.submit(lambda: deliver_group(g), TransferHandle(), PRIORITY_LOAD)))
                 except BaseException as err:
@@ -312,25 +298,10 @@ class Transferer:
                     return
                 missed = {k for k, ok in zip(disk_keys, found) if not ok} | failed_of(wait_for, keys)
                 usable = next((i for i, k in enumerate(keys) if k in missed), len(keys))
-                self._copies.submit(lambda: settle(usable), handle, PRIORITY_LOAD)
+                # after the groups' copies (one FIFO worker): the handle ends with the failed keys
+                self._copies.submit(lambda: list(keys[usable:]), handle, PRIORITY_LOAD)
 
             when_done(wait_for, handle, lambda: self._disk_worker().submit(read_layered, TransferHandle(), priority))
-            return handle
-        if memory is not None:
-            def read_direct() -> None:
-                # whole values into the engine's KV, then the other tiers'; host slots after the read (`settle`)
-                try:
-                    self._fence(disk_keys)
-                    found = get_outside(self.tiers, [tiers[i] for i in disk_idx], disk_keys, memory, None,
-                                        self.DISK_LOAD_BATCH)
-                except BaseException as err:
-                    handle.finish(keys, error=err)
-                    return
-                missed = {k for k, ok in zip(disk_keys, found) if not ok} | failed_of(wait_for, keys)
-                self._copies.submit(lambda: settle(len(keys) - len(copy_groups(missed, frozenset(disk_idx)))), handle,
-                                    PRIORITY_LOAD)
-
-            when_done(wait_for, handle, lambda: self._disk_worker().submit(read_direct, TransferHandle(), priority))
             return handle
 
         def write_whole(batch: list[int]) -> None:

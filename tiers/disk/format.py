@@ -43,6 +43,10 @@ from kvtier.tiers.errors import ConfigError, CorruptBlockError
 
 MAGIC = b"KVTB"
 HEADER_BYTES = 64
+#: where a raw value's payload starts within a page of data.mdb: LMDB stores a value larger than a page (every
+#: block's) from 16 bytes into its first page (after its page header), and the payload follows our header. A
+#: host slot placed at the same place in its page takes an uncached read of the value straight from the disk
+PAYLOAD_IN_PAGE = 16 + HEADER_BYTES
 #: version of one value's header (bumped when the header layout changes)
 VALUE_FORMAT_VERSION = 1
 #: version of the store as a whole (sub-database names, key layout, meta records); kept in the meta db

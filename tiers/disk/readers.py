@@ -25,9 +25,9 @@ Primitives:
   (`POSIX_FADV_WILLNEED`), so the disk sees a deep queue of reads in that order: parts skip bytes, so
   the kernel's own readahead cannot do it (31 values of 2.95 MB in 4 parts, cold, other core busy,
   median of 5-6: one reader 106-122 ms without, 70-82 with; four readers 83-84 and 80-83; docs/disk-reads.md).
-  A read of whole values whose bytes are mostly out of the page cache is read around it instead
-  (`disk.uncached`: each reader's descriptor opened with O_DIRECT): the same requests at the disk, a
-  fraction of the CPU.
+  A read whose bytes are mostly out of the page cache is read around it instead (`disk.uncached`: each
+  reader's descriptor opened with O_DIRECT, nothing announced): the same requests at the disk, a fraction
+  of the CPU, and none at all for the bytes that land in a host slot placed for it (`pool.HostTier`).
 
 Invariants:
 - when `read` returns (or raises), no reader thread touches a destination any more: it waits for every
@@ -122,8 +122,8 @@ class ReaderPool:
             num_threads: reader threads at most (1: every read stays in the calling thread; a large read in
                 parts is announced by one more thread).
             min_part_bytes: the smallest range given its own thread.
-            uncached: reader threads read whole values around the page cache (O_DIRECT, `disk.uncached`)
-                when the read's bytes are out of it and the file system allows it.
+            uncached: reader threads read around the page cache (O_DIRECT, `disk.uncached`) when the read's
+                bytes are out of it and the file system allows it.
 
         Raises:
             ConfigError: `num_threads` not a positive int, or `min_part_bytes` negative.
@@ -179,12 +179,9 @@ class ReaderPool:
             ClosedError: the pool was closed.
         """
         runs = split_ranges(located, self.num_threads, self.min_part_bytes)
-        # whole values only: a read in parts keeps the page cache and its announcer (uncached, each reader has
-        # one part's request in flight at a time, and the engine's layered restore measured slower)
-        uncached = self.uncached and num_parts == 1 and len(runs) > 1 and \
-            mostly_cold(fd, [(o, n) for o, n, _ in located])
+        uncached = self.uncached and len(runs) > 1 and mostly_cold(fd, [(o, n) for o, n, _ in located])
         window, announcing = None, None
-        if extent is not None and num_parts > 1 and hasattr(os, "posix_fadvise") and \
+        if extent is not None and num_parts > 1 and not uncached and hasattr(os, "posix_fadvise") and \
                 sum(length for _, length, _ in located) >= max(self.min_part_bytes, 1):
             window = _Window(ANNOUNCE_AHEAD_BYTES)
             try:

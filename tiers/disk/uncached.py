@@ -14,9 +14,11 @@ the page cache and its announcer, which give the disk a deeper queue.
 
 Primitives:
 - `UncachedFile(path)`: a descriptor opened with O_DIRECT; `preadv(bufs, offset)` reads the aligned span
-  around the bytes into the calling thread's aligned buffer (kept from one read to the next) and copies
-  them out, returning what `os.preadv` would. A file system that refuses O_DIRECT (some FUSE, old tmpfs)
-  raises on open; a read it refuses (EINVAL) falls back to a buffered descriptor of the same file, for good.
+  around the bytes, returning what `os.preadv` would: the whole pages of a buffer placed in its page as its
+  bytes are in the file (a host slot, `pool.HostTier`) straight into it, the rest into the calling thread's
+  aligned buffer (kept from one read to the next) and copied out. A file system that refuses O_DIRECT
+  (some FUSE, old tmpfs) raises on open; a read it refuses (EINVAL) falls back to a buffered descriptor of
+  the same file, for good.
 - `preadv(f, bufs, offset)` / `close(f)`: for a plain descriptor or an `UncachedFile` alike.
 - `resident_bytes(fd, offset, length)`: bytes of that range in the page cache (`mincore`), None when it
   cannot be told; `mostly_cold(fd, spans)`: whether a read of those (offset, length) spans may go
@@ -71,30 +73,44 @@ class UncachedFile:
         self._plain: int | None = None  # a buffered descriptor, once an uncached read was refused
 
     def preadv(self, bufs: Sequence[memoryview], offset: int) -> int:
-        """Reads into `bufs` in order from `offset`; returns what `os.preadv` would (fewer bytes at the end)."""
+        """Reads into `bufs` in order from `offset`; returns what `os.preadv` would (fewer bytes at the end).
+
+        The whole pages of a buffer that sits at the same place in its page as its bytes do in the file are
+        read straight into it; the rest of the aligned span goes through this thread's aligned buffer."""
         if self._plain is not None:
             return os.preadv(self._plain, bufs, offset)
         size = sum(len(b) for b in bufs)
         if not size:
             return 0
-        lo = offset - offset % ALIGN
-        skip = offset - lo
-        with _aligned(-(-(skip + size) // ALIGN) * ALIGN) as span:
+        lo, hi = offset - offset % ALIGN, -(-(offset + size) // ALIGN) * ALIGN
+        direct = _in_place(bufs, offset)
+        with _aligned(hi - lo - sum(stop - start for start, stop, _ in direct)) as bounce:
+            iov, bounced, cursor, used = [], [], lo, 0  # bounced: (file start, file stop, where in `bounce`)
+            for start, stop, mem in [*direct, (hi, hi, None)]:
+                if start > cursor:
+                    iov.append(bounce[used:used + start - cursor])
+                    bounced.append((cursor, start, used))
+                    used += start - cursor
+                if mem is not None:
+                    iov.append(mem)
+                cursor = stop
             try:
-                got = os.preadv(self.fd, [span], lo)
+                got = os.preadv(self.fd, iov, lo)
             except OSError as err:
                 if err.errno != errno.EINVAL:
                     raise
                 log.info("%s: O_DIRECT read refused (%s); reading through the page cache", self.path, err)
                 self._plain = os.open(self.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
                 return os.preadv(self._plain, bufs, offset)
-            got = max(0, min(size, got - skip))
-            pos, end = skip, skip + got
-            for buf in bufs:
-                take = max(0, min(len(buf), end - pos))
-                buf[:take] = span[pos:pos + take]
-                pos += take
-        return got
+            end = min(offset + size, lo + got)
+            pos = offset
+            for buf in bufs:  # the bytes that came through `bounce` to their buffers
+                for start, stop, at in bounced:
+                    a, b = max(start, pos), min(stop, pos + len(buf), end)
+                    if a < b:
+                        buf[a - pos:b - pos] = bounce[at + a - start:at + b - start]
+                pos += len(buf)
+        return max(0, end - offset)
 
     def close(self) -> None:
         """Closes the descriptors (idempotent)."""
@@ -104,6 +120,21 @@ class UncachedFile:
                 os.close(fd)
 
 
+def _in_place(bufs: Sequence[memoryview], offset: int) -> list[tuple[int, int, memoryview]]:
+    """(file start, file stop, memory) of the whole pages an uncached read can put straight into `bufs` (read
+    in order from `offset`): those of a buffer at the same place in its page as its bytes in the file."""
+    out, pos = [], offset
+    for buf in bufs:
+        if len(buf) >= 2 * ALIGN and not buf.readonly:
+            address = ctypes.addressof(ctypes.c_char.from_buffer(buf))
+            if address % ALIGN == pos % ALIGN:
+                start, stop = -(-pos // ALIGN) * ALIGN, (pos + len(buf)) // ALIGN * ALIGN
+                if stop > start:
+                    out.append((start, stop, buf[start - pos:stop - pos]))
+        pos += len(buf)
+    return out
+
+
 def _aligned(size: int) -> memoryview:
     """A view of `size` bytes of this thread's page-aligned buffer (grown in BUFFER_STEP steps; a reader
     thread keeps it from one read to the next)."""
@@ -111,7 +142,7 @@ def _aligned(size: int) -> memoryview:
     if buf is None or len(buf) < size:
         if buf is not None:
             buf.close()
-        buf = _local.buffer = mmap.mmap(-1, -(-size // BUFFER_STEP) * BUFFER_STEP)
+        buf = _local.buffer = mmap.mmap(-1, -(-max(size, 1) // BUFFER_STEP) * BUFFER_STEP)
     return memoryview(buf)[:size]
 
 

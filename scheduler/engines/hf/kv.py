@@ -136,7 +136,6 @@ class HFKVBuffer:
         self.num_tokens = num_tokens
         #: all layers' K and V in one tensor (from `allocate`), or None when the tensors are separate
         self.storage = storage
-        self._flat: list[memoryview] | None = None  # byte views of K0, V0, K1, ... for `block_memory`
 
     # -- constructors ---------------------------------------------------------------------------
 
@@ -218,28 +217,6 @@ class HFKVBuffer:
                 for kv, tensors in enumerate((self.keys, self.values)):
                     copy_tensor(dst[j0:j0 + n, layer - layers[0], kv].transpose(0, 1),
                                 self._block_view(tensors[layer], b0, n))
-
-    def block_memory(self, block: int) -> list[memoryview] | None:
-        """Block `block`'s bytes as writable memory runs in docs/design.md payload order (layer, K/V, head:
-        `block_tokens x head_dim` elements each), so a disk read lands straight in this sequence's KV
-        (`KVBuffer.block_memory`); None when the tensors are not contiguous CPU memory.
-
-        Raises:
-            ConfigError: `block` is outside the buffer's full blocks.
-        """
-        if not 0 <= block < self.num_blocks:
-            raise ConfigError(f"block: {block} outside this sequence's {self.num_blocks} full blocks")
-        if self._flat is None:
-            if self.device.type != "cpu" or not all(t.is_contiguous() for t in self.keys + self.values):
-                return None
-            # one flat byte view per layer's K and V (slicing a memoryview is cheap: ~100 ns a run)
-            self._flat = [memoryview(t.detach().numpy()).cast("B") for pair in zip(self.keys, self.values)
-                          for t in pair]
-        s = self.spec
-        run = s.block_tokens * s.head_dim * s.itemsize
-        per_head = self.num_tokens * s.head_dim * s.itemsize
-        return [flat[h * per_head + block * run:h * per_head + (block + 1) * run]
-                for flat in self._flat for h in range(s.num_kv_heads)]
 
     def _storage_view(self, b0: int, n: int, layers: tuple[int, int]) -> torch.Tensor:
         """Blocks [b0, b0+n) of layers [lo, hi) of the single allocation, as `[hi - lo, 2, heads, n, T,

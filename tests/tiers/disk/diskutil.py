@@ -42,3 +42,13 @@ def edit_value(path: str, spec: KVSpec, k: bytes, fn) -> None:
     env.close()
 
 
+
+
+def kv_runs(buffer, block_index: int) -> list[memoryview]:
+    """An `HFKVBuffer` block's bytes as writable memory runs in payload order (layer, K/V, head): a
+    destination of `DiskTier.get_many` scattered over an engine's own KV, as a caller may give one."""
+    s = buffer.spec
+    run, per_head = s.block_tokens * s.head_dim * s.itemsize, buffer.num_tokens * s.head_dim * s.itemsize
+    flats = [memoryview(t.detach().numpy()).cast("B") for pair in zip(buffer.keys, buffer.values) for t in pair]
+    return [flat[h * per_head + block_index * run:h * per_head + (block_index + 1) * run]
+            for flat in flats for h in range(s.num_kv_heads)]

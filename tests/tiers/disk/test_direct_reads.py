@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from diskutil import kv_runs
 from kvtier.scheduler.engines.hf.kv import HFKVBuffer
 from kvtier.tiers import coldcache
 from kvtier.tiers.codecs import Codec
@@ -69,21 +70,10 @@ def test_get_many_into_engine_memory_runs_is_byte_exact(tmp_path, codec):
         disk.put_many([key(i) for i in range(4)], [block(i) for i in range(4)])
         buffer = engine_kv(4)
         order = [2, 0, 3]  # engine blocks in another order than the keys
-        found = disk.get_many([key(0), key(1), key(2), key(9)], [buffer.block_memory(b) for b in order + [1]])
+        found = disk.get_many([key(0), key(1), key(2), key(9)], [kv_runs(buffer, b) for b in order + [1]])
         assert found == [True, True, True, False]
         for i, b in enumerate(order):
             assert torch.equal(as_block(buffer, b), block(i))
-
-
-def test_block_memory_runs_follow_the_block_layout():
-    buffer = engine_kv(3)
-    src = torch.stack([block(i) for i in range(3)])
-    buffer.write_blocks([0, 1, 2], src, (0, SPEC.num_layers))
-    runs = buffer.block_memory(1)
-    assert len(runs) == SPEC.num_layers * 2 * SPEC.num_kv_heads
-    assert b"".join(bytes(r) for r in runs) == block(1).numpy().tobytes()
-    with pytest.raises(Exception, match="outside"):
-        buffer.block_memory(3)
 
 
 def test_memory_runs_of_the_wrong_size_are_refused(tmp_path):
@@ -103,7 +93,7 @@ def test_corrupt_value_read_into_runs_is_a_counted_miss(tmp_path):
     damage(path, key(0), HEADER_BYTES + 100)
     with DiskTier(path, SPEC, 8 * SPEC.bytes_per_block) as disk:
         buffer = engine_kv(2)
-        assert disk.get_many([key(0), key(1)], [buffer.block_memory(0), buffer.block_memory(1)]) == [False, True]
+        assert disk.get_many([key(0), key(1)], [kv_runs(buffer, 0), kv_runs(buffer, 1)]) == [False, True]
         assert disk.stats().corrupt == 1
         assert torch.equal(as_block(buffer, 1), block(1))
 

@@ -1,13 +1,16 @@
-"""Reads around the page cache (`disk.uncached`): the same bytes as a buffered read at any offset and length,
-only when the bytes are out of the page cache, whole and by layer group, bad values still clean misses, a
-refused read served through the page cache, a failed one raised as itself. Real files and LMDB stores in
+"""Reads around the page cache (`disk.uncached`): the same bytes as a buffered read at any offset, length and
+place in memory, only when the bytes are out of the page cache, whole and by layer group, straight into host
+slots, bad values still clean misses, a refused read served through the page cache, a failed one raised as
+itself. Real files and LMDB stores in
 temp dirs, evicted for real (`coldcache.evict_file`)."""
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import mmap
 import os
+import random
 
 import pytest
 
@@ -15,10 +18,11 @@ from diskutil import SPEC, block, edit_value, empty, key
 from kvtier.scheduler.config import OffloadConfig
 from kvtier.tiers import coldcache
 from kvtier.tiers.disk import readers
-from kvtier.tiers.disk.format import HEADER_BYTES
+from kvtier.tiers.disk.format import HEADER_BYTES, PAYLOAD_IN_PAGE
 from kvtier.tiers.disk.uncached import ALIGN, UncachedFile, mostly_cold, preadv, resident_bytes
 from kvtier.tiers.disk.store import DiskTier
 from kvtier.tiers.errors import ConfigError
+from kvtier.tiers.pool import HostTier
 
 N = 24
 BPB = SPEC.bytes_per_block
@@ -48,6 +52,31 @@ def test_uncached_reads_the_same_bytes_as_a_buffered_read(data_file):
             bufs = [memoryview(bytearray(n)) for n in sizes]
             assert preadv(f, bufs, offset) == sum(sizes)
             assert b"".join(bytes(b) for b in bufs) == expected[offset:offset + sum(sizes)]
+    finally:
+        f.close()
+
+
+def test_buffers_placed_in_their_pages_as_the_file_get_the_same_bytes(tmp_path):
+    """Buffers at the same place in their page as their bytes in the file are read into in place (whole pages)
+    beside bounced edges and other buffers: random offsets, lengths and places, the file's end included."""
+    path, rng = str(tmp_path / "big.bin"), random.Random(7)
+    expected = os.urandom(64 * ALIGN + 5)
+    with open(path, "wb") as f:
+        f.write(expected)
+    memory = bytearray(40 * ALIGN)
+    base = ctypes.addressof(ctypes.c_char.from_buffer(memory))
+    f = uncached_file(path)
+    try:
+        for _ in range(60):
+            offset, n, head = rng.randrange(60 * ALIGN), rng.randrange(1, 30 * ALIGN), rng.choice([0, 7, 64])
+            place = (offset + head) % ALIGN if rng.random() < 0.7 else rng.randrange(ALIGN)
+            start = (place - base) % ALIGN
+            bufs = [memoryview(bytearray(head)), memoryview(memory)[start:start + n],
+                    memoryview(bytearray(rng.randrange(3 * ALIGN)))]
+            total = sum(len(b) for b in bufs)
+            got = preadv(f, bufs, offset)
+            assert got == min(total, len(expected) - offset)
+            assert b"".join(bytes(b) for b in bufs)[:got] == expected[offset:offset + got]
     finally:
         f.close()
 
@@ -136,20 +165,38 @@ def values_resident(store: str) -> int:
 
 @pytest.mark.parametrize("groups", [None, [(0, 1), (1, 2)]])
 def test_a_cold_restore_is_read_uncached_and_exact(cold_store, groups, opened):
-    """Whole values uncached; by layer group through the page cache (announced), exact either way."""
+    """Whole values and by layer group alike."""
     uncached_file(DiskTier.data_file_of(cold_store)).close()  # skips where O_DIRECT is refused
     with DiskTier(cold_store, SPEC, 4 * N * BPB, read_threads=4, read_split_bytes=BPB) as disk:
         outs = [empty() for _ in range(N)]
         assert disk.get_many([key(i) for i in range(N)], outs, layer_groups=groups) == [True] * N
         # the values went around the page cache: what is resident is the B-tree lookups' pages, not N values
-        resident = values_resident(cold_store)
-    if groups is None:  # the values went around the page cache: what is resident is the B-tree's pages
-        assert resident < N * BPB // 2
-        assert len(opened) == 4 and all(f.fd is None for f in opened)  # one per reader, closed
-    else:
-        assert resident >= N * BPB and opened == []
+        assert values_resident(cold_store) < N * BPB // 2
+    assert len(opened) == 4 and all(f.fd is None for f in opened)  # one per reader, closed
     for i, out in enumerate(outs):
         assert out.equal(block(i))
+
+
+def test_a_cold_read_lands_straight_in_host_slots(cold_store, monkeypatch):
+    """The host pool's slots sit in their pages as values' payloads do in the file, so an uncached read puts
+    each value's whole pages straight into its slot (the read's own memory) and copies only the edges."""
+    uncached_file(DiskTier.data_file_of(cold_store)).close()
+    host = HostTier(SPEC, N * BPB)
+    assert all(host.pool.block(i).data_ptr() % ALIGN == PAYLOAD_IN_PAGE for i in range(N))
+    real, targets = os.preadv, set()
+
+    def recording(fd, bufs, offset):
+        targets.update(ctypes.addressof(ctypes.c_char.from_buffer(b)) for b in bufs if len(b))
+        return real(fd, bufs, offset)
+
+    monkeypatch.setattr(os, "preadv", recording)
+    with DiskTier(cold_store, SPEC, 4 * N * BPB, read_threads=4, read_split_bytes=BPB) as disk:
+        slots = list(reversed(range(N)))
+        found = disk.get_many([key(i) for i in range(N)], [host.pool.block(s) for s in slots])
+    assert found == [True] * N
+    for i, s in enumerate(slots):
+        assert host.pool.block(s).data_ptr() + ALIGN - PAYLOAD_IN_PAGE in targets  # its first whole page
+        assert host.pool.blocks(s, 1)[0].equal(block(i))
 
 
 def test_a_warm_restore_reads_through_the_page_cache(cold_store, opened):
