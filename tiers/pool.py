@@ -63,8 +63,11 @@ class SlotPool:
             # opens a fresh manager per repeat, read its 94 MB in 55-62 ms without, 55-103 ms with)
             size = num_slots * spec.bytes_per_block
             if self.device.type == "cpu":
-                whole = torch.empty(size + ALIGN, dtype=torch.uint8, pin_memory=self.pinned)
-                start = (page_offset - whole.data_ptr()) % ALIGN
+                # room to place the pool, unless pinned memory would cross a power of two for it (CUDA's host
+                # allocator rounds a request up to one: a 1 GiB pool would take 2 GiB)
+                slack = ALIGN if not self.pinned or (size + ALIGN - 1).bit_length() == (size - 1).bit_length() else 0
+                whole = torch.empty(size + slack, dtype=torch.uint8, pin_memory=self.pinned)
+                start = (page_offset - whole.data_ptr()) % ALIGN if slack else 0
                 self.data = whole[start:start + size].view(num_slots, spec.bytes_per_block)
                 # fault every page in now, in order (the kernel can back it with huge pages), rather than
                 # on the first copy into each slot: first-touch faults in slot order cost ~3x a copy

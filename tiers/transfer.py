@@ -280,8 +280,8 @@ class Transferer:
                 try:
                     with self._on_stream(submitted):
                         write_pieces(buffer, [(dst_blocks[f:f + n], self._pool(tier).pool.blocks(s0, n)[:, lo:hi])
-                                              for tier, f, s0, n in runs_by_tier(sources, src_slots)
-                                              if tier not in OUTSIDE], (lo, hi), self._copier)
+                                              for tier, f, s0, n in runs_by_tier(sources, src_slots)], (lo, hi),
+                                  self._copier)
                         self._sync()
                 except BaseException as err:  # the load fails whole (its own job would not see this one's error)
                     handle.finish(keys, error=err)

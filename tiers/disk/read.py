@@ -48,7 +48,7 @@ from kvtier.tiers.spec import KVSpec
 _local = threading.local()
 
 #: where a block's payload goes: a contiguous uint8 array of one block, or the block's payload bytes as
-#: writable memory runs in payload order (an engine's own KV memory, see `KVBuffer.block_memory`)
+#: writable memory runs in payload order (memory laid out by layer, K/V and head, as an engine's KV may be)
 Destination = Union[np.ndarray, Sequence[memoryview]]
 
 

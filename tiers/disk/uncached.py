@@ -9,8 +9,8 @@ filling the page cache, more with several readers (they contend on it) and more 
 (docs/disk-reads.md "Reading around the page cache"). An uncached read skips the page cache both ways: bytes
 already in it are read from the disk again (dirty ones written back first), so readers go uncached only
 when `mostly_cold` says the bytes are out of it, and what they read is not kept there (the host tier is
-kvtier's cache of hot blocks). Only reads of whole values go uncached (`disk.readers`): a read in parts keeps
-the page cache and its announcer, which give the disk a deeper queue.
+kvtier's cache of hot blocks). Reads in parts (an engine's layer groups) go uncached too, unannounced
+(`disk.readers`): into host slots placed for them they cost about the CPU of whole ones.
 
 Primitives:
 - `UncachedFile(path)`: a descriptor opened with O_DIRECT; `preadv(bufs, offset)` reads the aligned span
@@ -54,6 +54,10 @@ _libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_
 _libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
 _libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
 _MAP_FAILED = ctypes.c_void_p(-1).value
+try:
+    _IOV_MAX = os.sysconf("SC_IOV_MAX")
+except (AttributeError, ValueError, OSError):
+    _IOV_MAX = 1024
 _PAGE = mmap.PAGESIZE
 
 
@@ -76,7 +80,8 @@ class UncachedFile:
         """Reads into `bufs` in order from `offset`; returns what `os.preadv` would (fewer bytes at the end).
 
         The whole pages of a buffer that sits at the same place in its page as its bytes do in the file are
-        read straight into it; the rest of the aligned span goes through this thread's aligned buffer."""
+        read straight into it; the rest of the aligned span goes through this thread's aligned buffer. As
+        after a short `os.preadv`, a buffer's bytes past what was read are undefined."""
         if self._plain is not None:
             return os.preadv(self._plain, bufs, offset)
         size = sum(len(b) for b in bufs)
@@ -84,6 +89,8 @@ class UncachedFile:
             return 0
         lo, hi = offset - offset % ALIGN, -(-(offset + size) // ALIGN) * ALIGN
         direct = _in_place(bufs, offset)
+        if 2 * len(direct) + 1 > _IOV_MAX:  # more pieces than one call takes: all through the aligned buffer
+            direct = []
         with _aligned(hi - lo - sum(stop - start for start, stop, _ in direct)) as bounce:
             iov, bounced, cursor, used = [], [], lo, 0  # bounced: (file start, file stop, where in `bounce`)
             for start, stop, mem in [*direct, (hi, hi, None)]:
@@ -99,9 +106,11 @@ class UncachedFile:
             except OSError as err:
                 if err.errno != errno.EINVAL:
                     raise
-                log.info("%s: O_DIRECT read refused (%s); reading through the page cache", self.path, err)
+                log.warning("%s: O_DIRECT read refused (%s); reading through the page cache", self.path, err)
                 self._plain = os.open(self.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
                 return os.preadv(self._plain, bufs, offset)
+            finally:  # drop its views of `bounce`: an error's traceback keeps this frame, and views of the buffer
+                iov.clear()  # would keep `_aligned` from replacing it (BufferError on the thread's next read)
             end = min(offset + size, lo + got)
             pos = offset
             for buf in bufs:  # the bytes that came through `bounce` to their buffers
@@ -127,10 +136,9 @@ def _in_place(bufs: Sequence[memoryview], offset: int) -> list[tuple[int, int, m
     for buf in bufs:
         if len(buf) >= 2 * ALIGN and not buf.readonly:
             address = ctypes.addressof(ctypes.c_char.from_buffer(buf))
-            if address % ALIGN == pos % ALIGN:
+            if address % ALIGN == pos % ALIGN:  # then at least one whole page
                 start, stop = -(-pos // ALIGN) * ALIGN, (pos + len(buf)) // ALIGN * ALIGN
-                if stop > start:
-                    out.append((start, stop, buf[start - pos:stop - pos]))
+                out.append((start, stop, buf[start - pos:stop - pos]))
         pos += len(buf)
     return out
 

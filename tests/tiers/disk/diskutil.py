@@ -43,7 +43,6 @@ def edit_value(path: str, spec: KVSpec, k: bytes, fn) -> None:
 
 
 
-
 def kv_runs(buffer, block_index: int) -> list[memoryview]:
     """An `HFKVBuffer` block's bytes as writable memory runs in payload order (layer, K/V, head): a
     destination of `DiskTier.get_many` scattered over an engine's own KV, as a caller may give one."""

@@ -1,5 +1,5 @@
-"""Disk reads straight into memory runs (an engine's own KV), the cold-value page handling and the
-work-sharing copier: real LMDB stores, real tensors, real threads."""
+"""Disk reads straight into memory runs (scattered over an engine's KV), loads through the host slots, the
+cold-value page handling and the work-sharing copier: real LMDB stores, real tensors, real threads."""
 
 from __future__ import annotations
 
@@ -98,7 +98,7 @@ def test_corrupt_value_read_into_runs_is_a_counted_miss(tmp_path):
         assert torch.equal(as_block(buffer, 1), block(1))
 
 
-def test_load_from_disk_reads_into_the_engine_kv_and_fills_the_booked_host_slots(tmp_path):
+def test_load_from_disk_fills_the_booked_host_slots_and_the_engine_kv(tmp_path):
     n = 5
     disk = DiskTier(tmp_path / "s", SPEC, 16 * SPEC.bytes_per_block)
     host = HostTier(SPEC, 8 * SPEC.bytes_per_block)
@@ -110,7 +110,7 @@ def test_load_from_disk_reads_into_the_engine_kv_and_fills_the_booked_host_slots
         handle = transfer.load([key(i) for i in range(n)], [TierName.DISK] * n, host_slots, buffer, list(range(n)))
         handle.wait(30)
         assert handle.failed == ()
-        transfer.drain()  # the host slots are filled after the engine's load ends
+        transfer.drain()
         for i in range(n):
             assert torch.equal(as_block(buffer, i), block(i))
             assert torch.equal(host.pool.blocks(host_slots[i], 1)[0], block(i))  # the host copy exists

@@ -96,8 +96,8 @@ def test_layer_groups_must_cover_the_layers_in_order(store):
 
 @pytest.mark.parametrize("engine", ["hf", "blocks"])
 def test_an_engine_load_is_exact_and_fails_from_the_first_damaged_block(store, engine):
-    """Straight into an engine's KV (transformers' buffer offers its memory) or through the host slots
-    (a paged buffer that does not): exact KV, host slots filled, a damaged block failed with all after it."""
+    """Through the host slots into a transformers cache or a block buffer: exact KV, host slots filled, a
+    damaged block failed with all after it."""
     fill(store)
     edit_value(store, SPEC, key(7), lambda v: v[:-1] + bytes([v[-1] ^ 0xFF]))
     disk = DiskTier(store, SPEC, 4 * N * BPB, read_threads=4, read_split_bytes=BPB)
@@ -111,7 +111,7 @@ def test_an_engine_load_is_exact_and_fails_from_the_first_damaged_block(store, e
         handle = transfer.load([key(i) for i in range(N)], tiers, slots, buffer, list(range(N)), num_groups=2)
         handle.wait(30)
         assert handle.failed == tuple(key(i) for i in range(7, N))
-        transfer.drain()  # the host slots are filled after the engine's load ends
+        transfer.drain()
         out = torch.empty((1, *SPEC.block_shape))
         for i in range(7):
             buffer.read_blocks([i], out, (0, SPEC.num_layers))

@@ -58,9 +58,10 @@ def test_uncached_reads_the_same_bytes_as_a_buffered_read(data_file):
 
 def test_buffers_placed_in_their_pages_as_the_file_get_the_same_bytes(tmp_path):
     """Buffers at the same place in their page as their bytes in the file are read into in place (whole pages)
-    beside bounced edges and other buffers: random offsets, lengths and places, the file's end included."""
+    beside bounced edges and other buffers: random offsets, lengths and places, the file's end included;
+    nothing around a buffer is written, and no read falls back to the page cache."""
     path, rng = str(tmp_path / "big.bin"), random.Random(7)
-    expected = os.urandom(64 * ALIGN + 5)
+    expected = os.urandom(64 * ALIGN)
     with open(path, "wb") as f:
         f.write(expected)
     memory = bytearray(40 * ALIGN)
@@ -71,12 +72,15 @@ def test_buffers_placed_in_their_pages_as_the_file_get_the_same_bytes(tmp_path):
             offset, n, head = rng.randrange(60 * ALIGN), rng.randrange(1, 30 * ALIGN), rng.choice([0, 7, 64])
             place = (offset + head) % ALIGN if rng.random() < 0.7 else rng.randrange(ALIGN)
             start = (place - base) % ALIGN
+            memory[:] = b"\xa5" * len(memory)
             bufs = [memoryview(bytearray(head)), memoryview(memory)[start:start + n],
                     memoryview(bytearray(rng.randrange(3 * ALIGN)))]
             total = sum(len(b) for b in bufs)
             got = preadv(f, bufs, offset)
             assert got == min(total, len(expected) - offset)
             assert b"".join(bytes(b) for b in bufs)[:got] == expected[offset:offset + got]
+            assert memory[:start].count(0xA5) == start and memory[start + n:].count(0xA5) == len(memory) - start - n
+        assert f._plain is None  # every read was an O_DIRECT one
     finally:
         f.close()
 

@@ -120,8 +120,8 @@ def test_restore_from_every_tier_is_bitwise_equal_to_recomputing(tiny_llama, tin
 
 def test_a_disk_restore_leaves_exact_host_copies_for_the_next_restore(tiny_llama, tiny_llama_spec, prompts,
                                                                       expected, tmp_path):
-    """Disk blocks are read straight into the model's cache and copied into the host tier in the background;
-    the next prefill (same engine, same buffer) restores them from host, bitwise equal."""
+    """Disk blocks are read into the host tier's slots and copied into the model's cache; the next prefill
+    (same engine, same buffer) restores them from host, bitwise equal."""
     model, spec = tiny_llama, tiny_llama_spec
     first, second = prompts
     with disk_only(model, spec, tmp_path, stored_by=store_prompt(first)) as manager:
