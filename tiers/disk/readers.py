@@ -22,9 +22,10 @@ Primitives:
   them while the rest is read), its descriptor advised random when read through the page cache
   (readahead would read the skipped parts first), and `on_part(p)` is called once part p of every
   value is in place. Given `extent` (and the read through the page cache), an announcer thread first
-  tells the kernel every part's bytes in the order they will be read (`POSIX_FADV_WILLNEED`), so the disk sees a deep queue of reads in that order: parts skip bytes, so
-  the kernel's own readahead cannot do it (31 values of 2.95 MB in 4 parts, cold, other core busy,
-  median of 5-6: one reader 106-122 ms without, 70-82 with; four readers 83-84 and 80-83; docs/disk-reads.md).
+  tells the kernel every part's bytes in the order they will be read (`POSIX_FADV_WILLNEED`), so the
+  disk sees a deep queue of reads in that order: parts skip bytes, so the kernel's own readahead cannot
+  do it (31 values of 2.95 MB in 4 parts, cold, other core busy, median of 5-6: one reader 106-122 ms
+  without, 70-82 with; four readers 83-84 and 80-83; docs/disk-reads.md).
   A read whose bytes are mostly out of the page cache is read around it instead (`disk.uncached`: each
   reader's descriptor opened with O_DIRECT, nothing announced): the same requests at the disk, a fraction
   of the CPU, and none at all for the bytes that land in a host slot placed for it (`pool.HostTier`).
