@@ -2,7 +2,8 @@
 
 Primitives:
 - `SlotPool`: `num_slots` blocks in one uint8 tensor `[num_slots, bytes_per_block]`, allocated once
-  (pinned host memory when CUDA is present; CPU memory starting `page_offset` bytes into a page);
+  (pinned host memory when CUDA is present; else CPU memory on transparent huge pages, starting
+  `page_offset` bytes into a page);
   `block(slot)`, `blocks(first, count)` (a typed view of consecutive slots shaped
   `[count, num_layers, kv_factor, num_kv_heads, block_tokens, head_dim]`).
 - `PoolTier`: a `Tier` over a `SlotPool` and a `SlotTable` (key -> slot).
@@ -17,6 +18,7 @@ process's own memory guarded by the index, so reads are not checksummed (docs/de
 
 from __future__ import annotations
 
+import mmap
 import threading
 from typing import Any
 
@@ -29,6 +31,10 @@ from kvtier.tiers.keys import BlockKey
 from kvtier.tiers.slots import SlotTable
 from kvtier.tiers.spec import KVSpec
 from kvtier.tiers.tier import Tier, TierName, format_size
+
+
+#: the transparent huge page size a CPU pool's memory is aligned to (x86-64 and most arm64 kernels)
+HUGE_PAGE = 2 << 20
 
 
 def cuda_available() -> bool:
@@ -57,16 +63,18 @@ class SlotPool:
         self.device = torch.device(device)
         self.pinned = bool(pin and self.device.type == "cpu" and cuda_available())
         try:
-            # plain pages, not transparent huge pages: a 512 MiB copy between madvise(MADV_HUGEPAGE) pools
-            # took 34 ms against 41 ms here, but allocating such a pool set off memory compaction that
-            # halved the speed of cold disk reads running at the same time (the engine benchmark, which
-            # opens a fresh manager per repeat, read its 94 MB in 55-62 ms without, 55-103 ms with)
+            # CPU memory on transparent huge pages: a disk read straight into a slot (`disk.uncached`) is then
+            # one piece of physical memory per 2 MiB, so a 3 MB read reaches the disk as one request, where
+            # 4 KiB pages cut it into requests of 744 KB (186 pieces each). On this project's VM (virtio disk)
+            # 31 cold reads of 2.9 MB into 4 KiB pages took 109 ms (median of 7, other core busy), into huge
+            # pages 53-57 ms, against 68 ms for a cold buffered read of the same bytes (docs/disk-reads.md)
             size = num_slots * spec.bytes_per_block
             if self.device.type == "cpu":
                 # room to place the pool, unless pinned memory would cross a power of two for it (CUDA's host
                 # allocator rounds a request up to one: a 1 GiB pool would take 2 GiB)
                 slack = ALIGN if not self.pinned or (size + ALIGN - 1).bit_length() == (size - 1).bit_length() else 0
-                whole = torch.empty(size + slack, dtype=torch.uint8, pin_memory=self.pinned)
+                whole = torch.empty(size + slack, dtype=torch.uint8, pin_memory=True) if self.pinned else \
+                    huge_page_memory(size + slack)
                 start = (page_offset - whole.data_ptr()) % ALIGN if slack else 0
                 self.data = whole[start:start + size].view(num_slots, spec.bytes_per_block)
                 # fault every page in now, in order (the kernel can back it with huge pages), rather than
@@ -74,7 +82,7 @@ class SlotPool:
                 self.data.zero_()
             else:
                 self.data = torch.empty((num_slots, spec.bytes_per_block), dtype=torch.uint8, device=self.device)
-        except RuntimeError as err:
+        except (RuntimeError, OSError) as err:
             raise ConfigError(f"cannot allocate {format_size(size)} for "
                               f"{num_slots} slots on {self.device}: {err}") from err
 
@@ -90,6 +98,22 @@ class SlotPool:
     def blocks(self, first: int, count: int) -> torch.Tensor:
         """Typed view of `count` consecutive slots: `[count, *spec.block_shape]` in the spec's dtype."""
         return self.data[first:first + count].view(self.spec.torch_dtype).view(count, *self.spec.block_shape)
+
+
+def huge_page_memory(size: int) -> torch.Tensor:
+    """`size` bytes of CPU memory (uint8) starting on a huge page boundary, backed by transparent huge
+    pages where the kernel offers them (plain pages elsewhere). The tensor keeps its mapping alive."""
+    if not hasattr(mmap, "MAP_PRIVATE"):  # not a POSIX system
+        return torch.empty(size, dtype=torch.uint8)
+    region = mmap.mmap(-1, size + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    if hasattr(mmap, "MADV_HUGEPAGE"):
+        try:
+            region.madvise(mmap.MADV_HUGEPAGE)
+        except OSError:  # transparent huge pages off in this kernel: plain pages
+            pass
+    whole = torch.frombuffer(region, dtype=torch.uint8)
+    start = (-whole.data_ptr()) % HUGE_PAGE
+    return whole[start:start + size]
 
 
 class PoolTier(Tier):

@@ -62,6 +62,41 @@ def test_pool_put_get_delete_and_capacity(small_spec):
     assert sorted(host.keys()) == sorted([key(0), key(2), key(9)])
 
 
+def _thp_mode() -> str | None:
+    try:
+        with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
+            return f.read().split("[")[1].split("]")[0]
+    except (OSError, IndexError):
+        return None
+
+
+def _mapping_of(address: int) -> dict[str, str]:
+    """The /proc/self/smaps fields of the mapping holding `address`."""
+    fields: dict[str, str] = {}
+    inside = False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            head = line.split()[0]
+            if "-" in head and ":" not in head:
+                lo, hi = (int(x, 16) for x in head.split("-"))
+                inside = lo <= address < hi
+            elif inside:
+                fields[head.rstrip(":")] = line.split(":", 1)[1].strip()
+    return fields
+
+
+@pytest.mark.skipif(_thp_mode() in (None, "never"), reason="no transparent huge pages in this kernel")
+def test_host_pool_memory_is_on_huge_pages(small_spec):
+    # a disk read straight into a slot reaches the disk as one request per 2 MiB of physical memory
+    tier = HostTier(small_spec, "8MiB", pin=False)
+    address = tier.pool.data.data_ptr()
+    assert _mapping_of(address).get("THPeligible") == "1"
+    assert address % 4096 == HostTier.page_offset  # still placed where a value's payload starts in its page
+    tier.put(key(1), random_block(small_spec, 1))
+    assert torch.equal(tier.pool.block(0).view(small_spec.torch_dtype).view(small_spec.block_shape),
+                       random_block(small_spec, 1))
+
+
 def test_capacity_below_one_block_is_an_error(small_spec):
     with pytest.raises(ConfigError, match="smaller than one block"):
         HostTier(small_spec, small_spec.bytes_per_block - 1)
