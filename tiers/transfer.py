@@ -227,8 +227,8 @@ class Transferer:
 
         Disk blocks are read into the host slots booked for them (where a cold read lands without a copy,
         `disk.uncached`) and copied on: with several layer groups (and no remote block) group by group
-        (`DiskTier.get_many(layer_groups=...)`), so the engine computes while the rest is read, else whole,
-        each batch copied on while the next is read.
+        (`DiskTier.get_many(layer_groups=...)`, a group's blocks copied on in batches as they land), so the
+        engine computes while the rest is read, else whole, each batch copied on while the next is read.
 
         Args:
             keys: the blocks, in prompt order.
@@ -254,17 +254,26 @@ class Transferer:
         disk_idx = [i for i, t in enumerate(tiers) if t in OUTSIDE]  # disk and remote blocks
         submitted = self._submitted()
 
+        def write_group(g: int, indices: Sequence[int], sources: Sequence[TierName]) -> None:
+            # layer group g of the blocks at `indices` (ascending) from their slots in `sources`, one batch
+            # over the copier's threads
+            if not indices:
+                return
+            lo, hi = groups[g]
+            runs = runs_by_tier([sources[i] for i in indices], [src_slots[i] for i in indices])
+            with self._on_stream(submitted):
+                write_pieces(buffer, [([dst_blocks[i] for i in indices[j:j + n]],
+                                       self._pool(tier).pool.blocks(s0, n)[:, lo:hi]) for tier, j, s0, n in runs],
+                             (lo, hi), self._copier)
+                self._sync()
+
         def copy_groups(failed: set[BlockKey], done: frozenset[int] = frozenset()) -> list[BlockKey]:
             # after a failed block nothing is delivered: the engine recomputes from the first failure;
             # blocks in `done` were already written whole (disk blocks, as their reads landed)
             usable = next((i for i, k in enumerate(keys) if k in failed), len(keys))
-            pieces = [p for p in runs_by_tier(tiers[:usable], src_slots[:usable]) if p[1] not in done]
-            with self._on_stream(submitted):
-                for g, (lo, hi) in enumerate(groups):  # a group's pieces in one batch over the copier's threads
-                    write_pieces(buffer, [(dst_blocks[first:first + n], self._pool(tier).pool.blocks(s0, n)[:, lo:hi])
-                                          for tier, first, s0, n in pieces], (lo, hi), self._copier)
-                    self._sync()
-                    handle.group_done(g)
+            for g in range(len(groups)):
+                write_group(g, [i for i in range(usable) if i not in done], tiers)
+                handle.group_done(g)
             return list(keys[usable:])
 
         if not disk_idx:
@@ -274,25 +283,27 @@ class Transferer:
         disk_keys = [keys[i] for i in disk_idx]
         if len(groups) > 1 and all(tiers[i] is TierName.DISK for i in disk_idx):
             sources = [TierName.HOST if t in OUTSIDE else t for t in tiers]
+            in_memory = [i for i, t in enumerate(tiers) if t not in OUTSIDE]
 
-            def deliver_group(g: int) -> None:
-                lo, hi = groups[g]
+            def deliver(g: int, indices: Sequence[int], last: bool) -> None:
+                # disk blocks are copied on as their group lands, the others with the group's last copy
                 try:
-                    with self._on_stream(submitted):
-                        write_pieces(buffer, [(dst_blocks[f:f + n], self._pool(tier).pool.blocks(s0, n)[:, lo:hi])
-                                              for tier, f, s0, n in runs_by_tier(sources, src_slots)], (lo, hi),
-                                  self._copier)
-                        self._sync()
+                    write_group(g, indices, sources)
                 except BaseException as err:  # the load fails whole (its own job would not see this one's error)
                     handle.finish(keys, error=err)
-                handle.group_done(g)
+                if last:
+                    handle.group_done(g)
+
+            def on_copy(g: int, indices: Sequence[int], last: bool = False) -> None:
+                self._copies.submit(lambda: deliver(g, indices, last), TransferHandle(), PRIORITY_LOAD)
 
             def read_layered() -> None:
                 try:
                     self._fence(disk_keys)
                     outs = [self._pool(TierName.HOST).pool.block(src_slots[i]) for i in disk_idx]
-                    found = self.tiers[TierName.DISK].get_many(disk_keys, outs, layer_groups=groups, on_group=lambda g: (
-                        self._copies.submit(lambda: deliver_group(g), TransferHandle(), PRIORITY_LOAD)))
+                    found = self.tiers[TierName.DISK].get_many(
+                        disk_keys, outs, layer_groups=groups, on_part=lambda g, landed: on_copy(
+                            g, [disk_idx[j] for j in landed]), on_group=lambda g: on_copy(g, in_memory, True))
                 except BaseException as err:
                     handle.finish(keys, error=err)
                     return

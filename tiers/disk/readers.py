@@ -156,7 +156,8 @@ class ReaderPool:
             return self._executor
 
     def read(self, path: str, fd: int, located: Sequence[Located], read_one: ReadOne, on_result: OnResult,
-             num_parts: int = 1, on_part: Callable[[int], None] | None = None, extent: Extent | None = None) -> None:
+             num_parts: int = 1, on_part: Callable[[int], None] | None = None, extent: Extent | None = None,
+             on_piece: Callable[[int, int], None] | None = None) -> None:
         """Reads every located value, a few contiguous ranges in parallel, reporting each as it lands.
 
         Args:
@@ -171,6 +172,8 @@ class ReaderPool:
                 its last part is read, in the order they land.
             num_parts: parts per value (1: each value whole).
             on_part: `on_part(p)`, called on the calling thread once part p of every value was read.
+            on_piece: `on_piece(p, index)`, called on the calling thread as part p of a value lands with no
+                fault found so far (its checksum is decided with its last part), before `on_part(p)`.
             extent: with `num_parts` > 1, `extent(index, part)` gives the file bytes of each part, which the
                 announcer asks the kernel for ahead of the readers (None, or a read below `min_part_bytes`:
                 no announcing).
@@ -191,7 +194,7 @@ class ReaderPool:
                 raise ClosedError("disk reader pool is closed") from err
             read_one = window.counting(read_one, extent)
         try:
-            self._read(path, fd, runs, read_one, on_result, num_parts, on_part, uncached)
+            self._read(path, fd, runs, read_one, on_result, num_parts, on_part, uncached, on_piece)
         finally:
             if window is not None:
                 window.close()
@@ -199,11 +202,14 @@ class ReaderPool:
                     _wait_all([announcing])
 
     def _read(self, path: str, fd: int, runs: Sequence[Sequence[Located]], read_one: ReadOne, on_result: OnResult,
-              num_parts: int, on_part: Callable[[int], None] | None, uncached: bool) -> None:
+              num_parts: int, on_part: Callable[[int], None] | None, uncached: bool,
+              on_piece: Callable[[int, int], None] | None) -> None:
         if len(runs) <= 1:
             for part in range(num_parts):
                 for offset, length, i in (runs[0] if runs else ()):
                     reason = read_one(fd, offset, length, i, part)
+                    if reason is None and on_piece is not None:
+                        on_piece(part, i)
                     if part == num_parts - 1:
                         on_result(i, reason, length)
                 if on_part is not None:
@@ -238,6 +244,8 @@ class ReaderPool:
                 part, i, reason, length = item
                 left[part] -= 1
                 try:
+                    if reason is None and on_piece is not None:
+                        on_piece(part, i)
                     if part == num_parts - 1:
                         on_result(i, reason, length)
                     if not left[part] and on_part is not None:  # a reader's parts are queued in order
@@ -356,3 +364,31 @@ def _wait_all(futures: Sequence[Future]) -> None:
                 log.warning("disk reader pool: a reader is still running after %.0f s", STALL_LOG_S)
             except BaseException:  # noqa: BLE001 - its error went through the results queue
                 break
+
+class Batches:
+    """Landed values reported in batches: `piece(p, index)` gathers part p of values into batches of
+    `batch` for `on_part(p, indices)`; `group(p)` (`ReaderPool.read`'s `on_part`) reports part p's last
+    batch, then calls `on_group(p)`."""
+
+    def __init__(self, num_groups: int, batch: int, on_part: Callable[[int, list[int]], None] | None,
+                 on_group: Callable[[int], None] | None) -> None:
+        self.num_groups = num_groups
+        self._pending: list[list[int]] = [[] for _ in range(num_groups)]
+        self._batch, self._on_part, self._on_group = max(1, batch), on_part, on_group
+
+    def piece(self, group: int, index: int) -> None:
+        batch = self._pending[group]
+        batch.append(index)
+        if len(batch) >= self._batch:
+            self._flush(group)
+
+    def group(self, group: int) -> None:
+        self._flush(group)
+        if self._on_group is not None:
+            self._on_group(group)
+
+    def _flush(self, group: int) -> None:
+        batch = self._pending[group]
+        if batch and self._on_part is not None:
+            self._on_part(group, batch[:])
+        batch.clear()

@@ -44,7 +44,7 @@ from kvtier.tiers.codecs import Codec, get_codec
 from kvtier.tiers.disk.format import HEADER_BYTES, encode_value
 from kvtier.tiers.disk.books import SpecBooks
 from kvtier.tiers.disk.read import PartedValue, check_value, destination, part_bounds, read_value_at
-from kvtier.tiers.disk.readers import DEFAULT_READ_THREADS, MIN_PART_BYTES, ReaderPool
+from kvtier.tiers.disk.readers import DEFAULT_READ_THREADS, MIN_PART_BYTES, Batches, ReaderPool
 from kvtier.tiers.disk.stats import PAGE_BYTES, DiskStats, default_map_size, store_error
 from kvtier.tiers.disk.writer import DiskWriter
 from kvtier.tiers.errors import CapacityError, ClosedError, ConfigError, StoreError, StoreFullError
@@ -73,12 +73,10 @@ class DiskTier(Tier):
             spec: the KV geometry and model identity of the blocks.
             capacity_bytes: the most raw block bytes of this spec kept (num_slots = capacity // block).
             codec: how payloads are written (reads follow each value's header).
-            zstd_level: zstd level of the zstd codecs. 1 by default: on bf16 KV (real SmolLM2 KV and Gaussian
-                llama-3-8b blocks) level 1 with shuffle compressed better (1.44-1.46x against 1.40x) and
-                encoded and decoded about twice as fast as level 3.
+            zstd_level: zstd level of the zstd codecs. 1 by default: on bf16 KV (real SmolLM2 KV, Gaussian llama-3-8b
+                blocks) it compressed better with shuffle (1.44-1.46x against 1.40x) and twice as fast as level 3.
             map_size: initial LMDB map size; default `default_map_size(num_slots, bytes_per_block)`.
-            max_map_size: the map grows on map-full up to this; default 8 x map_size. Equal to map_size
-                disables growth.
+            max_map_size: the map grows on map-full up to this (default 8 x map_size; map_size: no growth).
             batch_max_blocks: most blocks per write transaction of the background writer.
             readonly: open without write access (puts raise StoreError; corrupt values are not removed).
             read_threads / read_split_bytes: a `get_many` is cut into up to `read_threads` contiguous ranges of
@@ -283,8 +281,8 @@ class DiskTier(Tier):
 
     def get_many(self, keys: Sequence[BlockKey], outs: Sequence[torch.Tensor | Sequence[memoryview]],
                  on_landed: Callable[[list[int]], None] | None = None, batch_blocks: int = 4,
-                 layer_groups: Sequence[tuple[int, int]] | None = None,
-                 on_group: Callable[[int], None] | None = None) -> list[bool]:
+                 layer_groups: Sequence[tuple[int, int]] | None = None, on_group: Callable[[int], None] | None = None,
+                 on_part: Callable[[int, list[int]], None] | None = None) -> list[bool]:
         """Reads blocks straight into `outs`: contiguous CPU tensors of one block each, or per block a list
         of writable memory runs that take its payload in order (an engine's own KV memory).
 
@@ -295,10 +293,11 @@ class DiskTier(Tier):
         so a caller can use them while the rest is read.
 
         With `layer_groups` (contiguous [lo, hi) layer ranges from 0 to num_layers) every value is read group by
-        group, group g of every block before group g + 1 (`disk.read.PartedValue`), and `on_group(g)` is called
-        once group g of every block is in `outs`, before the blocks' checksums are decided (with their last
-        group): whoever computes from a group early must drop that work for a block reported missing. Such
-        a block is a miss (not read again through LMDB); the few values LMDB cannot locate are read whole first.
+        group, group g of every block before group g + 1 (`disk.read.PartedValue`): `on_part(g, indices)` gets
+        the blocks whose group g landed (batches as for `on_landed`), then `on_group(g)` is called once group g
+        of every block is in `outs`, both before the checksums are decided (with the last group): whoever
+        computes from a group early must drop that work for a block reported missing (a miss, not read again
+        through LMDB); the few values LMDB cannot locate are read whole first.
 
         Returns:
             which blocks were delivered; a miss (absent, corrupt, foreign) leaves its `out` undefined.
@@ -313,19 +312,20 @@ class DiskTier(Tier):
             raise ConfigError(f"get_many: {len(keys)} keys but {len(outs)} outputs")
         bounds = part_bounds(self.spec, layer_groups)
         dsts = [destination(self.spec, out) for out in outs]
-        found, bad, landed = [False] * len(keys), [], []
+        found, bad = [False] * len(keys), []
         env, itemsize = self._env, self.spec.itemsize
+        # landed blocks in batches: whole values to `on_landed` (as one part), a layered read's groups to `on_part`
+        pieces = Batches(max(1, len(bounds) - 1), batch_blocks, on_part if bounds else on_landed and (
+            lambda _, batch: on_landed(batch)), on_group)
 
         def deliver(i: int, reason: str | None, length: int) -> None:
             self.record(bytes_read=length)
             found[i] = reason is None
             if reason is not None:
                 bad.append((keys[i], reason))
-            elif on_landed is not None:
-                landed.append(i)
-                if len(landed) >= batch_blocks:
-                    on_landed(landed[:])
-                    landed.clear()
+            elif not bounds or i in through_map:  # a layered read's values read whole: in every group
+                for g in range(pieces.num_groups):
+                    pieces.piece(g, i)
 
         with env.txn() as txn:
             located, through_map = [], []
@@ -347,15 +347,15 @@ class DiskTier(Tier):
                 parted = {i: PartedValue(offset, n, self._fp, keys[i], dsts[i], itemsize, bounds)
                           for offset, n, i in located}
                 self._readers.read(env.data_file, env.fd, located, lambda fd, o, n, i, part: parted[i].read(fd, part),
-                                   deliver, len(bounds) - 1, on_group, lambda i, part: parted[i].extent(part))
+                                   deliver, len(bounds) - 1, pieces.group, lambda i, part: parted[i].extent(part),
+                                   pieces.piece if on_part is not None else None)
             else:
                 retry: list[int] = []
                 self._readers.read(env.data_file, env.fd, located, lambda fd, o, n, i, part: read_value_at(
                     fd, o, n, self._fp, keys[i], dsts[i], itemsize), lambda i, reason, n: (
                     retry.append(i) if reason is not None else deliver(i, None, n)))  # bad or misplaced
                 from_map(through_map + retry)
-            if landed:
-                on_landed(landed)
+                pieces.group(0)
         hits = sum(found)
         self.record(hits=hits, misses=len(keys) - hits, corrupt=sum(r == "corrupt" for _, r in bad),
                     foreign=sum(r == "foreign" for _, r in bad))
