@@ -48,6 +48,30 @@ def test_each_group_of_every_block_is_in_place_when_reported_and_the_blocks_are_
     assert all(torch.equal(outs[i], block(i)) for i in range(N))
 
 
+@pytest.mark.parametrize("threads", [1, 4])
+def test_landed_groups_are_reported_in_batches_in_place_before_their_group(store, threads):
+    # a caller copies each batch on as it lands: the tail after the last read is one batch, not a group
+    fill(store)
+    edit_value(store, SPEC, key(7), lambda v: v[:20] + bytes([v[20] ^ 0xFF]) + v[21:])  # foreign at its header
+    outs, events = [empty() for _ in range(N)], []
+
+    def on_part(g: int, landed: list[int]) -> None:
+        lo, hi = GROUPS[g]
+        events.append(("part", g, landed, all(torch.equal(outs[i][lo:hi], block(i)[lo:hi]) for i in landed)))
+
+    with DiskTier(store, SPEC, 4 * N * BPB, read_threads=threads, read_split_bytes=BPB) as disk:
+        found = disk.get_many([key(i) for i in range(N)], outs, batch_blocks=3, layer_groups=GROUPS,
+                              on_part=on_part, on_group=lambda g: events.append(("group", g)))
+    assert found == [i != 7 for i in range(N)]
+    for g in range(len(GROUPS)):
+        end = events.index(("group", g))
+        parts = [e for e in events[:end] if e[0] == "part" and e[1] == g]
+        assert sorted(i for e in parts for i in e[2]) == [i for i in range(N) if i != 7]  # each once, in place
+        assert all(e[3] and 1 <= len(e[2]) <= 3 for e in parts)
+        assert len(parts) > 1  # in batches as they land, not all at the group's end
+    assert not [e for e in events[events.index(("group", 1)):] if e[0] == "part"]
+
+
 @pytest.mark.parametrize("where, reason", [(HEADER_BYTES + BPB - 1, "corrupt"),  # last group: the checksum
                                            (HEADER_BYTES + 1, "corrupt"),         # first group
                                            (20, "foreign")])                      # the header's key
