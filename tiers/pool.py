@@ -19,6 +19,7 @@ process's own memory guarded by the index, so reads are not checksummed (docs/de
 from __future__ import annotations
 
 import mmap
+import os
 import threading
 from typing import Any
 
@@ -33,8 +34,16 @@ from kvtier.tiers.spec import KVSpec
 from kvtier.tiers.tier import Tier, TierName, format_size
 
 
-#: the transparent huge page size a CPU pool's memory is aligned to (x86-64 and most arm64 kernels)
-HUGE_PAGE = 2 << 20
+def _huge_page_size() -> int:
+    try:
+        with open("/sys/kernel/mm/transparent_hugepage/hpage_pmd_size") as f:
+            return int(f.read())
+    except (OSError, ValueError):
+        return 2 << 20
+
+
+#: the transparent huge page size a CPU pool's memory is aligned to (2 MiB on x86-64)
+HUGE_PAGE = _huge_page_size()
 
 
 def cuda_available() -> bool:
@@ -102,10 +111,11 @@ class SlotPool:
 
 def huge_page_memory(size: int) -> torch.Tensor:
     """`size` bytes of CPU memory (uint8) starting on a huge page boundary, backed by transparent huge
-    pages where the kernel offers them (plain pages elsewhere). The tensor keeps its mapping alive."""
-    if not hasattr(mmap, "MAP_PRIVATE"):  # not a POSIX system
+    pages where the kernel offers them (plain pages elsewhere, or with `KVTIER_HUGE_PAGES=0` in the
+    environment). The tensor keeps its mapping alive."""
+    if not hasattr(mmap, "MAP_PRIVATE") or os.environ.get("KVTIER_HUGE_PAGES", "1").strip() == "0":
         return torch.empty(size, dtype=torch.uint8)
-    region = mmap.mmap(-1, size + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    region = mmap.mmap(-1, size + HUGE_PAGE, flags=mmap.MAP_PRIVATE | getattr(mmap, "MAP_ANONYMOUS", 0))
     if hasattr(mmap, "MADV_HUGEPAGE"):
         try:
             region.madvise(mmap.MADV_HUGEPAGE)

@@ -255,8 +255,8 @@ class Transferer:
         submitted = self._submitted()
 
         def write_group(g: int, indices: Sequence[int], sources: Sequence[TierName]) -> None:
-            # layer group g of the blocks at `indices` (ascending) from their slots in `sources`, one batch
-            # over the copier's threads
+            # layer group g of the blocks at `indices` from their slots in `sources`, one batch over the
+            # copier's threads
             if not indices:
                 return
             lo, hi = groups[g]
@@ -266,6 +266,9 @@ class Transferer:
                                        self._pool(tier).pool.blocks(s0, n)[:, lo:hi]) for tier, j, s0, n in runs],
                              (lo, hi), self._copier)
                 self._sync()
+
+        def fail(err: BaseException) -> None:  # after the copies already queued: none writes once it has ended
+            self._copies.submit(lambda: handle.finish(keys, error=err), TransferHandle(), PRIORITY_LOAD)
 
         def copy_groups(failed: set[BlockKey], done: frozenset[int] = frozenset()) -> list[BlockKey]:
             # after a failed block nothing is delivered: the engine recomputes from the first failure;
@@ -277,8 +280,8 @@ class Transferer:
             return list(keys[usable:])
 
         if not disk_idx:
-            when_done(wait_for, handle, lambda: self._copies.submit(lambda: copy_groups(failed_of(wait_for, keys)), handle,
-                                                                     PRIORITY_LOAD))
+            when_done(wait_for, handle, lambda: self._copies.submit(
+                lambda: copy_groups(failed_of(wait_for, keys)), handle, PRIORITY_LOAD))
             return handle
         disk_keys = [keys[i] for i in disk_idx]
         if len(groups) > 1 and all(tiers[i] is TierName.DISK for i in disk_idx):
@@ -287,6 +290,8 @@ class Transferer:
 
             def deliver(g: int, indices: Sequence[int], last: bool) -> None:
                 # disk blocks are copied on as their group lands, the others with the group's last copy
+                if handle.done():  # the load failed: nothing more is written into the engine's KV
+                    return
                 try:
                     write_group(g, indices, sources)
                 except BaseException as err:  # the load fails whole (its own job would not see this one's error)
@@ -303,9 +308,9 @@ class Transferer:
                     outs = [self._pool(TierName.HOST).pool.block(src_slots[i]) for i in disk_idx]
                     found = self.tiers[TierName.DISK].get_many(
                         disk_keys, outs, layer_groups=groups, on_part=lambda g, landed: on_copy(
-                            g, [disk_idx[j] for j in landed]), on_group=lambda g: on_copy(g, in_memory, True))
+                            g, sorted(disk_idx[j] for j in landed)), on_group=lambda g: on_copy(g, in_memory, True))
                 except BaseException as err:
-                    handle.finish(keys, error=err)
+                    fail(err)
                     return
                 missed = {k for k, ok in zip(disk_keys, found) if not ok} | failed_of(wait_for, keys)
                 usable = next((i for i, k in enumerate(keys) if k in missed), len(keys))
@@ -332,10 +337,10 @@ class Transferer:
                 missed = set(self._read_disk([keys[i] for i in disk_idx], TierName.HOST,
                                              [src_slots[i] for i in disk_idx], landed,
                                              src_tiers=[tiers[i] for i in disk_idx])) | failed_of(wait_for, keys)
-                # disk blocks were written whole as they landed (`done`): not re-marked host (runs would merge)
+                # disk blocks were written whole as they landed (`done`)
                 self._copies.submit(lambda: copy_groups(missed, frozenset(disk_idx)), handle, PRIORITY_LOAD)
             except BaseException as err:
-                handle.finish(keys, error=err)
+                fail(err)
 
         when_done(wait_for, handle, lambda: self._disk_worker().submit(read_then_copy, TransferHandle(), priority))
         return handle

@@ -16,7 +16,8 @@ Primitives:
 - `ReaderPool(num_threads)`: a bounded pool of reader threads, started on first use and joined by
   `close()`. `read(path, fd, located, read_one, on_result)` reads the runs in parallel and reports each
   value to `on_result(index, reason, length)` on the calling thread as it lands (so a caller's
-  bookkeeping and callbacks run in one thread); a run of one is read by the caller from `fd`. With
+  bookkeeping and callbacks run in one thread), and each part to `on_piece(part, index)`; a run of one
+  is read by the caller from `fd`. `Batches` gathers those parts into batches per part for a caller. With
   `num_parts` > 1 each reader reads part 0 of every value of its run, then part 1, and so on (an
   engine's layer groups: the first layers of the whole restore land first, so the engine computes
   them while the rest is read), its descriptor advised random when read through the page cache
@@ -34,7 +35,8 @@ Invariants:
 - when `read` returns (or raises), no reader thread touches a destination any more: it waits for every
   run, also after a failure (a reader's error stops the other runs at their next value, then is raised);
 - each value is checked by `read_one` exactly as a one-thread read checks it (header, checksum): a bad
-  value is reported with its reason, never as delivered;
+  value is reported with its reason, never as delivered (its parts before the checksum's may have been
+  reported to `on_piece`);
 - at most `num_threads` reads are in flight per pool, whatever the number of concurrent `read` calls
   (their runs queue);
 - the announcer only advises (no destination is touched; a failed advice is logged and ignored), runs
@@ -364,6 +366,7 @@ def _wait_all(futures: Sequence[Future]) -> None:
                 log.warning("disk reader pool: a reader is still running after %.0f s", STALL_LOG_S)
             except BaseException:  # noqa: BLE001 - its error went through the results queue
                 break
+
 
 class Batches:
     """Landed values reported in batches: `piece(p, index)` gathers part p of values into batches of

@@ -293,8 +293,8 @@ class DiskTier(Tier):
         so a caller can use them while the rest is read.
 
         With `layer_groups` (contiguous [lo, hi) layer ranges from 0 to num_layers) every value is read group by
-        group, group g of every block before group g + 1 (`disk.read.PartedValue`): `on_part(g, indices)` gets
-        the blocks whose group g landed (batches as for `on_landed`), then `on_group(g)` is called once group g
+        group, group g of every block before group g + 1 (`disk.read.PartedValue`): `on_part(g, indices)` (not
+        `on_landed`) gets the blocks whose group g landed, in batches, then `on_group(g)` is called once group g
         of every block is in `outs`, both before the checksums are decided (with the last group): whoever
         computes from a group early must drop that work for a block reported missing (a miss, not read again
         through LMDB); the few values LMDB cannot locate are read whole first.
@@ -314,16 +314,16 @@ class DiskTier(Tier):
         dsts = [destination(self.spec, out) for out in outs]
         found, bad = [False] * len(keys), []
         env, itemsize = self._env, self.spec.itemsize
-        # landed blocks in batches: whole values to `on_landed` (as one part), a layered read's groups to `on_part`
-        pieces = Batches(max(1, len(bounds) - 1), batch_blocks, on_part if bounds else on_landed and (
-            lambda _, batch: on_landed(batch)), on_group)
+        # landed blocks in batches: a layered read's groups to `on_part`, whole values to `on_landed` (one part)
+        pieces = Batches(len(bounds) - 1, batch_blocks, on_part, on_group) if bounds else Batches(
+            1, batch_blocks, None if on_landed is None else lambda _, batch: on_landed(batch), None)
 
-        def deliver(i: int, reason: str | None, length: int) -> None:
+        def deliver(i: int, reason: str | None, length: int, whole: bool = not bounds) -> None:
             self.record(bytes_read=length)
             found[i] = reason is None
             if reason is not None:
                 bad.append((keys[i], reason))
-            elif not bounds or i in through_map:  # a layered read's values read whole: in every group
+            elif whole:  # in every group (a layered read reports its parts as they land)
                 for g in range(pieces.num_groups):
                     pieces.piece(g, i)
 
@@ -340,7 +340,7 @@ class DiskTier(Tier):
                 for i in indices:
                     view = txn.get(self._books.lmdb_key(keys[i]), db=env.blocks_db)
                     if view is not None:
-                        deliver(i, check_value(view, self._fp, keys[i], dsts[i], itemsize), len(view))
+                        deliver(i, check_value(view, self._fp, keys[i], dsts[i], itemsize), len(view), True)
 
             if bounds:
                 from_map(through_map)

@@ -11,6 +11,7 @@ import torch
 from diskutil import SPEC, block, edit_value, empty, key
 from kvtier.scheduler.engines.hf.kv import HFKVBuffer
 from kvtier.tiers.codecs import Codec
+from kvtier.tiers.disk import env as diskenv
 from kvtier.tiers.disk.format import HEADER_BYTES
 from kvtier.tiers.disk.read import PartedValue, part_bounds
 from kvtier.tiers.disk.store import DiskTier
@@ -49,10 +50,13 @@ def test_each_group_of_every_block_is_in_place_when_reported_and_the_blocks_are_
 
 
 @pytest.mark.parametrize("threads", [1, 4])
-def test_landed_groups_are_reported_in_batches_in_place_before_their_group(store, threads):
+def test_landed_groups_are_reported_in_batches_in_place_before_their_group(store, threads, monkeypatch):
     # a caller copies each batch on as it lands: the tail after the last read is one batch, not a group
     fill(store)
     edit_value(store, SPEC, key(7), lambda v: v[:20] + bytes([v[20] ^ 0xFF]) + v[21:])  # foreign at its header
+    locate = diskenv.SharedEnv.locate_many
+    monkeypatch.setattr(diskenv.SharedEnv, "locate_many", lambda self, txn, lks: [  # 2 and 3 read through LMDB
+        diskenv.UNLOCATED if i in (2, 3) else where for i, where in enumerate(locate(self, txn, lks))])
     outs, events = [empty() for _ in range(N)], []
 
     def on_part(g: int, landed: list[int]) -> None:
