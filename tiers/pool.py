@@ -19,31 +19,18 @@ process's own memory guarded by the index, so reads are not checksummed (docs/de
 from __future__ import annotations
 
 import mmap
-import os
 import threading
 from typing import Any
 
 import torch
 
 from kvtier.tiers.disk.format import PAYLOAD_IN_PAGE
-from kvtier.tiers.disk.uncached import ALIGN
+from kvtier.tiers.disk.uncached import ALIGN, huge_page_mapping
 from kvtier.tiers.errors import CapacityError, ConfigError, SpecMismatchError
 from kvtier.tiers.keys import BlockKey
 from kvtier.tiers.slots import SlotTable
 from kvtier.tiers.spec import KVSpec
 from kvtier.tiers.tier import Tier, TierName, format_size
-
-
-def _huge_page_size() -> int:
-    try:
-        with open("/sys/kernel/mm/transparent_hugepage/hpage_pmd_size") as f:
-            return int(f.read())
-    except (OSError, ValueError):
-        return 2 << 20
-
-
-#: the transparent huge page size a CPU pool's memory is aligned to (2 MiB on x86-64)
-HUGE_PAGE = _huge_page_size()
 
 
 def cuda_available() -> bool:
@@ -111,19 +98,12 @@ class SlotPool:
 
 def huge_page_memory(size: int) -> torch.Tensor:
     """`size` bytes of CPU memory (uint8) starting on a huge page boundary, backed by transparent huge
-    pages where the kernel offers them (plain pages elsewhere, or with `KVTIER_HUGE_PAGES=0` in the
-    environment). The tensor keeps its mapping alive."""
-    if not hasattr(mmap, "MAP_PRIVATE") or os.environ.get("KVTIER_HUGE_PAGES", "1").strip() == "0":
+    pages where the kernel offers them (`disk.uncached.huge_page_mapping`; plain pages elsewhere, or with
+    `KVTIER_HUGE_PAGES=0` in the environment). The tensor keeps its mapping alive."""
+    if not hasattr(mmap, "MAP_PRIVATE"):  # not a POSIX system
         return torch.empty(size, dtype=torch.uint8)
-    region = mmap.mmap(-1, size + HUGE_PAGE, flags=mmap.MAP_PRIVATE | getattr(mmap, "MAP_ANONYMOUS", 0))
-    if hasattr(mmap, "MADV_HUGEPAGE"):
-        try:
-            region.madvise(mmap.MADV_HUGEPAGE)
-        except OSError:  # transparent huge pages off in this kernel: plain pages
-            pass
-    whole = torch.frombuffer(region, dtype=torch.uint8)
-    start = (-whole.data_ptr()) % HUGE_PAGE
-    return whole[start:start + size]
+    region, start = huge_page_mapping(size)
+    return torch.frombuffer(region, dtype=torch.uint8)[start:start + size]
 
 
 class PoolTier(Tier):

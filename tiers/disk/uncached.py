@@ -145,13 +145,43 @@ def _in_place(bufs: Sequence[memoryview], offset: int) -> list[tuple[int, int, m
 
 def _aligned(size: int) -> memoryview:
     """A view of `size` bytes of this thread's page-aligned buffer (grown in BUFFER_STEP steps; a reader
-    thread keeps it from one read to the next)."""
-    buf = getattr(_local, "buffer", None)
-    if buf is None or len(buf) < size:
+    thread keeps it from one read to the next), on huge pages as a host slot is (`huge_page_mapping`)."""
+    buf, start = getattr(_local, "buffer", None), getattr(_local, "start", 0)
+    if buf is None or len(buf) - start < size:
         if buf is not None:
             buf.close()
-        buf = _local.buffer = mmap.mmap(-1, -(-max(size, 1) // BUFFER_STEP) * BUFFER_STEP)
-    return memoryview(buf)[:size]
+        buf, start = huge_page_mapping(-(-max(size, 1) // BUFFER_STEP) * BUFFER_STEP)
+        _local.buffer, _local.start = buf, start
+    return memoryview(buf)[start:start + size]
+
+
+def _huge_page_size() -> int:
+    try:
+        with open("/sys/kernel/mm/transparent_hugepage/hpage_pmd_size") as f:
+            return int(f.read())
+    except (OSError, ValueError):
+        return 2 << 20
+
+
+#: the transparent huge page size memory read into is aligned to (2 MiB on x86-64)
+HUGE_PAGE = _huge_page_size()
+
+
+def huge_page_mapping(size: int) -> tuple[mmap.mmap, int]:
+    """A private anonymous mapping with `size` bytes from a huge page boundary, and the boundary's offset in
+    it; advised to be backed by transparent huge pages where the kernel offers them (not with
+    `KVTIER_HUGE_PAGES=0` in the environment). Why: a read into 4 KiB pages reaches the disk cut into
+    requests of 744 KB (186 pieces each) here, into huge pages as one request (docs/disk-reads.md)."""
+    buf = mmap.mmap(-1, size + HUGE_PAGE, flags=mmap.MAP_PRIVATE | getattr(mmap, "MAP_ANONYMOUS", 0))
+    if hasattr(mmap, "MADV_HUGEPAGE") and os.environ.get("KVTIER_HUGE_PAGES", "1").strip() != "0":
+        try:
+            buf.madvise(mmap.MADV_HUGEPAGE)
+        except OSError:  # transparent huge pages off in this kernel: plain pages
+            pass
+    view = np.frombuffer(buf, dtype=np.uint8)
+    start = -view.ctypes.data % HUGE_PAGE
+    del view  # releases the export: the mapping can be closed
+    return buf, start
 
 
 #: what a reader reads from: a plain descriptor or a `UncachedFile`
