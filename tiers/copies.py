@@ -24,9 +24,9 @@ from kvtier.tiers.errors import ConfigError
 
 #: memmove copies runs in pieces of at most this many bytes (a thread takes the next piece when done). On
 #: this machine's EPYC, between pools on transparent huge pages (`pool.SlotPool`), two threads copying a
-#: 512 MiB batch of shuffled 8 MiB slots reached 1.00-1.05x of one `copy_` of the whole pool with 2 MiB
-#: pieces, 0.98-1.00x with 1 MiB and 0.78-0.84x with 512 KiB (2 runs of 9, 2026-12-03); on 4 KiB pages
-#: 0.99, 0.97 and 0.82-0.86x. (Earlier, on 4 KiB pages, 512 KiB had measured best: 1.01x against 0.87-0.91x.)
+#: 512 MiB batch of shuffled 8 MiB slots reached 0.98-1.05x of one `copy_` of the whole pool with 2 MiB
+#: pieces, 0.96-1.00x with 1 MiB and 0.70-0.84x with 512 KiB (both directions, 2 runs of 9, 2026-12-03);
+#: on 4 KiB pages 0.89-1.00x, 0.83-0.97x and 0.77-0.86x. (On an earlier day 512 KiB measured best there.)
 MEMMOVE_PIECE_BYTES = 2 << 20
 
 _INT_OF_SIZE = {1: "uint8", 2: "int16", 4: "int32", 8: "int64"}

@@ -23,6 +23,9 @@ Primitives:
 - `resident_bytes(fd, offset, length)`: bytes of that range in the page cache (`mincore`), None when it
   cannot be told; `mostly_cold(fd, spans)`: whether a read of those (offset, length) spans may go
   uncached.
+- `huge_page_mapping(size)`: memory on transparent huge pages, what the aligned buffers and the CPU pools
+  are made of: an uncached read into 4 KiB pages reaches this VM's virtio disk as requests of 744 KB
+  (186 pieces each), into huge pages as one request per read, ~2x faster (docs/disk-reads.md).
 """
 
 from __future__ import annotations
