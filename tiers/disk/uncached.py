@@ -181,10 +181,8 @@ def huge_page_mapping(size: int) -> tuple[mmap.mmap, int]:
             buf.madvise(mmap.MADV_HUGEPAGE)
         except OSError:  # transparent huge pages off in this kernel: plain pages
             pass
-    view = np.frombuffer(buf, dtype=np.uint8)
-    start = -view.ctypes.data % HUGE_PAGE
-    del view  # releases the export: the mapping can be closed
-    return buf, start
+    # the address as `_in_place` takes it (the temporary export ends with the expression: the mapping can be closed)
+    return buf, -ctypes.addressof(ctypes.c_char.from_buffer(buf)) % HUGE_PAGE
 
 
 #: what a reader reads from: a plain descriptor or a `UncachedFile`
