@@ -41,10 +41,14 @@ class Ratio:
 
 
 def interleave(fns: Mapping[str, Callable[[], Any]], repeats: int, setup: Callable[[str], Any] | None = None,
-               warmup: int = 1) -> dict[str, list[float]]:
+               warmup: int = 1, settle_s: float = 0.0) -> dict[str, list[float]]:
     """Times each function `repeats` times in turn (A, B, C, A, B, C, ...) and returns seconds per name.
 
-    `setup(name)` runs before each timed call and is not timed (e.g. dropping the page cache).
+    `setup(name)` runs before each timed call and is not timed (e.g. dropping the page cache); then
+    `settle_s` seconds pass, untimed, so that threads the previous call woke go idle first (OpenMP's
+    threads spin for about 10 ms after each parallel region here, e.g. after a `copy_`: a path timed
+    right after one shared the two cores with them and read 0.78-0.85x of that `copy_` where it read
+    0.90-0.99x after a 20 ms pause).
     """
     for _ in range(warmup):
         for name, fn in fns.items():
@@ -56,6 +60,8 @@ def interleave(fns: Mapping[str, Callable[[], Any]], repeats: int, setup: Callab
         for name, fn in fns.items():
             if setup:
                 setup(name)
+            if settle_s:
+                time.sleep(settle_s)
             start = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - start)

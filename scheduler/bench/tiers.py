@@ -1,7 +1,8 @@
 """`kvtier bench tiers`: tier copy and disk restore bandwidth against their limits, and key hashing.
 
 Geometry of llama-3-8b in fp16 (128 KiB per token), blocks of 16, 64 and 256 tokens, 512 MiB per
-measurement. Each figure is the median of interleaved repeats (path, limit, path, limit, ...):
+measurement. Each figure is the median of interleaved repeats (path, limit, path, limit, ...; the memory
+figures at least `MEMORY_REPEATS`, each timed copy after an untimed `SETTLE_S` pause):
 - host->gpu and gpu->host batched transfers (whole-block order, and layer-group order with 4 groups)
   vs one `copy_` of the same byte count; slots are shuffled so no two blocks are adjacent (no run
   coalescing flatters the figure: one copy per block);
@@ -20,6 +21,12 @@ import time
 from typing import Any
 
 BLOCK_SIZES = (16, 64, 256)
+#: repeats of each memory figure at least: they cost ~0.1 s each, and one 512 MiB copy here swings by
+#: up to 1.5x from one repeat to the next (the VM's memory bandwidth), so 5 leave the median to luck
+MEMORY_REPEATS = 15
+#: untimed pause before each timed copy (`common.interleave`): no copy pays for the OpenMP threads the
+#: previous one (a limit `copy_`) left spinning
+SETTLE_S = 0.03
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -96,6 +103,7 @@ def _memory_rows(spec, mib: int, repeats: int) -> list[dict[str, Any]]:
     from kvtier.tiers.pool import GpuTier, HostTier
     from kvtier.tiers.transfer import Transferer
 
+    repeats = max(repeats, MEMORY_REPEATS)
     n = max(1, mib * 2**20 // spec.bytes_per_block)
     host, gpu = HostTier(spec, n * spec.bytes_per_block), GpuTier(spec, n * spec.bytes_per_block)
     host.pool.data.random_(0, 256)
@@ -128,7 +136,7 @@ def _memory_rows(spec, mib: int, repeats: int) -> list[dict[str, Any]]:
                                                            num_groups=4).wait(),
     }
     try:
-        times = bu.interleave(fns, repeats)
+        times = bu.interleave(fns, repeats, settle_s=SETTLE_S)
         # check once that the bytes arrived where they should
         host.pool.data[host_slots[0]].random_(0, 256)
         transfer.move("host", "gpu", keys, host_slots, gpu_slots).wait()
