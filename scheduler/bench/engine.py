@@ -267,6 +267,7 @@ def _miss_overhead(model: Any, spec: Any, P: int, repeats: int, pool: int, model
             t_plain = t_kvtier = 0.0
             for which in ((0, 1) if rep % 2 else (1, 0)):  # A, B then B, A: a drifting load favours neither
                 manager.flush()  # the save of b's blocks runs after its first token, outside both timers
+                gc.collect()  # as in every timed region: a full collection lands in neither arm
                 start = time.perf_counter()
                 if which == 0:
                     int(torch.argmax(plain.prefill(a).logits))
@@ -277,6 +278,7 @@ def _miss_overhead(model: Any, spec: Any, P: int, repeats: int, pool: int, model
                 t_kvtier = time.perf_counter() - start
                 if result.restored_tokens:
                     raise RuntimeError("miss overhead: a unique prompt found cached blocks")
+                del result  # its cache (94 MB) is not kept alive through the next timed prefill
             manager.flush()
             if rep >= 0:
                 plain_s.append(t_plain)
