@@ -4,7 +4,9 @@ Primitives:
 - `copy_tensor(dst, src)`: one tensor into another, single-threaded on CPU (one `memmove` per
   contiguous run), `copy_` on a device;
 - `memory_chunks(dst, src)`: the (dst address, src address, bytes) runs of a CPU copy;
-- `ParallelCopier`: a batch of runs copied by several threads taking 512 KiB pieces in turn;
+- `ParallelCopier`: a batch of runs copied by several threads taking 2 MiB pieces in turn;
+- `one_torch_thread()`: torch's CPU ops on the calling thread run on that thread alone (kvtier's own
+  background threads call it first: their work never starts a parallel region beside the model's);
 - `copy_slot_runs(dst_pool, src_pool, runs, groups, copier, on_group)`: runs of slots from one pool into
   another, layer group by layer group.
 """
@@ -12,7 +14,9 @@ Primitives:
 from __future__ import annotations
 
 import ctypes
+import functools
 import itertools
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Sequence
 
@@ -29,7 +33,52 @@ from kvtier.tiers.errors import ConfigError
 #: on 4 KiB pages 0.89-1.00x, 0.83-0.97x and 0.77-0.86x. (On an earlier day 512 KiB measured best there.)
 MEMMOVE_PIECE_BYTES = 2 << 20
 
+#: pieces at least this large whose destination is off a 64-byte line are copied with torch's copy loop on
+#: threads where it runs serially (`one_torch_thread`); the others with `memmove`. Why: on this machine's EPYC,
+#: torch's loop moved 13.6-14.5 GB/s on one thread into a destination off a line (host slots sit 80 bytes
+#: into a page) against memmove's 11-12.7, and the device-to-host move of `kvtier bench tiers` read
+#: 0.90-0.99x (mean 0.96) of one copy_ against 0.89-0.95x (mean 0.92) with memmove alone (6 runs of 15
+#: each, alternating, 2026-12-03); into aligned destinations memmove measured as fast or faster.
+TORCH_PIECE_BYTES = 1 << 20
+
 _INT_OF_SIZE = {1: "uint8", 2: "int16", 4: "int32", 8: "int64"}
+_OPENMP_NAMES = ("libgomp", "libiomp5", "libomp")
+_serial = threading.local()
+
+
+def one_torch_thread() -> bool:
+    """Makes torch run its CPU ops on the calling thread alone and says whether it now does.
+
+    Sets OpenMP's thread count of this thread only (each thread has its own), in the OpenMP runtime
+    torch loaded, after torch's own first setting on this thread; torch's process-wide count and every
+    other thread keep theirs. False where that runtime cannot be reached (not Linux, not OpenMP).
+    """
+    if getattr(_serial, "on", None) is None:
+        torch.get_num_threads()  # torch's lazy per-thread set-up, which would undo an earlier setting
+        runtime = _openmp_runtime()
+        if runtime is not None:
+            runtime.omp_set_num_threads(1)
+        _serial.on = torch.get_num_threads() == 1
+    return _serial.on
+
+
+@functools.lru_cache(maxsize=1)
+def _openmp_runtime() -> ctypes.CDLL | None:
+    """The OpenMP runtime loaded in this process (found in /proc/self/maps), or None."""
+    try:
+        with open("/proc/self/maps") as maps:
+            paths = sorted({fields[5] for fields in map(str.split, maps) if len(fields) > 5})
+    except OSError:
+        return None
+    for path in paths:
+        if path.rsplit("/", 1)[-1].startswith(_OPENMP_NAMES):
+            try:
+                runtime = ctypes.CDLL(path)
+                runtime.omp_set_num_threads.argtypes = [ctypes.c_int]
+                return runtime
+            except (OSError, AttributeError):
+                continue
+    return None
 
 
 def memory_chunks(dst: torch.Tensor, src: torch.Tensor) -> list[tuple[int, int, int]] | None:
@@ -73,9 +122,11 @@ class ParallelCopier:
 
     Tier-to-tier moves are pure memory bandwidth: one thread reached 0.6-0.7x of a 2-thread `copy_`
     of the same bytes on a quiet 2-core machine. The batch is cut into pieces of at most `PIECE_BYTES`
-    that the threads take in turn from a shared counter, each with `memmove` (which releases the
-    GIL): a thread the OS deschedules for a while leaves its share to the others instead of holding
-    up the batch, as a fixed split by bytes does. Owned by a `Transferer`; `close()` joins the threads.
+    that the threads take in turn from a shared counter, each with `memmove` or torch's copy loop
+    (`TORCH_PIECE_BYTES`; both release the GIL): a thread the OS deschedules for a while leaves its
+    share to the others instead of holding up the batch, as a fixed split by bytes does. The helper
+    threads run torch serially (`one_torch_thread`), the calling thread where it does too. Owned by a
+    `Transferer`; `close()` joins the threads.
     """
 
     #: below this many bytes a batch is copied on the calling thread alone
@@ -85,7 +136,8 @@ class ParallelCopier:
 
     def __init__(self, num_threads: int) -> None:
         self.num_threads = max(1, num_threads)
-        self._pool = ThreadPoolExecutor(self.num_threads - 1, "kvtier-copy-helper") if self.num_threads > 1 else None
+        self._pool = (ThreadPoolExecutor(self.num_threads - 1, "kvtier-copy-helper", initializer=one_torch_thread)
+                      if self.num_threads > 1 else None)
 
     def copy(self, chunks: Sequence[tuple[int, int, int]]) -> None:
         """Copies every (dst address, src address, bytes) run; the runs must not overlap each other.
@@ -103,11 +155,15 @@ class ParallelCopier:
         taken = itertools.count()  # next() on a count is atomic under the GIL
 
         def work() -> None:
+            serial = getattr(_serial, "on", False)  # this thread's torch copies run on it alone
             for i in iter(taken.__next__, None):
                 if i >= len(pieces):
                     return
                 d, s, n = pieces[i]
-                ctypes.memmove(d, s, n)
+                if serial and n >= TORCH_PIECE_BYTES and d % 64:  # see TORCH_PIECE_BYTES
+                    _at(d, n).copy_(_at(s, n))
+                else:
+                    ctypes.memmove(d, s, n)
 
         futures = [self._pool.submit(work) for _ in range(self.num_threads - 1)]
         work()
@@ -117,6 +173,11 @@ class ParallelCopier:
     def close(self) -> None:
         if self._pool is not None:
             self._pool.shutdown(wait=True)
+
+
+def _at(address: int, nbytes: int) -> torch.Tensor:
+    """The `nbytes` bytes of CPU memory at `address` as a uint8 tensor (no copy)."""
+    return torch.frombuffer((ctypes.c_char * nbytes).from_address(address), dtype=torch.uint8)
 
 
 def _memmove_all(chunks: Sequence[tuple[int, int, int]]) -> None:

@@ -43,7 +43,7 @@ from kvtier.tiers.pool import PoolTier, check_same_spec, cuda_available
 from kvtier.tiers.tier import OUTSIDE, Tier, TierName, get_outside
 from kvtier.tiers.pieces import PieceReads, failed_of, when_done
 from kvtier.tiers.worker import PRIORITY_LOAD, TransferHandle, Worker
-from kvtier.tiers.copies import ParallelCopier, copy_slot_runs
+from kvtier.tiers.copies import ParallelCopier, copy_slot_runs, one_torch_thread
 from kvtier.tiers.kvbuffer import KVBuffer, runs_by_tier, slot_runs, write_pieces
 
 
@@ -67,8 +67,9 @@ class Transferer:
         for tier in specs[1:]:
             check_same_spec(specs[0].spec, tier.spec, "Transferer")
         self.spec = specs[0].spec
-        self._copies = Worker("kvtier-copy")
-        self._disk = Worker("kvtier-disk-read") if any(t in self.tiers for t in OUTSIDE) else None
+        # its threads' torch copies run serially (`one_torch_thread`): the copier's fast path, and no parallel region
+        self._copies = Worker("kvtier-copy", one_torch_thread)
+        self._disk = Worker("kvtier-disk-read", one_torch_thread) if any(t in self.tiers for t in OUTSIDE) else None
         self._stream = torch.cuda.Stream() if cuda_available() else None
         self.fence_timeout_s = 60.0
         self._copier = ParallelCopier(min(os.cpu_count() or 1, 4))

@@ -138,10 +138,14 @@ class TransferHandle:
 
 
 class Worker:
-    """One background thread running jobs in priority order; owned by the object that closes it."""
+    """One background thread running jobs in priority order; owned by the object that closes it.
 
-    def __init__(self, name: str) -> None:
+    `on_start` runs first on that thread (e.g. `copies.one_torch_thread`).
+    """
+
+    def __init__(self, name: str, on_start: Callable[[], Any] | None = None) -> None:
         self.name = name
+        self._on_start = on_start
         self._queue: list[tuple[int, int, Callable[[], None], TransferHandle]] = []
         self._counter = itertools.count()
         self._cond = threading.Condition()
@@ -188,6 +192,8 @@ class Worker:
         return False
 
     def _run(self) -> None:
+        if self._on_start is not None:
+            self._on_start()
         while True:
             with self._cond:
                 while not self._queue and not self._closed:

@@ -243,6 +243,16 @@ def test_worker_reports_errors_and_runs_in_priority_order():
         worker.close()
 
 
+def test_worker_runs_on_start_first_on_its_thread():
+    seen = []
+    worker = Worker("kvtier-test-start", on_start=lambda: seen.append(threading.current_thread().name))
+    try:
+        worker.submit(lambda: seen.append("job")).wait(10)
+    finally:
+        worker.close()
+    assert seen == ["kvtier-test-start", "job"]
+
+
 def test_transferer_rejects_mixed_specs(small_spec):
     other = small_spec.with_(weights_revision="random-1")
     with pytest.raises(SpecMismatchError, match="different KV specs"):
