@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 
@@ -65,3 +66,13 @@ def test_spread_and_load_helpers(tmp_path):
     common.write_json(tmp_path / "x.json", {"figure": 1})
     data = json.loads((tmp_path / "x.json").read_text())
     assert data["figure"] == 1 and len(data["load_avg"]["start"]) == 3 and len(data["load_avg"]["end"]) == 3
+
+
+def test_interleave_settles_before_each_timed_call_outside_the_timer():
+    order: list[str] = []
+    fns = {"limit": lambda: order.append("limit"), "path": lambda: order.append("path")}
+    start = time.perf_counter()
+    times = common.interleave(fns, 3, setup=lambda name: order.append(f"setup {name}"), warmup=0, settle_s=0.02)
+    assert time.perf_counter() - start >= 6 * 0.02  # the pauses happened
+    assert all(t < 0.02 for ts in times.values() for t in ts)  # and no timed call contains one
+    assert order[:4] == ["setup limit", "limit", "setup path", "path"] and len(order) == 12
