@@ -57,7 +57,10 @@ def one_torch_thread() -> bool:
         torch.get_num_threads()  # torch's lazy per-thread set-up, which would undo an earlier setting
         runtime = _openmp_runtime()
         if runtime is not None:
-            runtime.omp_set_num_threads(1)
+            try:
+                runtime.omp_set_num_threads(1)
+            except (OSError, ctypes.ArgumentError):  # never fatal: the thread keeps torch's setting
+                pass
         _serial.on = torch.get_num_threads() == 1
     return _serial.on
 

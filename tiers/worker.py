@@ -193,7 +193,10 @@ class Worker:
 
     def _run(self) -> None:
         if self._on_start is not None:
-            self._on_start()
+            try:
+                self._on_start()
+            except Exception:  # the jobs still run: a failed set-up must not leave their handles hanging
+                log.exception("worker %s: on_start failed", self.name)
         while True:
             with self._cond:
                 while not self._queue and not self._closed:

@@ -253,6 +253,14 @@ def test_worker_runs_on_start_first_on_its_thread():
     assert seen == ["kvtier-test-start", "job"]
 
 
+def test_worker_runs_its_jobs_when_on_start_fails():
+    worker = Worker("kvtier-test-start", on_start=lambda: 1 / 0)
+    try:
+        assert worker.submit(lambda: None).wait(10).done()
+    finally:
+        worker.close()
+
+
 def test_transferer_rejects_mixed_specs(small_spec):
     other = small_spec.with_(weights_revision="random-1")
     with pytest.raises(SpecMismatchError, match="different KV specs"):
