@@ -5,8 +5,8 @@ Primitives:
   contiguous run), `copy_` on a device;
 - `memory_chunks(dst, src)`: the (dst address, src address, bytes) runs of a CPU copy;
 - `ParallelCopier`: a batch of runs copied by several threads taking 2 MiB pieces in turn;
-- `one_torch_thread()`: torch's CPU ops on the calling thread run on that thread alone (kvtier's own
-  background threads call it first: their work never starts a parallel region beside the model's);
+- `one_torch_thread()`: torch's CPU ops on the calling thread run on that thread alone where torch's
+  OpenMP runtime can be reached (kvtier's copy threads call it first);
 - `copy_slot_runs(dst_pool, src_pool, runs, groups, copier, on_group)`: runs of slots from one pool into
   another, layer group by layer group.
 """
@@ -16,6 +16,8 @@ from __future__ import annotations
 import ctypes
 import functools
 import itertools
+import logging
+import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Sequence
@@ -25,6 +27,7 @@ import torch
 
 from kvtier.tiers.errors import ConfigError
 
+log = logging.getLogger(__name__)
 
 #: memmove copies runs in pieces of at most this many bytes (a thread takes the next piece when done). On
 #: this machine's EPYC, between pools on transparent huge pages (`pool.SlotPool`), two threads copying a
@@ -51,37 +54,42 @@ def one_torch_thread() -> bool:
 
     Sets OpenMP's thread count of this thread only (each thread has its own), in the OpenMP runtime
     torch loaded, after torch's own first setting on this thread; torch's process-wide count and every
-    other thread keep theirs. False where that runtime cannot be reached (not Linux, not OpenMP).
+    other thread keep theirs. False where that runtime cannot be reached (not Linux, not OpenMP); never
+    raises.
     """
     if getattr(_serial, "on", None) is None:
-        torch.get_num_threads()  # torch's lazy per-thread set-up, which would undo an earlier setting
-        runtime = _openmp_runtime()
-        if runtime is not None:
-            try:
+        _serial.on = False
+        try:
+            torch.get_num_threads()  # torch's lazy per-thread set-up, which would undo an earlier setting
+            for runtime in _openmp_runtimes():  # another library may have loaded its own copy of one
                 runtime.omp_set_num_threads(1)
-            except (OSError, ctypes.ArgumentError):  # never fatal: the thread keeps torch's setting
-                pass
-        _serial.on = torch.get_num_threads() == 1
+                if torch.get_num_threads() == 1:
+                    break
+            _serial.on = torch.get_num_threads() == 1
+        except Exception:  # never fatal (a pool initializer that raises breaks the pool): memmove then
+            log.warning("could not make torch serial on thread %s", threading.current_thread().name, exc_info=True)
     return _serial.on
 
 
 @functools.lru_cache(maxsize=1)
-def _openmp_runtime() -> ctypes.CDLL | None:
-    """The OpenMP runtime loaded in this process (found in /proc/self/maps), or None."""
+def _openmp_runtimes() -> tuple[ctypes.CDLL, ...]:
+    """The OpenMP runtimes loaded in this process (from /proc/self/maps), those in torch's folder first."""
     try:
-        with open("/proc/self/maps") as maps:
-            paths = sorted({fields[5] for fields in map(str.split, maps) if len(fields) > 5})
-    except OSError:
-        return None
-    for path in paths:
-        if path.rsplit("/", 1)[-1].startswith(_OPENMP_NAMES):
+        with open("/proc/self/maps", errors="surrogateescape") as maps:
+            paths = {fields[5] for fields in map(str.split, maps) if len(fields) > 5}
+    except OSError:  # no /proc (not Linux)
+        return ()
+    torch_dir = os.path.dirname(torch.__file__) + os.sep
+    runtimes = []
+    for path in sorted(paths, key=lambda p: (not p.startswith(torch_dir), p)):
+        if os.path.basename(path).startswith(_OPENMP_NAMES):
             try:
                 runtime = ctypes.CDLL(path)
                 runtime.omp_set_num_threads.argtypes = [ctypes.c_int]
-                return runtime
             except (OSError, AttributeError):
                 continue
-    return None
+            runtimes.append(runtime)
+    return tuple(runtimes)
 
 
 def memory_chunks(dst: torch.Tensor, src: torch.Tensor) -> list[tuple[int, int, int]] | None:
@@ -128,7 +136,8 @@ class ParallelCopier:
     that the threads take in turn from a shared counter, each with `memmove` or torch's copy loop
     (`TORCH_PIECE_BYTES`; both release the GIL): a thread the OS deschedules for a while leaves its
     share to the others instead of holding up the batch, as a fixed split by bytes does. The helper
-    threads run torch serially (`one_torch_thread`), the calling thread where it does too. Owned by a
+    threads run torch serially (`one_torch_thread`), the calling thread where it does too; a batch
+    copied on the calling thread alone (small, or one thread) takes `memmove` only. Owned by a
     `Transferer`; `close()` joins the threads.
     """
 

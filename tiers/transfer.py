@@ -67,9 +67,11 @@ class Transferer:
         for tier in specs[1:]:
             check_same_spec(specs[0].spec, tier.spec, "Transferer")
         self.spec = specs[0].spec
-        # its threads' torch copies run serially (`one_torch_thread`): the copier's fast path, and no parallel region
-        self._copies = Worker("kvtier-copy", one_torch_thread)
-        self._disk = Worker("kvtier-disk-read", one_torch_thread) if any(t in self.tiers for t in OUTSIDE) else None
+        # without CUDA its threads run torch serially (`one_torch_thread`: the copier's fast path); with CUDA
+        # their device copies may stage non-contiguous views on the CPU, over torch's threads
+        serial = None if cuda_available() else one_torch_thread
+        self._copies = Worker("kvtier-copy", serial)
+        self._disk = Worker("kvtier-disk-read", serial) if any(t in self.tiers for t in OUTSIDE) else None
         self._stream = torch.cuda.Stream() if cuda_available() else None
         self.fence_timeout_s = 60.0
         self._copier = ParallelCopier(min(os.cpu_count() or 1, 4))

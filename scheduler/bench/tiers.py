@@ -2,7 +2,7 @@
 
 Geometry of llama-3-8b in fp16 (128 KiB per token), blocks of 16, 64 and 256 tokens, 512 MiB per
 measurement. Each figure is the median of interleaved repeats (path, limit, path, limit, ...; the memory
-figures at least `MEMORY_REPEATS`, each timed copy after an untimed `SETTLE_S` pause):
+figures at least `MEMORY_REPEATS` but with `--quick`, each timed copy after an untimed `SETTLE_S` pause):
 - host->gpu and gpu->host batched transfers (whole-block order, and layer-group order with 4 groups)
   vs one `copy_` of the same byte count; slots are shuffled so no two blocks are adjacent (no run
   coalescing flatters the figure: one copy per block);
@@ -30,7 +30,8 @@ SETTLE_S = 0.03
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--repeats", type=int, default=5, help="interleaved repeats per figure (default 5)")
+    parser.add_argument("--repeats", type=int, default=5, help="interleaved repeats per figure (default 5; "
+                        f"the memory figures at least {MEMORY_REPEATS} unless --quick)")
     parser.add_argument("--mib", type=int, default=512, help="MiB moved per measurement (default 512)")
     parser.add_argument("--dir", default=None, help="directory for the disk store and the cold-read file "
                         "(default: a temp dir under the current directory's file system)")
@@ -47,13 +48,14 @@ def run(args: argparse.Namespace) -> int:
     if args.quick:
         args.repeats, args.mib = min(args.repeats, 3), min(args.mib, 128)
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    results: dict[str, Any] = {"machine": bu.machine(), "repeats": args.repeats, "mib": args.mib, "rows": []}
+    results: dict[str, Any] = {"machine": bu.machine(), "repeats": args.repeats, "mib": args.mib, "rows": [],
+                               "memory_repeats": args.repeats if args.quick else max(args.repeats, MEMORY_REPEATS)}
     base = KVSpec.from_preset("llama-3-8b", dtype="float16", weights_revision="bench")
     # every memory figure first, then the disk ones: the disk rows write and evict hundreds of MiB, and
     # the kernel's writeback and reclaim after them would land on the next memory row's copies
     for block_tokens in BLOCK_SIZES:
         spec = base.with_(block_tokens=block_tokens)
-        rows = _memory_rows(spec, args.mib, args.repeats)
+        rows = _memory_rows(spec, args.mib, results["memory_repeats"])
         results["rows"] += rows
         by = {r["path"]: r for r in rows}
         _headline(results, f"host_to_gpu_ratio{_suffix(block_tokens)}", by["host->gpu"])
@@ -103,7 +105,6 @@ def _memory_rows(spec, mib: int, repeats: int) -> list[dict[str, Any]]:
     from kvtier.tiers.pool import GpuTier, HostTier
     from kvtier.tiers.transfer import Transferer
 
-    repeats = max(repeats, MEMORY_REPEATS)
     n = max(1, mib * 2**20 // spec.bytes_per_block)
     host, gpu = HostTier(spec, n * spec.bytes_per_block), GpuTier(spec, n * spec.bytes_per_block)
     host.pool.data.random_(0, 256)
