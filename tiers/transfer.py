@@ -67,12 +67,12 @@ class Transferer:
         for tier in specs[1:]:
             check_same_spec(specs[0].spec, tier.spec, "Transferer")
         self.spec = specs[0].spec
+        self._stream = torch.cuda.Stream() if cuda_available() else None
         # without CUDA its threads run torch serially (`one_torch_thread`: the copier's fast path); with CUDA
         # their device copies may stage non-contiguous views on the CPU, over torch's threads
-        serial = None if cuda_available() else one_torch_thread
+        serial = one_torch_thread if self._stream is None else None
         self._copies = Worker("kvtier-copy", serial)
         self._disk = Worker("kvtier-disk-read", serial) if any(t in self.tiers for t in OUTSIDE) else None
-        self._stream = torch.cuda.Stream() if cuda_available() else None
         self.fence_timeout_s = 60.0
         self._copier = ParallelCopier(min(os.cpu_count() or 1, 4))
         self._writing: dict[BlockKey, TransferHandle] = {}  # disk writes not yet committed
